@@ -1,0 +1,340 @@
+//! One typed [`Config`], parsed from flags and environment variables and
+//! validated before anything binds. Secrets never appear in `Debug` output.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::KeySource;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_STREAM: &str = "EVENTS";
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 5;
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 15;
+pub const DEFAULT_RETRY_MS: u64 = 2000;
+pub const DEFAULT_CLIENT_QUEUE: usize = 1024;
+pub const DEFAULT_REPLAY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_REPLAY_LIMIT: u64 = 100_000;
+pub const DEFAULT_DRAIN_SECS: u64 = 8;
+
+/// Exit code for a configuration error (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sse-relay",
+    version,
+    about = "Server-Sent Events relay for NATS JetStream"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay.
+    Serve(ServeArgs),
+    /// Run a local nats-server (found on PATH) and the relay with a demo page.
+    Dev(DevArgs),
+    /// Print a signed HS256 token for development and tests.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RELAY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// NATS server URLs (comma-separated seeds).
+    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// JetStream stream holding the events.
+    #[arg(long, env = "RELAY_STREAM", default_value = DEFAULT_STREAM)]
+    pub stream: String,
+    /// Create the stream (on `events.>`, republished to `relay.events.>`) if missing.
+    #[arg(long, env = "RELAY_CREATE_STREAM")]
+    pub create_stream: bool,
+    /// HMAC secret for HS256/384/512 tokens.
+    #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS*/PS*/ES256/ES384/EdDSA tokens.
+    #[arg(long, env = "RELAY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim.
+    #[arg(long, env = "RELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim.
+    #[arg(long, env = "RELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Clock leeway for `exp`, in seconds.
+    #[arg(long, env = "RELAY_JWT_LEEWAY", default_value_t = DEFAULT_JWT_LEEWAY_SECS)]
+    pub jwt_leeway: u64,
+    /// Seconds between heartbeat comments on idle streams.
+    #[arg(long, env = "RELAY_HEARTBEAT", default_value_t = DEFAULT_HEARTBEAT_SECS)]
+    pub heartbeat: u64,
+    /// Reconnect delay suggested to clients (`retry:`), in milliseconds.
+    #[arg(long, env = "RELAY_RETRY_MS", default_value_t = DEFAULT_RETRY_MS)]
+    pub retry_ms: u64,
+    /// Frames queued per client before it counts as slow and is disconnected.
+    #[arg(long, env = "RELAY_CLIENT_QUEUE", default_value_t = DEFAULT_CLIENT_QUEUE)]
+    pub client_queue: usize,
+    /// Origins allowed to open cross-origin streams (comma-separated, or `*`).
+    #[arg(long, env = "RELAY_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+    /// Bytes of recent events kept in memory to serve resumes.
+    #[arg(long, env = "RELAY_REPLAY_CACHE_BYTES", default_value_t = DEFAULT_REPLAY_CACHE_BYTES)]
+    pub replay_cache_bytes: u64,
+    /// Most events one resume replays; older ones are reported as a gap.
+    #[arg(long, env = "RELAY_REPLAY_LIMIT", default_value_t = DEFAULT_REPLAY_LIMIT)]
+    pub replay_limit: u64,
+    /// Seconds to wait for streams to end on shutdown.
+    #[arg(long, env = "RELAY_DRAIN_TIMEOUT", default_value_t = DEFAULT_DRAIN_SECS)]
+    pub drain_timeout: u64,
+    /// Set SO_REUSEPORT so several relay processes can share the port.
+    #[arg(long, env = "RELAY_REUSE_PORT")]
+    pub reuse_port: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Use this NATS server instead of starting one.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// HMAC secret (same as the relay's RELAY_JWT_SECRET).
+    #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Subject patterns to grant (repeatable or comma-separated).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub subjects: Vec<String>,
+    /// Lifetime, e.g. 90s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The `sub` claim.
+    #[arg(long)]
+    pub sub: Option<String>,
+}
+
+/// Which origins may read streams cross-origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cors {
+    Off,
+    /// `*`: any origin, never with credentials.
+    Any,
+    /// Exact origins, with credentials.
+    List(Vec<String>),
+}
+
+/// The validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub nats_urls: Vec<String>,
+    pub nats_creds: Option<PathBuf>,
+    pub stream: String,
+    pub create_stream: bool,
+    pub key: KeySource,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_leeway: Duration,
+    pub heartbeat: Duration,
+    pub retry_ms: u64,
+    pub client_queue: usize,
+    pub cors: Cors,
+    pub replay_cache_bytes: u64,
+    pub replay_limit: u64,
+    pub drain_timeout: Duration,
+    pub reuse_port: bool,
+    /// Serve the demo page and `POST /dev/publish` (only `sse-relay dev`).
+    pub dev: Option<DevMode>,
+}
+
+/// What `sse-relay dev` adds: the demo page, filled in with a token.
+#[derive(Clone)]
+pub struct DevMode {
+    pub token: String,
+}
+
+impl std::fmt::Debug for DevMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DevMode { token: [redacted] }")
+    }
+}
+
+impl Config {
+    /// Validates parsed arguments; the error is a sentence for the operator.
+    pub fn from_args(a: ServeArgs) -> Result<Config, String> {
+        let listen: SocketAddr = a.listen.parse().map_err(|_| {
+            format!(
+                "--listen {:?} is not an address like 0.0.0.0:8080",
+                a.listen
+            )
+        })?;
+        let nats_urls: Vec<String> = a
+            .nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if nats_urls.is_empty() {
+            return Err("--nats-url / NATS_URL is empty".into());
+        }
+        let key = match (a.jwt_secret, a.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err("set only one of --jwt-secret and --jwt-public-key".into());
+            }
+            (Some(s), None) if s.is_empty() => return Err("--jwt-secret is empty".into()),
+            (Some(s), None) => KeySource::Secret(s.into_bytes()),
+            (None, Some(path)) => KeySource::PublicKeyPem(
+                std::fs::read(&path)
+                    .map_err(|e| format!("cannot read --jwt-public-key {}: {e}", path.display()))?,
+            ),
+            (None, None) => {
+                return Err(
+                    "no JWT key: set --jwt-secret / RELAY_JWT_SECRET or --jwt-public-key / RELAY_JWT_PUBLIC_KEY"
+                        .into(),
+                );
+            }
+        };
+        if a.heartbeat == 0 {
+            return Err("--heartbeat must be at least 1 second".into());
+        }
+        if a.client_queue == 0 {
+            return Err("--client-queue must be at least 1".into());
+        }
+        if a.stream.is_empty() || a.stream.contains(['.', '*', '>', ' ']) {
+            return Err(format!(
+                "--stream {:?} is not a valid stream name",
+                a.stream
+            ));
+        }
+        Ok(Config {
+            listen,
+            nats_urls,
+            nats_creds: a.nats_creds,
+            stream: a.stream,
+            create_stream: a.create_stream,
+            key,
+            jwt_audience: a.jwt_audience.filter(|s| !s.is_empty()),
+            jwt_issuer: a.jwt_issuer.filter(|s| !s.is_empty()),
+            jwt_leeway: Duration::from_secs(a.jwt_leeway),
+            heartbeat: Duration::from_secs(a.heartbeat),
+            retry_ms: a.retry_ms,
+            client_queue: a.client_queue,
+            cors: parse_cors(a.cors_origins.as_deref())?,
+            replay_cache_bytes: a.replay_cache_bytes,
+            replay_limit: a.replay_limit,
+            drain_timeout: Duration::from_secs(a.drain_timeout),
+            reuse_port: a.reuse_port,
+            dev: None,
+        })
+    }
+}
+
+fn parse_cors(s: Option<&str>) -> Result<Cors, String> {
+    let Some(s) = s.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(Cors::Off);
+    };
+    if s == "*" {
+        return Ok(Cors::Any);
+    }
+    let mut list = Vec::new();
+    for o in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if o == "*" {
+            return Err("--cors-origins: `*` cannot be combined with other origins".into());
+        }
+        if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+            return Err(format!(
+                "--cors-origins: {o:?} is not an origin like https://app.example.com"
+            ));
+        }
+        list.push(o.to_string());
+    }
+    Ok(Cors::List(list))
+}
+
+/// Parses `90`, `90s`, `15m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?} is not a duration like 90s, 15m, 1h or 7d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["sse-relay", "serve", "--jwt-secret", "x"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::from_args(args(&[])).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.heartbeat, Duration::from_secs(15));
+        assert_eq!(c.cors, Cors::Off);
+    }
+
+    #[test]
+    fn splits_nats_seeds() {
+        let c = Config::from_args(args(&["--nats-url", "nats://a:1, nats://b:2"])).unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://a:1", "nats://b:2"]);
+    }
+
+    #[test]
+    fn rejects_bad_values_with_a_sentence() {
+        assert!(Config::from_args(args(&["--listen", "nope"])).is_err());
+        assert!(Config::from_args(args(&["--heartbeat", "0"])).is_err());
+        assert!(Config::from_args(args(&["--cors-origins", "*,https://a.b"])).is_err());
+        assert!(Config::from_args(args(&["--cors-origins", "app.example"])).is_err());
+    }
+
+    #[test]
+    fn parses_cors_lists() {
+        let c = Config::from_args(args(&["--cors-origins", "https://a.example,http://b:3000"]))
+            .unwrap();
+        assert_eq!(
+            c.cors,
+            Cors::List(vec!["https://a.example".into(), "http://b:3000".into()])
+        );
+    }
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604800));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! The `sse-relay` binary: parse, set up tracing, bind, hand over to `run`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sse_relay::config::{Cli, Command, Config, DevMode, EXIT_CONFIG, ServeArgs};
+use sse_relay::dev::{DEMO_SUBJECT, DevNats};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_CONFIG as u8),
+            };
+        }
+    };
+    match cli.command {
+        Command::Token(t) => {
+            let subjects = t
+                .subjects
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            match sse_relay::auth::sign_hs256(t.secret.as_bytes(), subjects, t.ttl, t.sub) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot sign the token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve(args) => match Config::from_args(args) {
+            Ok(cfg) => serve(cfg),
+            Err(msg) => config_error(&msg),
+        },
+        Command::Dev(args) => dev(args),
+    }
+}
+
+fn config_error(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match sse_relay::bind(&cfg) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {}: {e}", cfg.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        match sse_relay::run(listener, cfg, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// SIGTERM (Kubernetes, Docker) or SIGINT (Ctrl-C, Fly.io's default).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
+    let secret = format!("dev-{:x}", std::process::id() as u64 * 0x9E37_79B9 + 0x7F4A);
+    let (nats, url) = match &args.nats_url {
+        Some(url) => (None, url.clone()),
+        None => match DevNats::start() {
+            Ok(n) => {
+                let url = n.url.clone();
+                (Some(n), url)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let serve_args = ServeArgs {
+        listen: args.listen,
+        nats_url: url.clone(),
+        nats_creds: None,
+        stream: sse_relay::config::DEFAULT_STREAM.into(),
+        create_stream: true,
+        jwt_secret: Some(secret.clone()),
+        jwt_public_key: None,
+        jwt_audience: None,
+        jwt_issuer: None,
+        jwt_leeway: sse_relay::config::DEFAULT_JWT_LEEWAY_SECS,
+        heartbeat: sse_relay::config::DEFAULT_HEARTBEAT_SECS,
+        retry_ms: sse_relay::config::DEFAULT_RETRY_MS,
+        client_queue: sse_relay::config::DEFAULT_CLIENT_QUEUE,
+        cors_origins: None,
+        replay_cache_bytes: sse_relay::config::DEFAULT_REPLAY_CACHE_BYTES,
+        replay_limit: sse_relay::config::DEFAULT_REPLAY_LIMIT,
+        drain_timeout: sse_relay::config::DEFAULT_DRAIN_SECS,
+        reuse_port: false,
+    };
+    let mut cfg = match Config::from_args(serve_args) {
+        Ok(c) => c,
+        Err(msg) => return config_error(&msg),
+    };
+    let token = match sse_relay::auth::sign_hs256(
+        secret.as_bytes(),
+        vec!["events.>".into()],
+        std::time::Duration::from_secs(24 * 3600),
+        Some("dev".into()),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot sign the dev token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    cfg.dev = Some(DevMode {
+        token: token.clone(),
+    });
+    let addr = cfg.listen;
+    println!("sse-relay dev");
+    println!("  NATS:      {url}");
+    println!("  demo page: http://{addr}/");
+    println!("  token (events.>, 24h): {token}");
+    println!(
+        "  stream:    curl -N -H \"Authorization: Bearer {token}\" \"http://{addr}/events?subject={DEMO_SUBJECT}\""
+    );
+    println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
+    let code = serve(cfg);
+    drop(nats);
+    code
+}

@@ -1,0 +1,231 @@
+//! Accept loop, NATS start-up, and graceful drain.
+//!
+//! The listener is bound before NATS answers, so a relay can boot before its
+//! NATS and refuse transiently meanwhile. Shutdown is one
+//! [`CancellationToken`]: it stops the accept loop, ends every stream (after
+//! a `retry:` hint, since hyper's graceful shutdown alone would wait on
+//! endless bodies forever), waits for connections with a deadline, and
+//! drains NATS.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::hub::{Hub, HubConfig};
+use crate::metrics::Metrics;
+use crate::nats::{self, StreamError};
+use crate::routes::{App, Live};
+
+/// How long an unresponsive NATS gets to answer the final drain.
+const NATS_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A zero window for this long (a client that stopped reading, or a peer
+/// that vanished) makes the kernel drop the connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why `run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Binds `cfg.listen` (with SO_REUSEPORT when asked).
+pub fn bind(cfg: &Config) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(cfg.listen);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if cfg.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&cfg.listen.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves until `shutdown` completes, then drains. Returns an error when the
+/// stream cannot be served (missing, no republish) so the process can exit.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
+    let verifier = Verifier::new(
+        &cfg.key,
+        cfg.jwt_audience.as_deref(),
+        cfg.jwt_issuer.as_deref(),
+        cfg.jwt_leeway,
+    )
+    .map_err(RunError::Config)?;
+    let metrics = Arc::new(Metrics::default());
+    let demo_page = cfg.dev.as_ref().map(crate::dev::demo_page);
+    let app = Arc::new(App {
+        cfg: cfg.clone(),
+        verifier,
+        metrics: metrics.clone(),
+        live: OnceLock::new(),
+        link: OnceLock::new(),
+        draining: Default::default(),
+        demo_page,
+    });
+    let cancel = CancellationToken::new();
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<RunError>();
+    let startup = tokio::spawn(start_nats(app.clone(), cancel.clone(), fatal_tx));
+
+    tracing::info!(addr = %listener.local_addr().map_err(|e| RunError::Config(e.to_string()))?, "listening");
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).keep_alive(true);
+    tokio::pin!(shutdown);
+    let mut fatal = None;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => serve_connection(&app, &builder, &graceful, stream),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+            err = &mut fatal_rx => {
+                if let Ok(err) = err {
+                    fatal = Some(err);
+                }
+                break;
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("draining");
+    app.draining.store(true, Ordering::Release);
+    cancel.cancel();
+    let _ = startup.await;
+    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    if let Some(live) = app.live.get() {
+        let _ = tokio::time::timeout(NATS_DRAIN_TIMEOUT, live.nats.drain()).await;
+    }
+    tracing::info!("stopped");
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn serve_connection(
+    app: &Arc<App>,
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(&stream);
+    let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+    let app = app.clone();
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Connects to NATS, loads the stream's scope and starts the hub. Transient
+/// failures are retried until shutdown; a stream that cannot be served is
+/// fatal.
+async fn start_nats(
+    app: Arc<App>,
+    cancel: CancellationToken,
+    fatal: tokio::sync::oneshot::Sender<RunError>,
+) {
+    let cfg = app.cfg.clone();
+    let (client, link) = match nats::connect(&cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = fatal.send(RunError::Nats(e));
+            return;
+        }
+    };
+    let _ = app.link.set(link.clone());
+    let js = async_nats::jetstream::new(client.clone());
+    let mut delay = Duration::from_millis(100);
+    let scope = loop {
+        if link.is_connected() {
+            match nats::load_scope(&js, &cfg.stream, cfg.create_stream).await {
+                Ok(scope) => break scope,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "stream not readable yet; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serve the stream");
+                    let _ = fatal.send(e.into());
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    };
+    tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, "stream ready");
+    app.metrics.nats_connected.set(1);
+    let hub = Hub::start(
+        client.clone(),
+        Arc::new(scope.clone()),
+        HubConfig {
+            heartbeat: cfg.heartbeat,
+            client_queue: cfg.client_queue,
+            retry_ms: cfg.retry_ms,
+        },
+        app.metrics.clone(),
+        cancel.clone(),
+    );
+    let _ = app.live.set(Live {
+        hub,
+        scope: Arc::new(scope),
+        nats: client,
+    });
+    let mut events = link.subscribe();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            ev = events.recv() => match ev {
+                Ok(nats::LinkEvent::Connected) => { app.metrics.nats_connected.set(1); }
+                Ok(nats::LinkEvent::Disconnected) => { app.metrics.nats_connected.set(0); }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Self-tests of the test harness (HTTP client, chunked decoder, SSE
+//! parser), so that a relay failure is never a harness bug in disguise.
+//! No nats-server or relay here.
+
+mod support;
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn ev(id: Option<&str>, event: Option<&str>, data: &str) -> SseEvent {
+    SseEvent {
+        id: id.map(str::to_string),
+        event: event.map(str::to_string),
+        data: data.to_string(),
+        retry: None,
+        has_data: true,
+    }
+}
+
+#[test]
+fn sse_parser_follows_whatwg_line_rules() {
+    let body = b"retry: 2000\n\n: hb\n\nid: 1\nevent: order.shipped\ndata: a\ndata:b\ndata:  c\n\n\
+id: 2\r\ndata: x\r\ndata\r\n\r\nid: 3\rdata: y\r\r: second\nunknown: z\ndata: \n\n";
+    let pieces = vec![chunked_encode(body, &[7, 1, 13])];
+    let (events, comments, done) = parse_chunked_sse(&pieces).unwrap();
+    assert!(done);
+    assert_eq!(comments, vec![" hb".to_string(), " second".to_string()]);
+    assert_eq!(
+        events[0],
+        SseEvent {
+            retry: Some(2000),
+            has_data: false,
+            ..Default::default()
+        }
+    );
+    assert_eq!(events[1], ev(Some("1"), Some("order.shipped"), "a\nb\n c"));
+    assert_eq!(events[2], ev(Some("2"), None, "x\n"));
+    assert_eq!(events[3], ev(Some("3"), None, "y"));
+    assert_eq!(events[4], ev(None, None, ""));
+    assert_eq!(events.len(), 5);
+}
+
+#[test]
+fn incomplete_block_at_end_is_not_dispatched() {
+    let pieces = vec![chunked_encode(b"data: a\n\ndata: partial\n", &[100])];
+    let (events, _, done) = parse_chunked_sse(&pieces).unwrap();
+    assert!(done);
+    assert_eq!(events, vec![ev(None, None, "a")]);
+}
+
+proptest! {
+    /// Any chunking of the body and any split of the wire bytes gives the
+    /// same events as one piece.
+    #[test]
+    fn chunk_and_read_boundaries_do_not_matter(
+        payloads in proptest::collection::vec("[a-z\u{1F680}\r\n :]{0,12}", 0..8),
+        sizes in proptest::collection::vec(1usize..20, 1..4),
+        cuts in proptest::collection::vec(0usize..400, 0..10),
+    ) {
+        let mut body = Vec::new();
+        let mut expected = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            body.extend_from_slice(format!("id: {i}\n").as_bytes());
+            for line in sse_normalized(p).split('\n') {
+                body.extend_from_slice(format!("data: {line}\n").as_bytes());
+            }
+            body.extend_from_slice(b"\n");
+            expected.push(ev(Some(&i.to_string()), None, &sse_normalized(p)));
+        }
+        let wire = chunked_encode(&body, &sizes);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut last = 0;
+        for c in cuts {
+            pieces.push(wire[last..c].to_vec());
+            last = c;
+        }
+        pieces.push(wire[last..].to_vec());
+        let (events, _, done) = parse_chunked_sse(&pieces).unwrap();
+        prop_assert!(done);
+        prop_assert_eq!(events, expected);
+    }
+}
+
+/// A one-shot server answering every connection with `response`.
+async fn serve_once(response: &'static [u8], close_after: bool) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut req = Vec::new();
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(response).await.unwrap();
+        if close_after {
+            s.shutdown().await.unwrap();
+        } else {
+            // Keep the connection open: the body framing must end the read.
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn http_client_handles_length_chunked_and_close_bodies() {
+    within(Duration::from_secs(10), "http client self-test", async {
+        let a = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Thing: One\r\n\r\nhello",
+            false,
+        )
+        .await;
+        let r = http_get(&a, "/", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+        assert_eq!(r.header("x-thing"), Some("One"));
+
+        let a = serve_once(
+            b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n",
+            false,
+        )
+        .await;
+        let r = http_get(&a, "/", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (401, "abc0123456789"));
+
+        let a = serve_once(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\n\r\nuntil close", true).await;
+        let r = http_get(&a, "/", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (503, "until close"));
+        assert_eq!(r.header("Retry-After"), Some("2"));
+
+        let a = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let r = http_get(&a, "/", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (204, ""));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sse_client_streams_and_sees_the_end() {
+    within(Duration::from_secs(10), "sse client self-test", async {
+        let a = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n\
+d\r\nretry: 1500\n\n\r\n4\r\n: x\n\r\n10\r\nid: 7\ndata: hi\n\n\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        let mut c = SseClient::connect(&a, "/events", &[]).await;
+        assert_eq!(c.status, 200);
+        let first = c.next_event(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(first.retry, Some(1500));
+        let e = c.expect_data_event(Duration::from_secs(2), "self-test").await;
+        assert_eq!((e.seq(), e.data.as_str()), (7, "hi"));
+        assert_eq!(c.comment_count(), 1);
+        assert!(c.wait_closed(Duration::from_secs(2)).await);
+        assert!(c.ended_cleanly());
+        assert!(c.next_event(Duration::from_millis(100)).await.is_none());
+    })
+    .await
+}

@@ -1,0 +1,687 @@
+//! Streaming behaviour of `GET /events` against a real nats-server.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_has_sse_headers_and_starts_with_retry() {
+    within(
+        TEST_LIMIT,
+        "stream_has_sse_headers_and_starts_with_retry",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let tok = token(SECRET, &["events.orders.>"], 300);
+            let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
+
+            let ct = c.header("content-type").unwrap_or_default().to_string();
+            assert!(
+                ct.starts_with("text/event-stream"),
+                "Content-Type should be text/event-stream, got {ct:?}"
+            );
+            assert!(
+                c.header("cache-control")
+                    .is_some_and(|v| v.contains("no-cache")),
+                "Cache-Control should be no-cache, got {:?}",
+                c.header("cache-control")
+            );
+            assert_eq!(
+                c.header("x-accel-buffering"),
+                Some("no"),
+                "X-Accel-Buffering should be `no`"
+            );
+
+            let first = c.next_event(WAIT).await.expect("a first block");
+            assert_eq!(
+                first.retry,
+                Some(2000),
+                "the first block should be `retry: 2000` (default --retry-ms), got {first:?}"
+            );
+            assert!(
+                !first.has_data,
+                "the retry block should carry no data: {first:?}"
+            );
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_ms_flag_sets_retry_field() {
+    within(TEST_LIMIT, "retry_ms_flag_sets_retry_field", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &["--retry-ms", "3500"], &[]).await;
+        let tok = token(SECRET, &["events.x.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.x.>"]).await;
+        let first = c.next_event(WAIT).await.expect("a first block");
+        assert_eq!(first.retry, Some(3500), "first block: {first:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_publish_is_delivered_with_stream_sequence_id() {
+    within(
+        TEST_LIMIT,
+        "core_publish_is_delivered_with_stream_sequence_id",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let tok = token(SECRET, &["events.orders.>"], 300);
+            let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
+
+            let client = nats.client().await;
+            client
+                .publish(
+                    "events.orders.1",
+                    Bytes::from_static(br#"{"status":"shipped"}"#),
+                )
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+
+            let ev = c.expect_data_event(WAIT, "core publish").await;
+            assert_eq!(ev.data, r#"{"status":"shipped"}"#);
+            assert_eq!(
+                ev.event, None,
+                "no Sse-Event header, so no event field: {ev:?}"
+            );
+
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream("EVENTS").await.expect("stream EVENTS exists");
+            let last = stream.info().await.unwrap().state.last_sequence;
+            assert_eq!(ev.seq(), last, "id must be the JetStream stream sequence");
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_publish_id_equals_ack_sequence() {
+    within(
+        TEST_LIMIT,
+        "jetstream_publish_id_equals_ack_sequence",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let tok = token(SECRET, &["events.orders.>"], 300);
+            let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
+
+            let js = async_nats::jetstream::new(nats.client().await);
+            let mut acks = Vec::new();
+            for i in 0..5 {
+                let ack = js
+                    .publish(format!("events.orders.{i}"), Bytes::from(format!("js-{i}")))
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                acks.push(ack.sequence);
+            }
+            let evs = c.collect_data_events(5, WAIT, "jetstream publishes").await;
+            for (i, (ev, seq)) in evs.iter().zip(&acks).enumerate() {
+                assert_eq!(
+                    ev.seq(),
+                    *seq,
+                    "id of event {i} must equal the ack sequence"
+                );
+                assert_eq!(ev.data, format!("js-{i}"));
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_event_header_sets_event_field() {
+    within(TEST_LIMIT, "sse_event_header_sets_event_field", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.orders.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
+
+        let client = nats.client().await;
+        client
+            .publish_with_headers(
+                "events.orders.7",
+                sse_event_headers("order.shipped"),
+                Bytes::from_static(b"{\"id\":7}"),
+            )
+            .await
+            .unwrap();
+        client
+            .publish("events.orders.8", Bytes::from_static(b"plain"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+
+        let named = c.expect_data_event(WAIT, "named event").await;
+        assert_eq!(named.event.as_deref(), Some("order.shipped"), "{named:?}");
+        assert_eq!(named.data, "{\"id\":7}");
+        let plain = c.expect_data_event(WAIT, "plain event").await;
+        assert_eq!(
+            plain.event, None,
+            "no Sse-Event header, no event field: {plain:?}"
+        );
+        assert_eq!(plain.data, "plain");
+        assert!(plain.seq() > named.seq());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_line_payloads_round_trip() {
+    within(TEST_LIMIT, "multi_line_payloads_round_trip", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.text.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.text.>"]).await;
+
+        // (payload, what a WHATWG parser must hand to the page)
+        let cases: [(&str, &str); 7] = [
+            ("line1\nline2", "line1\nline2"),
+            ("a\r\nb\rc", "a\nb\nc"),
+            ("trailing\n", "trailing\n"),
+            ("", ""),
+            ("emoji 🚀 ünïcödé", "emoji 🚀 ünïcödé"),
+            ("\n\nx", "\n\nx"),
+            ("data: fake\n\nid: 999", "data: fake\n\nid: 999"),
+        ];
+        let client = nats.client().await;
+        for (p, _) in &cases {
+            client
+                .publish("events.text.1", Bytes::from(p.to_string()))
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+
+        let mut last = 0;
+        for (p, want) in &cases {
+            let ev = c.expect_data_event(WAIT, &format!("payload {p:?}")).await;
+            assert_eq!(&ev.data, want, "payload {p:?} did not round-trip: {ev:?}");
+            assert!(ev.seq() > last, "ids must increase: {ev:?}");
+            last = ev.seq();
+        }
+    })
+    .await
+}
+
+/// Property: arbitrary text (with LF, CR, CRLF, unicode, `data:`-like
+/// content) survives the relay, up to CR/CRLF becoming LF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbitrary_payloads_round_trip() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let piece = prop_oneof![
+        "[a-z :]{0,6}",
+        Just("\n".to_string()),
+        Just("\r\n".to_string()),
+        Just("\r".to_string()),
+        any::<char>().prop_map(String::from),
+    ];
+    let payload = proptest::collection::vec(piece, 0..12).prop_map(|v| v.concat());
+    let mut runner = TestRunner::deterministic();
+    let payloads: Vec<String> = (0..60)
+        .map(|_| payload.new_tree(&mut runner).unwrap().current())
+        .collect();
+
+    within(TEST_LIMIT, "arbitrary_payloads_round_trip", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.prop.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.prop.>"]).await;
+        let client = nats.client().await;
+        for p in &payloads {
+            client
+                .publish("events.prop.x", Bytes::from(p.clone()))
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+        let evs = c
+            .collect_data_events(payloads.len(), WAIT, "generated payloads")
+            .await;
+        for (p, ev) in payloads.iter().zip(&evs) {
+            assert_eq!(
+                ev.data,
+                sse_normalized(p),
+                "payload {p:?} did not round-trip"
+            );
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_param_filters_delivery() {
+    within(TEST_LIMIT, "subject_param_filters_delivery", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.>"], 300);
+        // `*` sent literally here (the other tests send %2A / %3E).
+        let auth = bearer(&tok);
+        let c = SseClient::connect(
+            relay.addr(),
+            "/events?subject=events.orders.*",
+            &[("Authorization", &auth)],
+        )
+        .await;
+        assert_eq!(c.status, 200, "{:?}", c.headers);
+        let mut c = c;
+        nats.wait_relay_subs(&["events.orders.*"], WAIT).await;
+
+        let client = nats.client().await;
+        for (s, p) in [
+            ("events.users.1", "u1"),
+            ("events.orders.1", "o1"),
+            ("events.orders.1.deep", "deep"),
+            ("events.orders.2", "o2"),
+        ] {
+            client.publish(s, Bytes::from(p)).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        let a = c.expect_data_event(WAIT, "first order").await;
+        let b = c.expect_data_event(WAIT, "second order").await;
+        assert_eq!(
+            (a.data.as_str(), b.data.as_str()),
+            ("o1", "o2"),
+            "only events.orders.* must be delivered"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_subject_param_streams_all_token_subjects() {
+    within(
+        TEST_LIMIT,
+        "no_subject_param_streams_all_token_subjects",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let tok = token(SECRET, &["events.x.>", "events.y.*"], 300);
+            let auth = bearer(&tok);
+            let mut c =
+                SseClient::connect(relay.addr(), "/events", &[("Authorization", &auth)]).await;
+            assert_eq!(c.status, 200, "{:?}", c.headers);
+            nats.wait_relay_subs(&["events.x.>", "events.y.*"], WAIT)
+                .await;
+
+            let client = nats.client().await;
+            for (s, p) in [
+                ("events.x.1.2", "x"),
+                ("events.z.1", "z-not-granted"),
+                ("events.y.1", "y"),
+            ] {
+                client.publish(s, Bytes::from(p)).await.unwrap();
+            }
+            client.flush().await.unwrap();
+            let a = c.expect_data_event(WAIT, "x event").await;
+            let b = c.expect_data_event(WAIT, "y event").await;
+            assert_eq!((a.data.as_str(), b.data.as_str()), ("x", "y"));
+            assert!(b.seq() > a.seq());
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_token_authorizes() {
+    within(TEST_LIMIT, "query_token_authorizes", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.q.>"], 300);
+        let path = format!("/events?subject={}&token={tok}", urlencode("events.q.>"));
+        let mut c = SseClient::connect(relay.addr(), &path, &[]).await;
+        assert_eq!(c.status, 200, "{:?}", c.headers);
+        nats.wait_relay_subs(&["events.q.>"], WAIT).await;
+        let client = nats.client().await;
+        client
+            .publish("events.q.1", Bytes::from("q"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(c.expect_data_event(WAIT, "query token").await.data, "q");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_token_authorizes() {
+    within(TEST_LIMIT, "cookie_token_authorizes", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let tok = token(SECRET, &["events.c.>"], 300);
+        let cookie = format!("theme=dark; relay_token={tok}; other=1");
+        let mut c = SseClient::connect(
+            relay.addr(),
+            &events_path(&["events.c.>"]),
+            &[("Cookie", &cookie)],
+        )
+        .await;
+        assert_eq!(c.status, 200, "cookie auth: {:?}", c.headers);
+        nats.wait_relay_subs(&["events.c.>"], WAIT).await;
+        let client = nats.client().await;
+        client
+            .publish("events.c.1", Bytes::from("c"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(c.expect_data_event(WAIT, "cookie token").await.data, "c");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_header_wins_over_query_token() {
+    within(TEST_LIMIT, "bearer_header_wins_over_query_token", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let good_a = token(SECRET, &["events.a.>"], 300);
+        let good_b = token(SECRET, &["events.b.>"], 300);
+        let bad = token("some-other-secret-entirely-000000", &["events.a.>"], 300);
+
+        // Valid header + invalid query token: the header is used.
+        let path = format!("/events?subject={}&token={bad}", urlencode("events.a.>"));
+        let c =
+            SseClient::connect(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
+        assert_eq!(
+            c.status, 200,
+            "valid Bearer must win over a bad query token"
+        );
+        drop(c);
+
+        // Invalid header + valid query token: still the header, so 401.
+        let path = format!("/events?subject={}&token={good_a}", urlencode("events.a.>"));
+        let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&bad))]).await;
+        assert_401(&r, "bad Bearer with a good query token");
+
+        // Header grants a, query grants b, request b: the header decides (403).
+        let path = format!("/events?subject={}&token={good_b}", urlencode("events.b.>"));
+        let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
+        assert_json_error(&r, 403, "Bearer grants only events.a.>");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_comments_on_idle_stream() {
+    within(TEST_LIMIT, "heartbeat_comments_on_idle_stream", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+        let tok = token(SECRET, &["events.idle.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.idle.>"]).await;
+        assert!(
+            c.wait_comments(2, Duration::from_secs(6)).await,
+            "expected >= 2 heartbeat comments within 6 s with --heartbeat 1, got {} (closed: {})",
+            c.comment_count(),
+            c.is_closed()
+        );
+        assert!(!c.is_closed(), "an idle stream must stay open");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_mid_stream_sends_expired_event_then_ends() {
+    within(TEST_LIMIT, "token_expiry_mid_stream_sends_expired_event_then_ends", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &["--jwt-leeway", "0"], &[]).await;
+        // now + 2 s, rounded up to whole seconds (exp has 1 s resolution).
+        let exp = (now_secs_f64() + 2.0).ceil() as i64;
+        let tok = token_with_claims(serde_json::json!({
+            "exp": exp, "sub": "test", "subjects": ["events.exp.>"]
+        }));
+        let mut c = relay.open_stream(&nats, &tok, &["events.exp.>"]).await;
+
+        let ev = loop {
+            match c.next_event(Duration::from_secs(8)).await {
+                Some(ev) if ev.event.as_deref() == Some("relay.expired") => break ev,
+                Some(_) => continue,
+                None => panic!(
+                    "no `event: relay.expired` within 8 s (closed: {}, at {:.3}, exp {exp}); body: {:?}",
+                    c.is_closed(),
+                    now_secs_f64(),
+                    c.body_text()
+                ),
+            }
+        };
+        let at = now_secs_f64();
+        assert!(
+            at >= exp as f64,
+            "relay.expired arrived at {at:.3}, before exp {exp}"
+        );
+        assert_eq!(ev.data.trim(), "{}", "relay.expired data should be {{}}: {ev:?}");
+        assert!(
+            c.wait_closed(Duration::from_secs(5)).await,
+            "the stream must end after relay.expired"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_subscription_shared_by_twenty_clients() {
+    within(
+        TEST_LIMIT,
+        "one_subscription_shared_by_twenty_clients",
+        async {
+            let nats = NatsServer::start().await;
+            // Short heartbeat so closed connections are noticed on write.
+            let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+            let tok = token(SECRET, &["events.shared.>"], 300);
+            let mut clients = Vec::new();
+            for _ in 0..20 {
+                clients.push(relay.open_stream(&nats, &tok, &["events.shared.>"]).await);
+            }
+            let subs = nats.connz_subs().await;
+            let n = subs
+                .iter()
+                .filter(|s| *s == "relay.events.shared.>")
+                .count();
+            assert_eq!(
+                n, 1,
+                "20 clients on one pattern must share ONE subscription; subscriptions: {subs:?}"
+            );
+
+            let client = nats.client().await;
+            client
+                .publish("events.shared.1", Bytes::from("hello all"))
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+            for (i, c) in clients.iter_mut().enumerate() {
+                let ev = c.expect_data_event(WAIT, &format!("client {i}")).await;
+                assert_eq!(ev.data, "hello all");
+            }
+
+            drop(clients);
+            wait_until(
+                Duration::from_secs(10),
+                "relay.events.shared.> to disappear after all 20 clients disconnected",
+                || async { nats.sub_count("relay.events.shared.>").await == 0 },
+            )
+            .await;
+        },
+    )
+    .await
+}
+
+/// Reads `n` data events on its own task so the relay never sees a slow reader.
+fn spawn_collector(
+    mut c: SseClient,
+    n: usize,
+    limit: Duration,
+    what: &'static str,
+) -> tokio::task::JoinHandle<(Vec<SseEvent>, SseClient)> {
+    tokio::spawn(async move {
+        let evs = c.collect_data_events(n, limit, what).await;
+        (evs, c)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_subjects_keep_order_and_increasing_ids() {
+    within(
+        TEST_LIMIT,
+        "interleaved_subjects_keep_order_and_increasing_ids",
+        async {
+            const N: usize = 5000;
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let tok = token(SECRET, &["events.>"], 300);
+            let two = relay
+                .open_stream(&nats, &tok, &["events.a.*", "events.b.*"])
+                .await;
+            let all = relay.open_stream(&nats, &tok, &["events.>"]).await;
+            let t_two = spawn_collector(two, N, Duration::from_secs(25), "client on a.* + b.*");
+            let t_all = spawn_collector(all, N, Duration::from_secs(25), "client on events.>");
+
+            let client = nats.client().await;
+            let mut expected = Vec::with_capacity(N);
+            for i in 0..N {
+                let (subject, payload) = if i % 2 == 0 {
+                    (format!("events.a.{}", i % 7), format!("a-{i}"))
+                } else {
+                    (format!("events.b.{}", i % 5), format!("b-{i}"))
+                };
+                client
+                    .publish(subject, Bytes::from(payload.clone()))
+                    .await
+                    .unwrap();
+                expected.push(payload);
+            }
+            client.flush().await.unwrap();
+
+            for (name, t) in [("a.*+b.*", t_two), ("events.>", t_all)] {
+                let (evs, _c) = t.await.expect("collector task");
+                let mut prev = 0u64;
+                for (i, (ev, want)) in evs.iter().zip(&expected).enumerate() {
+                    let seq = ev.seq();
+                    assert!(
+                        seq > prev,
+                        "client {name}: id {seq} at #{i} not above previous {prev}"
+                    );
+                    prev = seq;
+                    assert_eq!(&ev.data, want, "client {name}: payload #{i} out of order");
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_dropped_fast_client_gets_everything() {
+    within(TEST_LIMIT, "slow_client_is_dropped_fast_client_gets_everything", async {
+        const N: usize = 3000;
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(&nats.url(), &["--client-queue", "16"], &[]).await;
+        let tok = token(SECRET, &["events.load.>"], 300);
+        let path = events_path(&["events.load.>"]);
+        let auth = bearer(&tok);
+
+        let mut slow =
+            SseClient::connect_with_rcvbuf(relay.addr(), &path, &[("Authorization", &auth)], 4096)
+                .await;
+        assert_eq!(slow.status, 200, "slow client: {:?}", slow.headers);
+        let mut fast = relay.open_stream(&nats, &tok, &["events.load.>"]).await;
+
+        // F reads on its own task and reports its progress. The publisher
+        // never runs more than WINDOW (< --client-queue) events ahead of
+        // what F has received, so F cannot legitimately overflow its queue
+        // however the two cores are scheduled; S, which never reads, must.
+        const WINDOW: usize = 8;
+        let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+        let t_fast = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+            let mut evs = Vec::with_capacity(N);
+            while evs.len() < N {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match fast.next_data_event(left).await {
+                    Some(ev) => {
+                        evs.push(ev);
+                        let _ = progress_tx.send(evs.len());
+                    }
+                    None => panic!(
+                        "fast client: got {} of {N} events (closed: {}, error: {:?})",
+                        evs.len(),
+                        fast.is_closed(),
+                        fast.error()
+                    ),
+                }
+            }
+            (evs, fast)
+        });
+
+        let js = async_nats::jetstream::new(nats.client().await);
+        let mut seqs = Vec::with_capacity(N);
+        for i in 0..N {
+            let waited = tokio::time::timeout(
+                Duration::from_secs(10),
+                progress.wait_for(|&got| got + WINDOW > i),
+            )
+            .await
+            .map(|r| r.is_ok());
+            match waited {
+                Ok(true) => {}
+                // The collector ended (it panicked): its panic is reported below.
+                Ok(false) => break,
+                Err(_) => panic!(
+                    "fast client stalled: {} received, publishing #{i}",
+                    *progress.borrow()
+                ),
+            }
+            let mut p = format!("{i:06}-").into_bytes();
+            p.resize(1024, b'x');
+            let ack = js
+                .publish("events.load.1", Bytes::from(p))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            seqs.push(ack.sequence);
+        }
+
+        let (evs, _fast) = t_fast.await.expect("fast collector");
+        for (i, (ev, seq)) in evs.iter().zip(&seqs).enumerate() {
+            assert_eq!(ev.seq(), *seq, "fast client: id of #{i}");
+            assert!(ev.data.starts_with(&format!("{i:06}-")), "fast client: payload #{i}");
+        }
+
+        // Now the slow client reads: it must find its stream ended early.
+        let mut got = 0usize;
+        let mut prev = 0u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match slow.next_data_event(left).await {
+                Some(ev) => {
+                    assert!(ev.seq() > prev, "slow client ids must increase");
+                    prev = ev.seq();
+                    got += 1;
+                }
+                None => break,
+            }
+        }
+        eprintln!("slow client read {got} of {N} events before its stream ended");
+        assert!(
+            slow.is_closed(),
+            "the slow client's stream should have been ended by the relay (read {got} events, still open)"
+        );
+        assert!(
+            got < N,
+            "the slow client should have been dropped before receiving all {N} events (got {got})"
+        );
+    })
+    .await
+}
