@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// Set SO_REUSEPORT so several relay processes can share the port.
     #[arg(long, env = "RELAY_REUSE_PORT")]
     pub reuse_port: bool,
+    /// Runtime threads. 1 (the default) runs everything on one thread; to use
+    /// more cores, run one process per core with --reuse-port.
+    #[arg(long, env = "RELAY_THREADS", default_value_t = 1)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -158,6 +162,7 @@ pub struct Config {
     pub replay_limit: u64,
     pub drain_timeout: Duration,
     pub reuse_port: bool,
+    pub threads: usize,
     /// Serve the demo page and `POST /dev/publish` (only `sse-relay dev`).
     pub dev: Option<DevMode>,
 }
@@ -240,6 +245,7 @@ impl Config {
             replay_limit: a.replay_limit,
             drain_timeout: Duration::from_secs(a.drain_timeout),
             reuse_port: a.reuse_port,
+            threads: a.threads.max(1),
             dev: None,
         })
     }

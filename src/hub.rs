@@ -19,6 +19,13 @@
 //!   Last-Event-ID); nobody else is slowed.
 //! - No per-client task or timer: one heartbeat tick and one expiry timer
 //!   serve the whole node.
+//! - A resuming client's queue holds live frames while history is replayed
+//!   (from the memory window when it reaches back far enough, else from
+//!   JetStream), then releases them: no gap, no duplicate at the seam.
+//! - When the live path may have missed events (NATS reconnect, slow
+//!   consumer, stream leader change), live frames are held node-wide while
+//!   every subscription catches up from the last sequence it delivered; the
+//!   caught-up and held frames are then merged by sequence and delivered.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -28,14 +35,16 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::Subscriber;
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::merge::MergeSet;
-use crate::metrics::{Metrics, Reason};
-use crate::nats::Scope;
+use crate::metrics::{Metrics, Reason, Source};
+use crate::nats::{LinkEvent, Scope};
+use crate::replay::{CatchUpTopic, Replayer};
 use crate::sse::{self, ClientQueue, Departure, EndReason, Offer};
+use crate::window::Window;
 
 /// How long subscribing (SUB + flush round trip) may take before a join fails.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,11 +52,16 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
 
+/// Live frames held during a catch-up before the hub gives up and makes
+/// every client resume on its own.
+const CATCH_UP_HOLD_LIMIT: usize = 1_000_000;
+
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     pub heartbeat: Duration,
     pub client_queue: usize,
     pub retry_ms: u64,
+    pub replay_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,6 +76,9 @@ pub enum JoinError {
 pub struct Joined {
     pub id: u64,
     pub queue: Arc<ClientQueue>,
+    /// The resume must be read from JetStream (the memory window did not
+    /// reach back far enough); the queue holds live frames until then.
+    pub needs_replay: bool,
 }
 
 /// Handle to the dispatcher task; cheap to share.
@@ -69,6 +86,8 @@ pub struct Hub {
     cmds: mpsc::UnboundedSender<Cmd>,
     next_id: AtomicU64,
     cfg: HubConfig,
+    /// Highest sequence the live path has delivered on this node.
+    max_seen: Arc<AtomicU64>,
 }
 
 enum Cmd {
@@ -77,13 +96,20 @@ enum Cmd {
         queue: Arc<ClientQueue>,
         patterns: Vec<String>,
         deadline: Instant,
-        reply: oneshot::Sender<Result<(), JoinError>>,
+        resume: Option<u64>,
+        reply: oneshot::Sender<Result<bool, JoinError>>,
     },
     Leave(u64),
     Subscribed {
         topic: usize,
         uid: u64,
-        result: Result<Subscriber, String>,
+        result: Result<(Subscriber, Option<u64>), String>,
+    },
+    CaughtUp {
+        epoch: u64,
+        topics: Vec<CatchUpTopic>,
+        frames: Vec<(u64, usize, Bytes)>,
+        truncated: Vec<usize>,
     },
 }
 
@@ -99,15 +125,25 @@ impl Hub {
         nats: async_nats::Client,
         scope: Arc<Scope>,
         cfg: HubConfig,
-        metrics: Arc<Metrics>,
+        replayer: Replayer,
+        link: broadcast::Receiver<LinkEvent>,
+        advisories: Option<Subscriber>,
         shutdown: CancellationToken,
     ) -> Arc<Hub> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let max_seen = Arc::new(AtomicU64::new(0));
         let dispatcher = Dispatcher {
             nats,
             scope,
             cfg: cfg.clone(),
-            metrics,
+            metrics: replayer.metrics.clone(),
+            window: Window::new(cfg.replay_cache_bytes),
+            replayer,
+            max_seen: max_seen.clone(),
+            suspect: false,
+            catch_up: None,
+            catch_up_again: false,
+            epoch: 0,
             cmds: tx.clone(),
             topics: Vec::new(),
             free_topics: Vec::new(),
@@ -120,23 +156,40 @@ impl Hub {
         // Unconstrained: tokio's co-op budget would make a drained channel
         // report Pending early and defer its wake-up, cutting a batch short
         // and breaking the ordering argument in `merge.rs`.
-        tokio::spawn(tokio::task::unconstrained(dispatcher.run(rx, shutdown)));
+        tokio::spawn(tokio::task::unconstrained(
+            dispatcher.run(rx, link, advisories, shutdown),
+        ));
         Arc::new(Hub {
             cmds: tx,
             next_id: AtomicU64::new(1),
             cfg,
+            max_seen,
         })
+    }
+
+    /// Highest sequence this node has delivered live (0 before the first).
+    pub fn max_seen(&self) -> u64 {
+        self.max_seen.load(Ordering::Acquire)
     }
 
     /// Registers a client for `patterns` (already authorized and inside the
     /// stream) and returns once every subscription is active on the server.
+    /// With `resume`, events after that sequence are replayed first: from
+    /// memory before this returns, or by the caller from JetStream when
+    /// `needs_replay` is set.
     pub async fn join(
         &self,
         patterns: Vec<String>,
         deadline: SystemTime,
+        resume: Option<u64>,
     ) -> Result<Joined, JoinError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let queue = Arc::new(ClientQueue::new(self.cfg.client_queue, 0));
+        let queue = Arc::new(match resume {
+            Some(after) => ClientQueue::held(self.cfg.client_queue, after),
+            // A new client starts at "now": nothing older, even if a
+            // catch-up delivers it later.
+            None => ClientQueue::new(self.cfg.client_queue, self.max_seen()),
+        });
         // The stream opens with the reconnect hint, before any event.
         queue.offer_unsequenced(&sse::encode_retry(self.cfg.retry_ms));
         let left = deadline
@@ -149,6 +202,7 @@ impl Hub {
                 queue: queue.clone(),
                 patterns,
                 deadline: Instant::now() + left,
+                resume,
                 reply,
             })
             .map_err(|_| JoinError::ShuttingDown)?;
@@ -156,7 +210,11 @@ impl Hub {
         // or the join fails, the hub must still forget the client.
         let guard = LeaveGuard { hub: self, id };
         let result = match rx.await {
-            Ok(Ok(())) => Ok(Joined { id, queue }),
+            Ok(Ok(needs_replay)) => Ok(Joined {
+                id,
+                queue,
+                needs_replay,
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(JoinError::ShuttingDown),
         };
@@ -188,6 +246,8 @@ struct Topic {
     clients: Vec<(u64, Arc<ClientQueue>)>,
     /// Clients whose join waits for this subscription to become active.
     waiting: Vec<u64>,
+    /// Last sequence delivered for this pattern: where a catch-up starts.
+    last_seq: u64,
 }
 
 struct Client {
@@ -195,7 +255,14 @@ struct Client {
     topics: Vec<usize>,
     /// Subscriptions still being set up before the join can be answered.
     pending: usize,
-    reply: Option<oneshot::Sender<Result<(), JoinError>>>,
+    resume: Option<u64>,
+    reply: Option<oneshot::Sender<Result<bool, JoinError>>>,
+}
+
+/// A catch-up in progress: live frames wait here until it lands.
+struct CatchUp {
+    epoch: u64,
+    held: Vec<(u64, usize, Bytes)>,
 }
 
 struct Dispatcher {
@@ -203,6 +270,15 @@ struct Dispatcher {
     scope: Arc<Scope>,
     cfg: HubConfig,
     metrics: Arc<Metrics>,
+    replayer: Replayer,
+    window: Window,
+    max_seen: Arc<AtomicU64>,
+    /// NATS dropped: the live path may have missed events until catch-up.
+    suspect: bool,
+    catch_up: Option<CatchUp>,
+    /// Another trigger arrived during a catch-up: run one more after it.
+    catch_up_again: bool,
+    epoch: u64,
     cmds: mpsc::UnboundedSender<Cmd>,
     topics: Vec<Option<Topic>>,
     free_topics: Vec<usize>,
@@ -215,7 +291,13 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Cmd>,
+        mut link: broadcast::Receiver<LinkEvent>,
+        mut advisories: Option<Subscriber>,
+        shutdown: CancellationToken,
+    ) {
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         heartbeat.tick().await;
@@ -237,11 +319,40 @@ impl Dispatcher {
                 biased;
                 () = shutdown.cancelled() => break,
                 cmd = rx.recv() => match cmd {
+                    Some(Cmd::CaughtUp { epoch, topics, frames, truncated }) => {
+                        self.caught_up(epoch, topics, frames, truncated).await;
+                    }
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
+                ev = link.recv() => match ev {
+                    Ok(LinkEvent::Disconnected) => {
+                        // Whatever NATS sends while we are away is lost to
+                        // the live path: the windows are no longer whole.
+                        self.suspect = true;
+                        self.window.stop_all();
+                    }
+                    Ok(LinkEvent::Connected) if self.suspect => {
+                        self.suspect = false;
+                        self.start_catch_up("nats reconnected");
+                    }
+                    Ok(LinkEvent::SlowConsumer) => self.start_catch_up("slow consumer"),
+                    Ok(LinkEvent::Connected) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.start_catch_up("missed connection events");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        link = broadcast::channel(1).1;
+                    }
+                },
+                Some(_) = next_advisory(&mut advisories) => {
+                    // A new stream leader: its predecessor may have stored
+                    // events it never republished.
+                    self.start_catch_up("stream leader elected");
+                }
                 () = std::future::poll_fn(|cx| self.merge.poll_batch(cx, &mut batch, &mut ended)) => {
-                    self.dispatch(&mut batch).await;
+                    let items = encode_batch(&mut batch);
+                    self.deliver(items).await;
                     for topic in ended.drain(..) {
                         self.subscription_ended(topic);
                     }
@@ -258,13 +369,19 @@ impl Dispatcher {
         for c in self.clients.values() {
             c.queue.close(EndReason::Shutdown, Some(tail.clone()));
         }
-        self.metrics
-            .disconnects
-            .get_or_create(&Reason {
-                reason: EndReason::Shutdown.as_str(),
-            })
-            .inc_by(self.clients.len() as u64);
+        self.count_ends(EndReason::Shutdown, self.clients.len());
         tracing::info!(clients = self.clients.len(), "hub stopped: streams ended");
+    }
+
+    fn count_ends(&self, reason: EndReason, n: usize) {
+        if n > 0 {
+            self.metrics
+                .disconnects
+                .get_or_create(&Reason {
+                    reason: reason.as_str(),
+                })
+                .inc_by(n as u64);
+        }
     }
 
     fn command(&mut self, cmd: Cmd) {
@@ -274,10 +391,12 @@ impl Dispatcher {
                 queue,
                 patterns,
                 deadline,
+                resume,
                 reply,
-            } => self.join(id, queue, patterns, deadline, reply),
+            } => self.join(id, queue, patterns, deadline, resume, reply),
             Cmd::Leave(id) => self.leave(id),
             Cmd::Subscribed { topic, uid, result } => self.subscribed(topic, uid, result),
+            Cmd::CaughtUp { .. } => unreachable!("handled in run"),
         }
     }
 
@@ -287,13 +406,15 @@ impl Dispatcher {
         queue: Arc<ClientQueue>,
         patterns: Vec<String>,
         deadline: Instant,
-        reply: oneshot::Sender<Result<(), JoinError>>,
+        resume: Option<u64>,
+        reply: oneshot::Sender<Result<bool, JoinError>>,
     ) {
         let mut client = Client {
             queue: queue.clone(),
             topics: Vec::with_capacity(patterns.len()),
             pending: 0,
-            reply: None,
+            resume,
+            reply: Some(reply),
         };
         for p in patterns {
             let t = self.topic_for(p);
@@ -305,15 +426,62 @@ impl Dispatcher {
             }
             client.topics.push(t);
         }
-        if client.pending == 0 {
-            let _ = reply.send(Ok(()));
-        } else {
-            client.reply = Some(reply);
-        }
+        let ready = client.pending == 0;
         self.clients.insert(id, client);
         self.expiries.push(Reverse((deadline, id)));
         self.metrics.connections.inc();
         self.metrics.connections_total.inc();
+        if ready {
+            self.answer(id);
+        }
+    }
+
+    /// Every subscription of client `id` is active: serve its resume from
+    /// the window if it can, and answer the join.
+    fn answer(&mut self, id: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(reply) = c.reply.take() else { return };
+        let needs_replay = match c.resume {
+            None => false,
+            Some(after) => !self.resume_from_window(id, after),
+        };
+        let _ = reply.send(Ok(needs_replay));
+    }
+
+    fn resume_from_window(&mut self, id: u64, after: u64) -> bool {
+        if self.catch_up.is_some() || self.suspect {
+            return false;
+        }
+        let c = &self.clients[&id];
+        let mut total = 0;
+        for &t in &c.topics {
+            match self.window.count_after(t, after) {
+                Some(n) => total += n,
+                None => return false,
+            }
+        }
+        // Large resumes go through JetStream, which is flow-controlled.
+        if total > self.cfg.client_queue / 2 {
+            return false;
+        }
+        let mut frames = Vec::with_capacity(total);
+        for &t in &c.topics {
+            self.window.frames_after(t, after, &mut frames);
+        }
+        frames.sort_by_key(|(seq, _)| *seq);
+        for (seq, f) in &frames {
+            c.queue.replay(*seq, f);
+        }
+        c.queue.release();
+        let source = Source { source: "memory" };
+        self.metrics.replay_requests.get_or_create(&source).inc();
+        self.metrics
+            .replayed
+            .get_or_create(&source)
+            .inc_by(frames.len() as u64);
+        true
     }
 
     /// Finds the topic for `pattern`, creating it (and starting its
@@ -334,13 +502,17 @@ impl Dispatcher {
             .expect("routes only admit patterns inside the republish source");
         let nats = self.nats.clone();
         let cmds = self.cmds.clone();
+        let replayer = self.replayer.clone();
         tokio::spawn(async move {
             let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
                 let sub = nats.subscribe(live).await.map_err(|e| e.to_string())?;
                 // Once the server answers the flush it has the SUB: every
                 // event republished from now on reaches this subscription.
                 nats.flush().await.map_err(|e| e.to_string())?;
-                Ok(sub)
+                // So everything after the stream's current last sequence
+                // will be seen: the memory window is whole from there.
+                let covered = replayer.last_sequence().await.ok();
+                Ok((sub, covered))
             })
             .await
             .unwrap_or_else(|_| Err("timed out".to_string()));
@@ -357,11 +529,17 @@ impl Dispatcher {
             slot: None,
             clients: Vec::new(),
             waiting: Vec::new(),
+            last_seq: 0,
         });
         t
     }
 
-    fn subscribed(&mut self, t: usize, uid: u64, result: Result<Subscriber, String>) {
+    fn subscribed(
+        &mut self,
+        t: usize,
+        uid: u64,
+        result: Result<(Subscriber, Option<u64>), String>,
+    ) {
         let Some(topic) = self.topics.get_mut(t).and_then(Option::as_mut) else {
             return;
         };
@@ -369,21 +547,26 @@ impl Dispatcher {
             return;
         }
         match result {
-            Ok(sub) => {
+            Ok((sub, covered)) => {
                 topic.slot = Some(self.merge.insert(t, sub));
+                let seen = self.max_seen.load(Ordering::Acquire);
+                topic.last_seq = covered.unwrap_or(seen).max(seen);
+                if let Some(from) = covered.filter(|_| self.catch_up.is_none() && !self.suspect) {
+                    self.window.start(t, from);
+                }
                 self.metrics.subscriptions.inc();
                 tracing::debug!(pattern = %topic.pattern, "subscribed");
-                for id in std::mem::take(&mut topic.waiting) {
+                let waiting = std::mem::take(&mut topic.waiting);
+                let empty = topic.clients.is_empty();
+                for id in waiting {
                     if let Some(c) = self.clients.get_mut(&id) {
                         c.pending -= 1;
                         if c.pending == 0 {
-                            if let Some(r) = c.reply.take() {
-                                let _ = r.send(Ok(()));
-                            }
+                            self.answer(id);
                         }
                     }
                 }
-                if topic.clients.is_empty() {
+                if empty {
                     self.remove_topic(t);
                 }
             }
@@ -431,6 +614,7 @@ impl Dispatcher {
             drop(self.merge.remove(slot));
             self.metrics.subscriptions.dec();
         }
+        self.window.stop(t);
         self.by_pattern.remove(&topic.pattern);
         self.free_topics.push(t);
         tracing::debug!(pattern = %topic.pattern, "unsubscribed");
@@ -444,70 +628,154 @@ impl Dispatcher {
         };
         topic.slot = None;
         self.metrics.subscriptions.dec();
+        self.window.stop(t);
         let tail = sse::encode_retry(self.cfg.retry_ms);
         for (_, q) in &topic.clients {
             q.close(EndReason::Resync, Some(tail.clone()));
         }
     }
 
-    /// Fans a batch out in sequence order. Between chunks the task yields so
-    /// the connections it woke can write: a burst larger than a client
-    /// queue must not evict a client that only lacked a turn on the CPU.
-    /// (Outside the co-op budget nothing else would make this task yield.)
-    async fn dispatch(&mut self, batch: &mut Vec<(usize, async_nats::Message)>) {
-        let mut items: Vec<(u64, usize, async_nats::Message)> = batch
-            .drain(..)
-            .filter_map(|(t, m)| sequence(&m).map(|seq| (seq, t, m)))
+    /// Holds live delivery and re-reads every subscription's events from
+    /// its last delivered sequence (see `replay::Replayer::catch_up`).
+    fn start_catch_up(&mut self, why: &'static str) {
+        if self.catch_up.is_some() {
+            self.catch_up_again = true;
+            return;
+        }
+        self.window.stop_all();
+        self.epoch += 1;
+        let topics: Vec<CatchUpTopic> = self
+            .topics
+            .iter()
+            .enumerate()
+            .filter_map(|(t, topic)| {
+                let topic = topic.as_ref().filter(|tp| tp.slot.is_some())?;
+                Some(CatchUpTopic {
+                    topic: t,
+                    uid: topic.uid,
+                    pattern: topic.pattern.clone(),
+                    after: topic.last_seq,
+                })
+            })
             .collect();
-        // Stable: a message seen by two overlapping topics keeps both copies
-        // adjacent, and the queues drop the second.
-        items.sort_by_key(|(seq, _, _)| *seq);
+        tracing::info!(reason = why, subscriptions = topics.len(), "catching up");
+        self.metrics.catchups.inc();
+        self.catch_up = Some(CatchUp {
+            epoch: self.epoch,
+            held: Vec::new(),
+        });
+        let epoch = self.epoch;
+        let replayer = self.replayer.clone();
+        let nats = self.nats.clone();
+        let cmds = self.cmds.clone();
+        tokio::spawn(async move {
+            let (frames, truncated) = replayer.catch_up(&nats, &topics).await;
+            let _ = cmds.send(Cmd::CaughtUp {
+                epoch,
+                topics,
+                frames,
+                truncated,
+            });
+        });
+    }
+
+    async fn caught_up(
+        &mut self,
+        epoch: u64,
+        topics: Vec<CatchUpTopic>,
+        mut frames: Vec<(u64, usize, Bytes)>,
+        truncated: Vec<usize>,
+    ) {
+        let Some(catch_up) = self.catch_up.take_if(|c| c.epoch == epoch) else {
+            return;
+        };
+        let alive = |d: &Dispatcher, t: usize, uid: u64| {
+            d.topics[t].as_ref().is_some_and(|tp| tp.uid == uid)
+        };
+        frames.retain(|(_, t, _)| {
+            topics
+                .iter()
+                .any(|c| c.topic == *t && alive(self, *t, c.uid))
+        });
+        for c in &topics {
+            if alive(self, c.topic, c.uid) && !truncated.contains(&c.topic) {
+                self.window.start(c.topic, c.after);
+            }
+        }
+        // Topics whose backlog exceeded the replay limit cannot be caught up
+        // in memory: their clients resume on their own (with a gap notice).
+        let tail = sse::encode_retry(self.cfg.retry_ms);
+        for &t in &truncated {
+            if let Some(tp) = self.topics[t].as_ref() {
+                for (_, q) in &tp.clients {
+                    q.close(EndReason::Resync, Some(tail.clone()));
+                }
+            }
+        }
+        frames.extend(catch_up.held);
+        frames.sort_by_key(|(seq, _, _)| *seq);
+        tracing::info!(events = frames.len(), "caught up");
+        self.deliver(frames).await;
+        if std::mem::take(&mut self.catch_up_again) {
+            self.start_catch_up("triggered again during catch-up");
+        }
+    }
+
+    /// Fans out frames (sorted by sequence) to every client of their topic.
+    /// Between chunks the task yields so the connections it woke can write:
+    /// a burst larger than a client queue must not evict a client that only
+    /// lacked a turn on the CPU. (Outside the co-op budget nothing else
+    /// would make this task yield.)
+    async fn deliver(&mut self, items: Vec<(u64, usize, Bytes)>) {
+        if let Some(c) = &mut self.catch_up {
+            c.held.extend(items);
+            if c.held.len() > CATCH_UP_HOLD_LIMIT {
+                tracing::warn!("catch-up too slow; every client resumes on its own");
+                self.catch_up = None;
+                let tail = sse::encode_retry(self.cfg.retry_ms);
+                for c in self.clients.values() {
+                    c.queue.close(EndReason::Resync, Some(tail.clone()));
+                }
+            }
+            return;
+        }
         let mut delivered = 0u64;
-        let mut frame: Option<(u64, Bytes)> = None;
-        let mut evicted: Vec<u64> = Vec::new();
-        for (i, (seq, t, msg)) in items.iter().enumerate() {
+        let mut evicted = 0usize;
+        let mut max_seq = 0;
+        for (i, (seq, t, frame)) in items.iter().enumerate() {
             if i > 0 && i % DISPATCH_CHUNK == 0 {
                 tokio::task::yield_now().await;
             }
-            let Some(topic) = self.topics[*t].as_ref() else {
+            let Some(topic) = self.topics[*t].as_mut() else {
                 continue;
             };
-            let bytes = match &frame {
-                Some((s, b)) if s == seq => b.clone(),
-                _ => {
-                    let b = sse::encode_event(*seq, event_name(msg), &msg.payload);
-                    frame = Some((*seq, b.clone()));
-                    b
-                }
-            };
-            for (id, q) in &topic.clients {
-                match q.offer(*seq, &bytes) {
+            topic.last_seq = topic.last_seq.max(*seq);
+            max_seq = max_seq.max(*seq);
+            self.window.push(*t, *seq, frame);
+            for (_, q) in &topic.clients {
+                match q.offer(*seq, frame) {
                     Offer::Queued => delivered += 1,
                     Offer::Duplicate | Offer::Closed => {}
                     Offer::Full => {
                         q.close(EndReason::Slow, None);
-                        evicted.push(*id);
+                        evicted += 1;
                     }
                 }
             }
         }
+        self.max_seen.fetch_max(max_seq, Ordering::AcqRel);
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
-        if !evicted.is_empty() {
-            self.metrics
-                .disconnects
-                .get_or_create(&Reason {
-                    reason: EndReason::Slow.as_str(),
-                })
-                .inc_by(evicted.len() as u64);
-            tracing::info!(clients = evicted.len(), "evicted: slow");
+        if evicted > 0 {
+            self.count_ends(EndReason::Slow, evicted);
+            tracing::info!(clients = evicted, "evicted: slow");
         }
     }
 
     fn expire(&mut self) {
         let now = Instant::now();
         let tail = sse::encode_control("relay.expired", "{}");
-        let mut n = 0u64;
+        let mut n = 0;
         while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
             if at > now {
                 break;
@@ -519,14 +787,37 @@ impl Dispatcher {
             }
         }
         if n > 0 {
-            self.metrics
-                .disconnects
-                .get_or_create(&Reason {
-                    reason: EndReason::Expired.as_str(),
-                })
-                .inc_by(n);
+            self.count_ends(EndReason::Expired, n);
             tracing::info!(clients = n, "token expired");
         }
+    }
+}
+
+/// Turns a merged batch into (seq, topic, frame), sorted by sequence, each
+/// event encoded once even when overlapping topics both received it.
+fn encode_batch(batch: &mut Vec<(usize, async_nats::Message)>) -> Vec<(u64, usize, Bytes)> {
+    let mut msgs: Vec<(u64, usize, async_nats::Message)> = batch
+        .drain(..)
+        .filter_map(|(t, m)| sequence(&m).map(|seq| (seq, t, m)))
+        .collect();
+    // Stable: copies of one event from overlapping topics stay adjacent.
+    msgs.sort_by_key(|(seq, _, _)| *seq);
+    let mut out: Vec<(u64, usize, Bytes)> = Vec::with_capacity(msgs.len());
+    for (seq, t, m) in msgs {
+        let frame = match out.last() {
+            Some((s, _, f)) if *s == seq => f.clone(),
+            _ => sse::encode_event(seq, event_name(&m), &m.payload),
+        };
+        out.push((seq, t, frame));
+    }
+    out
+}
+
+async fn next_advisory(sub: &mut Option<Subscriber>) -> Option<async_nats::Message> {
+    use futures_util::StreamExt;
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`nats`]    the NATS connection and the stream's `Scope`
 //! - [`hub`]     shared subscriptions, frame-once fan-out, heartbeats, expiry
 //! - [`merge`]   ordered merge of many subscriptions by stream sequence
+//! - [`window`]  recent frames per subscription, LRU by bytes: resumes from memory
+//! - [`replay`]  JetStream reads: resume after Last-Event-ID, catch-up
 //! - [`sse`]     SSE wire format, bounded client queue, the response body
 //! - [`metrics`] Prometheus names
 //! - [`dev`]     `sse-relay dev`: child nats-server, demo page
@@ -32,9 +34,11 @@ pub mod hub;
 pub mod merge;
 pub mod metrics;
 pub mod nats;
+pub mod replay;
 pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod subject;
+pub mod window;
 
 pub use server::{RunError, bind, run};

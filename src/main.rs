@@ -134,6 +134,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         replay_limit: sse_relay::config::DEFAULT_REPLAY_LIMIT,
         drain_timeout: sse_relay::config::DEFAULT_DRAIN_SECS,
         reuse_port: false,
+        threads: 1,
     };
     let mut cfg = match Config::from_args(serve_args) {
         Ok(c) => c,

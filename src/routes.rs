@@ -16,8 +16,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::auth::{AuthError, Verifier};
 use crate::config::{Config, Cors};
 use crate::hub::{Hub, JoinError};
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::{Metrics, Reason, Source};
 use crate::nats::{Link, Scope};
+use crate::replay::Replayer;
 use crate::sse::SseBody;
 use crate::subject::{self, SubjectError};
 
@@ -42,6 +43,7 @@ pub struct Live {
     pub hub: Arc<Hub>,
     pub scope: Arc<Scope>,
     pub nats: async_nats::Client,
+    pub replayer: Replayer,
 }
 
 /// A refusal: status, stable code, and a sentence for humans.
@@ -52,6 +54,7 @@ pub enum ApiError {
     BadSubject(SubjectError),
     OutsideStream(String),
     BadQuery(String),
+    BadLastEventId(String),
     NotFound,
     MethodNotAllowed(&'static str),
     /// NATS away, starting up, or draining: come back soon.
@@ -63,9 +66,10 @@ impl ApiError {
         match self {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::BadSubject(_) | ApiError::OutsideStream(_) | ApiError::BadQuery(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadSubject(_)
+            | ApiError::OutsideStream(_)
+            | ApiError::BadQuery(_)
+            | ApiError::BadLastEventId(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,6 +83,7 @@ impl ApiError {
             ApiError::BadSubject(_) => "invalid_subject",
             ApiError::OutsideStream(_) => "subject_outside_stream",
             ApiError::BadQuery(_) => "invalid_query",
+            ApiError::BadLastEventId(_) => "invalid_last_event_id",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
@@ -93,7 +98,7 @@ impl ApiError {
             ApiError::OutsideStream(p) => {
                 format!("subject {p:?} is not stored by this relay's stream")
             }
-            ApiError::BadQuery(m) => m.clone(),
+            ApiError::BadQuery(m) | ApiError::BadLastEventId(m) => m.clone(),
             ApiError::NotFound => "no such endpoint".into(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::Unavailable(why) => format!("{why}; retry shortly"),
@@ -280,23 +285,88 @@ impl App {
                 return Err(ApiError::Forbidden(p.clone()));
             }
         }
+        let resume = self
+            .resume_point(headers, q.last_event_id.as_deref(), live)
+            .await?;
         let deadline = self.verifier.deadline(claims.exp);
-        let joined = live.hub.join(patterns, deadline).await.map_err(|e| {
-            tracing::warn!(error = %e, "join failed");
-            match e {
-                JoinError::ShuttingDown => ApiError::Unavailable("the relay is shutting down"),
-                JoinError::Subscribe(_) => {
-                    ApiError::Unavailable("NATS did not accept the subscription")
+        let joined = live
+            .hub
+            .join(patterns.clone(), deadline, resume)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "join failed");
+                match e {
+                    JoinError::ShuttingDown => ApiError::Unavailable("the relay is shutting down"),
+                    JoinError::Subscribe(_) => {
+                        ApiError::Unavailable("NATS did not accept the subscription")
+                    }
                 }
-            }
-        })?;
+            })?;
         tracing::debug!(
             client = joined.id,
             sub = claims.sub.as_deref().unwrap_or("-"),
             "stream opened"
         );
+        if let (true, Some(after)) = (joined.needs_replay, resume) {
+            self.metrics
+                .replay_requests
+                .get_or_create(&Source {
+                    source: "jetstream",
+                })
+                .inc();
+            // A task for the length of the replay only; the queue holds live
+            // frames meanwhile and the body streams what is replayed.
+            tokio::spawn(
+                live.replayer
+                    .clone()
+                    .resume(patterns, after, joined.queue.clone()),
+            );
+        }
         let body = SseBody::stream(joined.queue, joined.id, live.hub.clone());
         Ok(stream_response(body))
+    }
+
+    /// The resume point: `Last-Event-ID` (what a reconnecting browser sends)
+    /// wins over the `last_event_id` query (what a fresh page carries).
+    /// Ids are stream sequences; one beyond the stream's end is refused.
+    async fn resume_point(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        live: &Live,
+    ) -> Result<Option<u64>, ApiError> {
+        let raw = match headers.get("last-event-id") {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| ApiError::BadLastEventId("Last-Event-ID is not text".into()))?,
+            None => match query {
+                Some(q) => q,
+                None => return Ok(None),
+            },
+        };
+        let raw = raw.trim();
+        // An empty id is what EventSource sends after an `id:` reset: start
+        // from what the stream holds.
+        if raw.is_empty() {
+            return Ok(Some(0));
+        }
+        let id: u64 = raw.parse().map_err(|_| {
+            ApiError::BadLastEventId(format!(
+                "last event id {raw:?} is not an event id (a stream sequence number)"
+            ))
+        })?;
+        if id > live.hub.max_seen() {
+            let last = live.replayer.last_sequence().await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot read the stream's last sequence");
+                ApiError::Unavailable("JetStream did not answer")
+            })?;
+            if id > last {
+                return Err(ApiError::BadLastEventId(format!(
+                    "last event id {id} is beyond the stream's last event ({last})"
+                )));
+            }
+        }
+        Ok(Some(id))
     }
 
     fn cors(&self, origin: Option<&HeaderValue>, h: &mut HeaderMap) {

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
 use crate::nats::{self, StreamError};
+use crate::replay::Replayer;
 use crate::routes::{App, Live};
 
 /// How long an unresponsive NATS gets to answer the final drain.
@@ -199,6 +200,23 @@ async fn start_nats(
     };
     tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, "stream ready");
     app.metrics.nats_connected.set(1);
+    let replayer = Replayer {
+        js: js.clone(),
+        stream: scope.stream.clone(),
+        limit: cfg.replay_limit,
+        retry_ms: cfg.retry_ms,
+        metrics: app.metrics.clone(),
+    };
+    // Only the stream leader republishes; a new leader means events stored
+    // just before the old one died may never have been republished.
+    let advisories = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            scope.stream
+        ))
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch stream leader changes"))
+        .ok();
     let hub = Hub::start(
         client.clone(),
         Arc::new(scope.clone()),
@@ -206,14 +224,18 @@ async fn start_nats(
             heartbeat: cfg.heartbeat,
             client_queue: cfg.client_queue,
             retry_ms: cfg.retry_ms,
+            replay_cache_bytes: cfg.replay_cache_bytes,
         },
-        app.metrics.clone(),
+        replayer.clone(),
+        link.subscribe(),
+        advisories,
         cancel.clone(),
     );
     let _ = app.live.set(Live {
         hub,
         scope: Arc::new(scope),
         nats: client,
+        replayer,
     });
     let mut events = link.subscribe();
     loop {

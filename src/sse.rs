@@ -167,6 +167,11 @@ struct QueueState {
     end: Option<EndReason>,
     tail: Option<Bytes>,
     waker: Option<Waker>,
+    /// While a resume replays history, live frames wait here (bounded by
+    /// the capacity) and are released after the replayed ones.
+    held: Option<VecDeque<(u64, Bytes)>>,
+    /// The replay writer waiting for room in `frames`.
+    space_waker: Option<Waker>,
 }
 
 impl ClientQueue {
@@ -186,6 +191,14 @@ impl ClientQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A queue that holds live frames until [`ClientQueue::release`]: for a
+    /// client resuming after `last_seq`.
+    pub fn held(capacity: usize, last_seq: u64) -> Self {
+        let q = ClientQueue::new(capacity, last_seq);
+        q.lock().held = Some(VecDeque::new());
+        q
+    }
+
     /// Queues an event frame with sequence `seq` unless the client already has it.
     pub fn offer(&self, seq: u64, frame: &Bytes) -> Offer {
         let mut st = self.lock();
@@ -194,6 +207,17 @@ impl ClientQueue {
         }
         if seq <= st.last_seq {
             return Offer::Duplicate;
+        }
+        let capacity = self.capacity;
+        if let Some(held) = &mut st.held {
+            if held.back().is_some_and(|(s, _)| *s >= seq) {
+                return Offer::Duplicate;
+            }
+            if held.len() >= capacity {
+                return Offer::Full;
+            }
+            held.push_back((seq, frame.clone()));
+            return Offer::Queued;
         }
         if st.frames.len() >= self.capacity {
             return Offer::Full;
@@ -206,6 +230,57 @@ impl ClientQueue {
             w.wake();
         }
         Offer::Queued
+    }
+
+    /// Replays a historical frame, bypassing the hold; `false` when the
+    /// stream has ended. Callers bound the amount (see `poll_space`).
+    pub fn replay(&self, seq: u64, frame: &Bytes) -> bool {
+        let mut st = self.lock();
+        if st.end.is_some() {
+            return false;
+        }
+        if seq > st.last_seq {
+            st.last_seq = seq;
+            st.frames.push_back(frame.clone());
+            let waker = st.waker.take();
+            drop(st);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+        true
+    }
+
+    /// Ready when the replay writer may queue more (or the stream ended).
+    pub fn poll_space(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        if st.end.is_some() || st.frames.len() < self.capacity / 2 + 1 {
+            return Poll::Ready(());
+        }
+        st.space_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Ends the hold: live frames that arrived during the replay follow the
+    /// replayed ones, minus any the replay already delivered.
+    pub fn release(&self) {
+        let mut st = self.lock();
+        let Some(held) = st.held.take() else { return };
+        for (seq, f) in held {
+            if seq > st.last_seq {
+                st.last_seq = seq;
+                st.frames.push_back(f);
+            }
+        }
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.lock().held.is_some()
     }
 
     /// Queues a frame that carries no event id (comments, control events).
@@ -248,12 +323,17 @@ impl ClientQueue {
         }
         if reason == EndReason::Slow {
             st.frames = VecDeque::new();
+            st.held = None;
         }
         st.end = Some(reason);
         st.tail = tail;
         let waker = st.waker.take();
+        let space = st.space_waker.take();
         drop(st);
         if let Some(w) = waker {
+            w.wake();
+        }
+        if let Some(w) = space {
             w.wake();
         }
     }
@@ -300,6 +380,11 @@ impl ClientQueue {
         };
         if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
             st.frames = VecDeque::new();
+        }
+        if chunk.is_some() {
+            if let Some(w) = st.space_waker.take() {
+                w.wake();
+            }
         }
         if let Some(chunk) = chunk {
             return Poll::Ready(Some(chunk));
@@ -459,6 +544,36 @@ mod tests {
         q.close(EndReason::Slow, None);
         assert!(q.is_empty());
         assert_eq!(q.offer(9, &f), Offer::Closed);
+    }
+
+    #[test]
+    fn held_live_frames_follow_the_replay_without_duplicates() {
+        let q = ClientQueue::held(8, 10);
+        let f = |n: u64| Bytes::from(format!("{n};"));
+        // Live frames arrive while the replay runs...
+        assert_eq!(q.offer(14, &f(14)), Offer::Queued);
+        assert_eq!(q.offer(15, &f(15)), Offer::Queued);
+        // ...the replay covers up to 14...
+        for n in [11, 12, 14] {
+            assert!(q.replay(n, &f(n)));
+        }
+        q.release();
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let Poll::Ready(Some(chunk)) = q.poll_chunk(&mut cx) else {
+            panic!("expected a chunk")
+        };
+        assert_eq!(text(&chunk), "11;12;14;15;");
+        assert!(!q.is_held());
+    }
+
+    #[test]
+    fn a_full_hold_counts_as_slow() {
+        let q = ClientQueue::held(2, 0);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(q.offer(1, &f), Offer::Queued);
+        assert_eq!(q.offer(2, &f), Offer::Queued);
+        assert_eq!(q.offer(3, &f), Offer::Full);
     }
 
     #[test]

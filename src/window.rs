@@ -1,0 +1,194 @@
+//! The replay window: recent frames per shared subscription, capped in bytes
+//! across all of them (least recently used subscription gives up its oldest
+//! frames first), so a reconnect storm is served from memory instead of
+//! opening one JetStream consumer per client.
+//!
+//! A ring is only useful if it is *whole*: it holds every event of its
+//! pattern with sequence above `covered_from`. Coverage starts when the
+//! subscription is active and the stream's last sequence is known, moves up
+//! as old frames are evicted, and is dropped whenever the live path may have
+//! missed something (NATS reconnect), until catch-up makes it whole again.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use lru::LruCache;
+
+#[derive(Default)]
+struct Ring {
+    frames: VecDeque<(u64, Bytes)>,
+    covered_from: u64,
+    bytes: usize,
+}
+
+/// Per-topic rings of recent frames under one byte budget.
+pub struct Window {
+    rings: HashMap<usize, Ring>,
+    lru: LruCache<usize, ()>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl Window {
+    pub fn new(cap_bytes: u64) -> Self {
+        Window {
+            rings: HashMap::new(),
+            lru: LruCache::unbounded(),
+            bytes: 0,
+            cap: usize::try_from(cap_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Starts (or restarts) coverage of `topic`: every frame above
+    /// `covered_from` will be pushed.
+    pub fn start(&mut self, topic: usize, covered_from: u64) {
+        self.stop(topic);
+        if self.cap == 0 {
+            return;
+        }
+        self.rings.insert(
+            topic,
+            Ring {
+                covered_from,
+                ..Ring::default()
+            },
+        );
+        self.lru.put(topic, ());
+    }
+
+    /// Forgets `topic`'s frames and coverage.
+    pub fn stop(&mut self, topic: usize) {
+        if let Some(r) = self.rings.remove(&topic) {
+            self.bytes -= r.bytes;
+            self.lru.pop(&topic);
+        }
+    }
+
+    pub fn stop_all(&mut self) {
+        self.rings.clear();
+        self.lru.clear();
+        self.bytes = 0;
+    }
+
+    /// Records a frame of `topic` (in sequence order).
+    pub fn push(&mut self, topic: usize, seq: u64, frame: &Bytes) {
+        let Some(r) = self.rings.get_mut(&topic) else {
+            return;
+        };
+        if r.frames.back().is_some_and(|(s, _)| *s >= seq) || seq <= r.covered_from {
+            return;
+        }
+        r.frames.push_back((seq, frame.clone()));
+        r.bytes += frame.len();
+        self.bytes += frame.len();
+        self.lru.promote(&topic);
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        while self.bytes > self.cap {
+            let Some((&topic, _)) = self.lru.peek_lru() else {
+                return;
+            };
+            let r = self.rings.get_mut(&topic).expect("lru and rings agree");
+            match r.frames.pop_front() {
+                Some((seq, f)) => {
+                    r.bytes -= f.len();
+                    self.bytes -= f.len();
+                    r.covered_from = seq;
+                }
+                None => {
+                    // Nothing left to free here: rotate it to the back.
+                    self.lru.promote(&topic);
+                    if self.rings.values().all(|r| r.frames.is_empty()) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many frames of `topic` are above `after`, or None when the ring
+    /// does not reach back that far (the caller must read the stream).
+    pub fn count_after(&self, topic: usize, after: u64) -> Option<usize> {
+        let r = self.rings.get(&topic)?;
+        if r.covered_from > after {
+            return None;
+        }
+        Some(r.frames.len() - r.frames.partition_point(|(s, _)| *s <= after))
+    }
+
+    /// Appends the frames of `topic` above `after` to `out`.
+    pub fn frames_after(&mut self, topic: usize, after: u64, out: &mut Vec<(u64, Bytes)>) {
+        if let Some(r) = self.rings.get(&topic) {
+            let i = r.frames.partition_point(|(s, _)| *s <= after);
+            out.extend(r.frames.range(i..).cloned());
+            self.lru.promote(&topic);
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn serves_only_what_it_covers() {
+        let mut w = Window::new(1 << 20);
+        w.start(0, 10);
+        for s in 11..=20 {
+            w.push(0, s, &f(10));
+        }
+        assert_eq!(w.count_after(0, 15), Some(5));
+        assert_eq!(w.count_after(0, 10), Some(10));
+        assert_eq!(
+            w.count_after(0, 9),
+            None,
+            "seq 10 and below were never seen"
+        );
+        assert_eq!(w.count_after(1, 15), None, "unknown topic");
+        let mut out = Vec::new();
+        w.frames_after(0, 18, &mut out);
+        assert_eq!(
+            out.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![19, 20]
+        );
+    }
+
+    #[test]
+    fn evicts_oldest_frames_of_the_least_recent_topic_and_moves_coverage() {
+        let mut w = Window::new(100);
+        w.start(0, 0);
+        w.start(1, 0);
+        for s in 1..=5 {
+            w.push(0, s, &f(10)); // topic 0: 50 bytes
+        }
+        for s in 6..=10 {
+            w.push(1, s, &f(10)); // topic 1: 50 bytes, most recent
+        }
+        assert_eq!(w.bytes(), 100);
+        w.push(1, 11, &f(10));
+        assert!(w.bytes() <= 100);
+        assert_eq!(w.count_after(0, 0), None, "topic 0 lost seq 1");
+        assert_eq!(w.count_after(0, 1), Some(4));
+        assert_eq!(w.count_after(1, 5), Some(6));
+    }
+
+    #[test]
+    fn stop_drops_coverage_and_bytes() {
+        let mut w = Window::new(1000);
+        w.start(3, 0);
+        w.push(3, 1, &f(10));
+        w.stop(3);
+        assert_eq!(w.bytes(), 0);
+        assert_eq!(w.count_after(3, 0), None);
+    }
+}
