@@ -37,10 +37,11 @@ struct PublishBody {
 }
 
 /// Publishes one event through JetStream and answers with its sequence.
-pub async fn publish(
-    app: &Arc<App>,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<SseBody>, ApiError> {
+pub async fn publish<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<SseBody>, ApiError>
+where
+    B: hyper::body::Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let bytes = http_body_util::Limited::new(req.into_body(), MAX_PUBLISH_BYTES)
         .collect()
         .await

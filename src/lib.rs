@@ -4,6 +4,7 @@
 //!
 //! - [`config`]  one typed `Config` from flags/env, validated before binding
 //! - [`server`]  bind, accept loop, NATS start-up, graceful drain: [`run`]
+//! - [`http1`]   lean HTTP/1.1 connection loop (hyper for requests with a body)
 //! - [`routes`]  `/events`, `/healthz`, `/readyz`, `/metrics`; errors -> statuses
 //! - [`auth`]    JWT verification -> `Claims`
 //! - [`subject`] NATS subject patterns: validation, matching, containment
@@ -30,6 +31,7 @@
 pub mod auth;
 pub mod config;
 pub mod dev;
+pub mod http1;
 pub mod hub;
 pub mod merge;
 pub mod metrics;

@@ -175,7 +175,11 @@ impl App {
             && self.link.get().is_some_and(|l| l.is_connected())
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<SseBody> {
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<SseBody>
+    where
+        B: hyper::body::Body + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let origin = req.headers().get(header::ORIGIN).cloned();
         let wants_stream = req
             .headers()
@@ -194,10 +198,11 @@ impl App {
         res
     }
 
-    async fn route(
-        self: &Arc<Self>,
-        req: Request<hyper::body::Incoming>,
-    ) -> Result<Response<SseBody>, ApiError> {
+    async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<SseBody>, ApiError>
+    where
+        B: hyper::body::Body + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let get = req.method() == Method::GET || req.method() == Method::HEAD;
         match req.uri().path() {
             "/events" if get => self.events(req.headers(), req.uri().query()).await,

@@ -13,12 +13,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -91,15 +88,13 @@ pub async fn run(
     let startup = tokio::spawn(start_nats(app.clone(), cancel.clone(), fatal_tx));
 
     tracing::info!(addr = %listener.local_addr().map_err(|e| RunError::Config(e.to_string()))?, "listening");
-    let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).keep_alive(true);
+    let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     let mut fatal = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => serve_connection(&app, &builder, &graceful, stream),
+                Ok((stream, _)) => serve_connection(&app, &tracker, &cancel, stream),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -120,7 +115,10 @@ pub async fn run(
     app.draining.store(true, Ordering::Release);
     cancel.cancel();
     let _ = startup.await;
-    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
+    // Streams end once the hub has closed their queues (it watches
+    // `cancel`); idle keep-alive connections end on `cancel` directly.
+    tracker.close();
+    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -138,25 +136,14 @@ pub async fn run(
 
 fn serve_connection(
     app: &Arc<App>,
-    builder: &http1::Builder,
-    graceful: &GracefulShutdown,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
     stream: TcpStream,
 ) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
-    let app = app.clone();
-    let service = service_fn(move |req| {
-        let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-    });
+    tracker.spawn(crate::http1::serve(app.clone(), stream, cancel.clone()));
 }
 
 /// Connects to NATS, loads the stream's scope and starts the hub. Transient
