@@ -331,4 +331,3 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-

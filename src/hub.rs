@@ -462,8 +462,10 @@ impl Dispatcher {
                 None => return false,
             }
         }
-        // Large resumes go through JetStream, which is flow-controlled.
-        if total > self.cfg.client_queue / 2 {
+        // Large resumes go through JetStream, which is flow-controlled, and
+        // so do resumes beyond the replay limit (which report a gap).
+        let limit = usize::try_from(self.replayer.limit).unwrap_or(usize::MAX);
+        if total > self.cfg.client_queue / 2 || (limit > 0 && total > limit) {
             return false;
         }
         let mut frames = Vec::with_capacity(total);
