@@ -1570,3 +1570,956 @@ pub fn chunked_encode(body: &[u8], sizes: &[usize]) -> Vec<u8> {
     out.extend_from_slice(b"0\r\n\r\n");
     out
 }
+
+// ---------------------------------------------------------------------------
+// resume / failover helpers (tests/resume.rs, tests/failover.rs)
+// ---------------------------------------------------------------------------
+
+impl SseClient {
+    /// Like [`SseClient::connect`], but connection and protocol errors (a
+    /// relay that is down or restarting) come back as `Err` instead of
+    /// panicking. Bounded by `limit` overall.
+    pub async fn try_connect(
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        limit: Duration,
+    ) -> io::Result<SseClient> {
+        let fut = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            let req = build_request(
+                "GET",
+                addr,
+                path,
+                headers,
+                None,
+                &[
+                    ("Accept", "text/event-stream"),
+                    ("Cache-Control", "no-cache"),
+                ],
+            );
+            stream.write_all(&req).await?;
+            let mut raw = Vec::new();
+            let (status, headers) = read_head(&mut stream, &mut raw).await?;
+            let decoder = BodyDecoder::new("GET", status, &headers);
+            let mut c = SseClient {
+                status,
+                headers,
+                stream,
+                raw,
+                decoder,
+                body: Vec::new(),
+                parser: SseParser::default(),
+                events: VecDeque::new(),
+                eof: false,
+                error: None,
+            };
+            c.process();
+            Ok(c)
+        };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("GET {path} on {addr}: no response head within {limit:?}"),
+            )),
+        }
+    }
+}
+
+impl Relay {
+    /// Spawns `serve` with `--nats-url URL --jwt-secret SECRET` + `extra`
+    /// (no `--create-stream`: the stream must already exist) and waits
+    /// (15 s) until `/readyz` is 200.
+    pub async fn start_existing_stream(nats_url: &str, extra: &[&str]) -> Relay {
+        let mut args: Vec<String> = ["--nats-url", nats_url, "--jwt-secret", SECRET]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut r = Self::spawn_serve(args, &[]);
+        r.wait_ready(Duration::from_secs(15)).await;
+        r
+    }
+
+    /// The `GET /metrics` text exposition.
+    pub async fn metrics_text(&self) -> String {
+        let r = self.get("/metrics", &[]).await;
+        assert_eq!(r.status, 200, "GET /metrics: {} {:?}", r.status, r.body);
+        r.body
+    }
+
+    /// One sample of `/metrics`, e.g. `relay_resumes_total{source="memory"}`
+    /// (label order does not matter). A sample that is not there reads as 0:
+    /// a labelled counter appears only once incremented, and its whole
+    /// family is omitted until then. Tests that rely on a 0 should also see
+    /// the same family move elsewhere, so a misspelt name cannot pass.
+    pub async fn metric(&self, name_with_labels: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_value(&text, name_with_labels)
+            .unwrap_or_else(|e| panic!("{e}\n--- /metrics ---\n{}", tail(&text, 6000)))
+    }
+}
+
+/// Splits `name{a="x",b="y"}` into the name and its sorted labels.
+fn parse_metric_key(s: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let s = s.trim();
+    let Some(open) = s.find('{') else {
+        return Ok((s.to_string(), Vec::new()));
+    };
+    let name = s[..open].to_string();
+    let body = s[open + 1..]
+        .strip_suffix('}')
+        .ok_or_else(|| format!("unterminated labels in {s:?}"))?;
+    let mut labels = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        for c in chars.by_ref() {
+            if c == '=' {
+                break;
+            }
+            key.push(c);
+        }
+        if chars.next() != Some('"') {
+            return Err(format!("label {key:?} without a quoted value in {s:?}"));
+        }
+        let mut value = String::new();
+        let mut closed = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(o) => value.push(o),
+                    None => break,
+                },
+                '"' => {
+                    closed = true;
+                    break;
+                }
+                o => value.push(o),
+            }
+        }
+        if !closed {
+            return Err(format!("unterminated label value in {s:?}"));
+        }
+        labels.push((key.trim().to_string(), value));
+    }
+    labels.sort();
+    Ok((name, labels))
+}
+
+/// Reads one sample out of a Prometheus/OpenMetrics text exposition; see
+/// [`Relay::metric`] (absent samples are 0). Err only on malformed text.
+pub fn metric_value(text: &str, name_with_labels: &str) -> Result<f64, String> {
+    let (want_name, want_labels) = parse_metric_key(name_with_labels)?;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key_end = match line.find('{') {
+            Some(i) if line[..i].find(char::is_whitespace).is_none() => line[i..]
+                .find('}')
+                .map(|j| i + j + 1)
+                .ok_or_else(|| format!("bad sample line {line:?}"))?,
+            _ => line
+                .find(char::is_whitespace)
+                .ok_or_else(|| format!("bad sample line {line:?}"))?,
+        };
+        let (name, labels) = parse_metric_key(&line[..key_end])?;
+        if name != want_name || labels != want_labels {
+            continue;
+        }
+        let value = line[key_end..]
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| format!("sample without value: {line:?}"))?;
+        return match value {
+            "+Inf" => Ok(f64::INFINITY),
+            "-Inf" => Ok(f64::NEG_INFINITY),
+            v => v
+                .parse::<f64>()
+                .map_err(|e| format!("sample {line:?}: bad value ({e})")),
+        };
+    }
+    Ok(0.0)
+}
+
+/// The soft limit on open files of this process (`ulimit -n`, which child
+/// processes such as the relay inherit). `u64::MAX` for `unlimited`.
+pub fn open_file_limit() -> u64 {
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -n"])
+        .output()
+        .expect("run `sh -c 'ulimit -n'`");
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if s == "unlimited" {
+        return u64::MAX;
+    }
+    s.parse()
+        .unwrap_or_else(|e| panic!("`ulimit -n` printed {s:?}: {e}"))
+}
+
+/// NATS subject matching: `*` matches one token, `>` one or more trailing
+/// tokens.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// True if `subject` matches any of `patterns`.
+pub fn matches_any(patterns: &[&str], subject: &str) -> bool {
+    patterns.iter().any(|p| subject_matches(p, subject))
+}
+
+/// The stream config `--create-stream` makes (`events.>` republished to
+/// `relay.events.>`), for tests that create the stream themselves and
+/// change a field or two.
+pub fn events_stream_config() -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: "EVENTS".to_string(),
+        subjects: vec!["events.>".to_string()],
+        allow_direct: true,
+        republish: Some(async_nats::jetstream::stream::Republish {
+            source: "events.>".to_string(),
+            destination: "relay.events.>".to_string(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// One JetStream publish, awaited until acknowledged (bounded 10 s);
+/// returns the stream sequence.
+pub async fn js_publish(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: impl Into<bytes::Bytes>,
+) -> u64 {
+    let payload = payload.into();
+    let fut = async {
+        js.publish(subject.to_string(), payload)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(Ok(ack)) => ack.sequence,
+        Ok(Err(e)) => panic!("JetStream publish on {subject} failed: {e}"),
+        Err(_) => panic!("JetStream publish on {subject}: no ack within 10 s"),
+    }
+}
+
+/// One JetStream publish attempt with a `Nats-Msg-Id` (so a retry cannot
+/// store the event twice), bounded by `limit`.
+pub async fn js_publish_once_with_id(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    payload: bytes::Bytes,
+    limit: Duration,
+) -> Result<async_nats::jetstream::publish::PublishAck, String> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    let fut = async {
+        js.publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no ack within {limit:?}")),
+    }
+}
+
+/// A message read back from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: String,
+}
+
+/// Every message of `stream` from sequence 1 up to its last sequence (at
+/// the time of the call), read back with an ordered consumer that is
+/// recreated from the next sequence whenever it fails (clusters in an
+/// election). Bounded by `limit`.
+pub async fn stream_contents(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    limit: Duration,
+) -> Vec<StoredEvent> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last_err = String::new();
+    let last_seq = loop {
+        if tokio::time::Instant::now() >= deadline {
+            panic!("stream {stream}: no info within {limit:?} (last error: {last_err})");
+        }
+        let res = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+            let last = s
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            Ok::<_, String>(last)
+        })
+        .await;
+        match res {
+            Ok(Ok(v)) => break v,
+            Ok(Err(e)) => last_err = e,
+            Err(_) => last_err = "timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut out = Vec::new();
+    let mut next = 1u64;
+    // Each round either makes progress or waits 100 ms; bounded by `limit`.
+    while next <= last_seq {
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "stream {stream}: read back only up to seq {next} of {last_seq} within {limit:?} (last error: {last_err})"
+            );
+        }
+        let round = tokio::time::timeout_at(deadline, async {
+            let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+            let consumer = s
+                .create_consumer(OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
+            while next <= last_seq {
+                match tokio::time::timeout(Duration::from_secs(3), msgs.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+                        if seq >= next {
+                            out.push(StoredEvent {
+                                seq,
+                                subject: m.subject.to_string(),
+                                payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                            });
+                            next = seq + 1;
+                        }
+                    }
+                    Ok(Some(Err(e))) => return Err(e.to_string()),
+                    Ok(None) => return Err("consumer ended".to_string()),
+                    Err(_) => return Err("no message within 3 s".to_string()),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match round {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                last_err = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => last_err = "deadline".into(),
+        }
+    }
+    out.retain(|e| e.seq <= last_seq);
+    out
+}
+
+/// Asserts that `got` equals `want` (both `(id, data)` in delivery order),
+/// and on failure says what went wrong: duplicates, order, missing ids.
+pub fn assert_same_events(who: &str, got: &[(u64, String)], want: &[(u64, String)]) {
+    if got == want {
+        return;
+    }
+    let mut seen = HashSet::new();
+    let dups: Vec<u64> = got
+        .iter()
+        .filter(|(s, _)| !seen.insert(*s))
+        .map(|(s, _)| *s)
+        .take(20)
+        .collect();
+    let disorder: Vec<(u64, u64)> = got
+        .windows(2)
+        .filter(|w| w[1].0 <= w[0].0)
+        .map(|w| (w[0].0, w[1].0))
+        .take(10)
+        .collect();
+    let got_ids: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    let want_ids: HashSet<u64> = want.iter().map(|(s, _)| *s).collect();
+    let mut missing: Vec<u64> = want_ids.difference(&got_ids).copied().collect();
+    missing.sort_unstable();
+    let mut extra: Vec<u64> = got_ids.difference(&want_ids).copied().collect();
+    extra.sort_unstable();
+    let first_diff = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{who}: received {} events, expected {}.\n  duplicates (first 20): {dups:?}\n  out of order (prev, next; first 10): {disorder:?}\n  missing ({}; first 30): {:?}\n  unexpected ({}; first 30): {:?}\n  first difference at #{first_diff}: got {:?}, want {:?}",
+        got.len(),
+        want.len(),
+        missing.len(),
+        &missing[..missing.len().min(30)],
+        extra.len(),
+        &extra[..extra.len().min(30)],
+        got.get(first_diff),
+        want.get(first_diff),
+    );
+}
+
+/// Awaits a spawned task; a panic inside it is re-raised with its own
+/// message.
+pub async fn join_task<T>(what: &str, h: tokio::task::JoinHandle<T>) -> T {
+    match h.await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("{what}: task failed: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// a 3-node (or n-node) JetStream cluster on loopback
+// ---------------------------------------------------------------------------
+
+/// One node of a [`NatsCluster`].
+pub struct ClusterNode {
+    /// `server_name` (`n1`, `n2`, ...).
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: u16,
+    pub monitor_port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn monitor_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.monitor_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", nats_server_bin()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the client port accepts and the monitor answers
+    /// `/healthz?js-enabled-only=true` with 200.
+    async fn wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let addr = format!("127.0.0.1:{}", self.port);
+        let maddr = self.monitor_addr();
+        let mut last = String::from("nothing yet");
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "{} exited with {st}; log:\n{}",
+                        self.name,
+                        tail(&self.log(), 4000)
+                    ));
+                }
+            }
+            if TcpStream::connect(&addr).await.is_ok() {
+                match try_request(
+                    &maddr,
+                    "GET",
+                    "/healthz?js-enabled-only=true",
+                    &[],
+                    None,
+                    Duration::from_secs(1),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => return Ok(()),
+                    Ok(r) => last = format!("status {} {:?}", r.status, r.body),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} not healthy within {limit:?} (last: {last}); log:\n{}",
+                    self.name,
+                    tail(&self.log(), 4000)
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGKILL and reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A JetStream cluster of nats-server processes on loopback, configured
+/// from `nats/cluster/n1.conf` with free ports and temporary store dirs.
+pub struct NatsCluster {
+    pub nodes: Vec<ClusterNode>,
+    dir: TempDir,
+}
+
+impl NatsCluster {
+    /// Writes `n` configs, starts every node, and waits (bounded) until
+    /// each reports `/healthz?js-enabled-only=true` 200 and a JetStream
+    /// meta leader is elected.
+    pub async fn start(n: usize) -> NatsCluster {
+        assert!(n >= 1, "a cluster needs at least one node");
+        let template_path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/cluster/n1.conf");
+        let template = std::fs::read_to_string(&template_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<ClusterNode> = (1..=n)
+            .map(|i| ClusterNode {
+                name: format!("n{i}"),
+                port: free_port(),
+                cluster_port: free_port(),
+                monitor_port: free_port(),
+                conf: dir.path().join(format!("n{i}.conf")),
+                log: dir.path().join(format!("n{i}.log")),
+                child: None,
+            })
+            .collect();
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|nd| format!("    nats://127.0.0.1:{}", nd.cluster_port))
+            .collect();
+        for nd in &nodes {
+            let store = dir.path().join(&nd.name);
+            let conf = cluster_conf_from_template(
+                &template,
+                &nd.name,
+                nd.port,
+                nd.monitor_port,
+                nd.cluster_port,
+                &store.to_string_lossy(),
+                &routes.join("\n"),
+            );
+            std::fs::write(&nd.conf, conf).expect("write node config");
+        }
+        for nd in nodes.iter_mut() {
+            nd.spawn().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mut c = NatsCluster { nodes, dir };
+        for i in 0..n {
+            if let Err(e) = c.nodes[i].wait_healthy(Duration::from_secs(15)).await {
+                panic!("cluster node did not start: {e}");
+            }
+        }
+        c.wait_meta_leader(Duration::from_secs(20)).await;
+        c
+    }
+
+    /// The node URLs, comma-separated (the relay's `--nats-url`).
+    pub fn url_list(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the node called `name` (`n1` -> 0).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// A client that knows every node (reconnects to a live one).
+    pub async fn client(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url().parse().expect("server addr"))
+            .collect();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(addrs),
+        )
+        .await
+        .expect("connect to the cluster timed out")
+        .expect("connect to the cluster")
+    }
+
+    /// Waits until a live node reports a JetStream meta leader in `/jsz`.
+    pub async fn wait_meta_leader(&self, limit: Duration) -> String {
+        poll_until(limit, "a JetStream meta leader in the cluster", || async {
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                if let Ok(r) = try_request(
+                    &n.monitor_addr(),
+                    "GET",
+                    "/jsz",
+                    &[],
+                    None,
+                    Duration::from_secs(1),
+                )
+                .await
+                {
+                    if r.status != 200 {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
+                    if let Some(l) = v["meta_cluster"]["leader"].as_str() {
+                        if !l.is_empty() {
+                            return Some(l.to_string());
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Creates (or updates to) `config`, retrying until the cluster accepts
+    /// it (meta elections make the first attempts fail), at most `limit`.
+    pub async fn create_stream(
+        &self,
+        js: &async_nats::jetstream::Context,
+        config: async_nats::jetstream::stream::Config,
+        limit: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let last = match tokio::time::timeout(
+                Duration::from_secs(5),
+                js.get_or_create_stream(config.clone()),
+            )
+            .await
+            {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "stream {} not created within {limit:?}: {last}",
+                    config.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Wait until the stream's own group has a leader.
+        self.stream_leader(js, &config.name, limit).await;
+    }
+
+    /// Index of the node leading `stream` (from the stream info's
+    /// `cluster.leader`), polled until one is elected, at most `limit`.
+    pub async fn stream_leader(
+        &self,
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        limit: Duration,
+    ) -> usize {
+        poll_until(limit, &format!("a leader for stream {stream}"), || async {
+            let info = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut s = js.get_stream(stream).await.ok()?;
+                let i = s.info().await.ok()?;
+                i.cluster.as_ref()?.leader.clone()
+            })
+            .await
+            .ok()??;
+            let idx = self.index_of(&info)?;
+            self.nodes[idx].is_running().then_some(idx)
+        })
+        .await
+    }
+
+    /// Asks the stream's leader to step down (a new one is elected among
+    /// the other replicas); `preferred` names the node that should lead
+    /// (servers that do not support it elect any other peer).
+    pub async fn step_down_stream_leader(
+        &self,
+        client: &async_nats::Client,
+        stream: &str,
+        preferred: Option<usize>,
+    ) -> Result<(), String> {
+        let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+        let body = match preferred {
+            Some(i) => json!({ "placement": { "preferred": self.nodes[i].name } }).to_string(),
+            None => String::new(),
+        };
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(subject, bytes::Bytes::from(body)),
+        )
+        .await
+        .map_err(|_| "stepdown request timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&resp.payload).map_err(|e| e.to_string())?;
+        if v["success"].as_bool() == Some(true) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    }
+
+    /// Moves the leadership of `stream` until `want(leader index)` holds,
+    /// with bounded step-downs; returns the leader.
+    pub async fn move_stream_leader(
+        &self,
+        js: &async_nats::jetstream::Context,
+        client: &async_nats::Client,
+        stream: &str,
+        preferred: Option<usize>,
+        want: impl Fn(usize) -> bool,
+        limit: Duration,
+    ) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut history = Vec::new();
+        for _ in 0..12 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let leader = self.stream_leader(js, stream, left).await;
+            history.push(self.nodes[leader].name.clone());
+            if want(leader) {
+                if history.len() > 1 {
+                    eprintln!("stream {stream}: leader moved: {}", history.join(" -> "));
+                }
+                return leader;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            if let Err(e) = self
+                .step_down_stream_leader(client, stream, preferred)
+                .await
+            {
+                // An unsupported `preferred` is refused: step down without it.
+                history.push(format!("stepdown refused: {e}"));
+                let _ = self.step_down_stream_leader(client, stream, None).await;
+            }
+            // Until the old leader is gone from the stream info.
+            let old = leader;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            poll_until(left, "a new stream leader after a step-down", || async {
+                let l = tokio::time::timeout(Duration::from_secs(2), async {
+                    let mut s = js.get_stream(stream).await.ok()?;
+                    let i = s.info().await.ok()?;
+                    i.cluster.as_ref()?.leader.clone()
+                })
+                .await
+                .ok()??;
+                let idx = self.index_of(&l)?;
+                (idx != old).then_some(())
+            })
+            .await;
+        }
+        panic!(
+            "stream {stream}: could not move its leader where wanted; leaders seen: {history:?}"
+        );
+    }
+
+    /// Index of the running node holding a client connection named `name`
+    /// (from each node's `/connz`).
+    pub async fn node_with_connection(&self, name: &str) -> Option<usize> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.is_running() {
+                continue;
+            }
+            let Ok(r) = try_request(
+                &n.monitor_addr(),
+                "GET",
+                "/connz?limit=100000",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
+            let found = v["connections"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["name"].as_str() == Some(name)));
+            if found {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Waits until a node holds a connection named `name`.
+    pub async fn wait_connection(&self, name: &str, limit: Duration) -> usize {
+        poll_until(
+            limit,
+            &format!("a connection named {name:?} on some node"),
+            || self.node_with_connection(name),
+        )
+        .await
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again with the same config and store; waits until
+    /// it is healthy.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].kill();
+        self.nodes[i].spawn().unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = self.nodes[i].wait_healthy(Duration::from_secs(15)).await {
+            panic!("cluster node did not restart: {e}");
+        }
+    }
+
+    /// Every node's log tail, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.name, tail(&n.log(), 3000)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut() {
+            n.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- nats cluster logs (tail) ---\n{}", self.logs());
+        }
+    }
+}
+
+/// Turns the `nats/cluster/n1.conf` template into node `name`'s config:
+/// comments dropped, ports, store dir and routes replaced. Panics if the
+/// template no longer has the lines it is based on.
+fn cluster_conf_from_template(
+    template: &str,
+    name: &str,
+    port: u16,
+    monitor_port: u16,
+    cluster_port: u16,
+    store: &str,
+    routes: &str,
+) -> String {
+    let mut conf: String = template
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let replace = |conf: &mut String, from: &str, to: &str| {
+        assert!(
+            conf.contains(from),
+            "nats/cluster/n1.conf no longer contains {from:?}; update cluster_conf_from_template"
+        );
+        *conf = conf.replacen(from, to, 1);
+    };
+    replace(
+        &mut conf,
+        "server_name: n1",
+        &format!("server_name: {name}"),
+    );
+    replace(
+        &mut conf,
+        "listen: 127.0.0.1:4222",
+        &format!("listen: 127.0.0.1:{port}"),
+    );
+    replace(
+        &mut conf,
+        "http: 127.0.0.1:8222",
+        &format!("http: 127.0.0.1:{monitor_port}"),
+    );
+    replace(
+        &mut conf,
+        "listen: 127.0.0.1:6222",
+        &format!("listen: 127.0.0.1:{cluster_port}"),
+    );
+    replace(
+        &mut conf,
+        "\"/tmp/nats-cluster/n1\"",
+        &format!("{:?}", store),
+    );
+    let start = conf
+        .find("routes: [")
+        .expect("nats/cluster/n1.conf has no `routes: [`");
+    let end = start
+        + conf[start..]
+            .find(']')
+            .expect("nats/cluster/n1.conf: unterminated routes list");
+    conf.replace_range(start..=end, &format!("routes: [\n{routes}\n  ]"));
+    // A template port left over is `:PORT` not followed by another digit
+    // (the fresh ports may well contain those digits).
+    for stale in [":4222", ":8222", ":6222", ":6223", ":6224"] {
+        let left = conf.match_indices(stale).any(|(i, _)| {
+            !conf[i + stale.len()..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        });
+        assert!(
+            !left,
+            "generated cluster config still mentions {stale:?}:\n{conf}"
+        );
+    }
+    assert!(
+        !conf.contains("/tmp/nats-cluster"),
+        "generated cluster config still uses the template store dir:\n{conf}"
+    );
+    conf
+}
