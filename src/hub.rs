@@ -31,6 +31,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use async_nats::Subscriber;
@@ -419,7 +420,6 @@ impl Dispatcher {
         for p in patterns {
             let t = self.topic_for(p);
             let topic = self.topics[t].as_mut().expect("live topic");
-            topic.clients.push((id, queue.clone()));
             if topic.slot.is_none() {
                 topic.waiting.push(id);
                 client.pending += 1;
@@ -432,8 +432,23 @@ impl Dispatcher {
         self.metrics.connections.inc();
         self.metrics.connections_total.inc();
         if ready {
-            self.answer(id);
+            self.activate(id);
         }
+    }
+
+    /// Every subscription of client `id` is active: add it to all its topics
+    /// at once (so it never sees one topic's events without the other's),
+    /// serve its resume from the window if it can, and answer the join.
+    fn activate(&mut self, id: u64) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        for &t in &c.topics {
+            if let Some(topic) = self.topics[t].as_mut() {
+                topic.clients.push((id, c.queue.clone()));
+            }
+        }
+        self.answer(id);
     }
 
     /// Every subscription of client `id` is active: serve its resume from
@@ -550,21 +565,27 @@ impl Dispatcher {
         }
         match result {
             Ok((sub, covered)) => {
-                topic.slot = Some(self.merge.insert(t, sub));
                 let seen = self.max_seen.load(Ordering::Acquire);
                 topic.last_seq = covered.unwrap_or(seen).max(seen);
+                // The window is whole from `covered` on: start it before the
+                // first of this subscription's events is delivered.
                 if let Some(from) = covered.filter(|_| self.catch_up.is_none() && !self.suspect) {
                     self.window.start(t, from);
                 }
+                topic.slot = Some(self.merge.insert(t, sub));
                 self.metrics.subscriptions.inc();
+                self.drain_merge();
+                let Some(topic) = self.topics[t].as_mut().filter(|tp| tp.uid == uid) else {
+                    return;
+                };
                 tracing::debug!(pattern = %topic.pattern, "subscribed");
                 let waiting = std::mem::take(&mut topic.waiting);
-                let empty = topic.clients.is_empty();
+                let empty = topic.clients.is_empty() && waiting.is_empty();
                 for id in waiting {
                     if let Some(c) = self.clients.get_mut(&id) {
                         c.pending -= 1;
                         if c.pending == 0 {
-                            self.answer(id);
+                            self.activate(id);
                         }
                     }
                 }
@@ -574,7 +595,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::warn!(pattern = %topic.pattern, error = %e, "subscribe failed");
-                let clients: Vec<u64> = topic.clients.iter().map(|(id, _)| *id).collect();
+                let clients = std::mem::take(&mut topic.waiting);
                 for id in clients {
                     if let Some(c) = self.clients.get_mut(&id) {
                         if let Some(r) = c.reply.take() {
@@ -601,7 +622,7 @@ impl Dispatcher {
             }
             topic.waiting.retain(|c| *c != id);
             // A topic still subscribing is removed when its answer arrives.
-            if topic.clients.is_empty() && topic.slot.is_some() {
+            if topic.clients.is_empty() && topic.waiting.is_empty() && topic.slot.is_some() {
                 self.remove_topic(t);
             }
         }
@@ -729,8 +750,18 @@ impl Dispatcher {
     /// lacked a turn on the CPU. (Outside the co-op budget nothing else
     /// would make this task yield.)
     async fn deliver(&mut self, items: Vec<(u64, usize, Bytes)>) {
+        for (i, chunk) in items.chunks(DISPATCH_CHUNK).enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            self.deliver_now(chunk);
+        }
+    }
+
+    /// Offers frames (sorted by sequence) to the clients of their topics.
+    fn deliver_now(&mut self, items: &[(u64, usize, Bytes)]) {
         if let Some(c) = &mut self.catch_up {
-            c.held.extend(items);
+            c.held.extend_from_slice(items);
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");
                 self.catch_up = None;
@@ -744,10 +775,7 @@ impl Dispatcher {
         let mut delivered = 0u64;
         let mut evicted = 0usize;
         let mut max_seq = 0;
-        for (i, (seq, t, frame)) in items.iter().enumerate() {
-            if i > 0 && i % DISPATCH_CHUNK == 0 {
-                tokio::task::yield_now().await;
-            }
+        for (seq, t, frame) in items {
             let Some(topic) = self.topics[*t].as_mut() else {
                 continue;
             };
@@ -771,6 +799,32 @@ impl Dispatcher {
         if evicted > 0 {
             self.count_ends(EndReason::Slow, evicted);
             tracing::info!(clients = evicted, "evicted: slow");
+        }
+    }
+
+    /// Delivers whatever the subscriptions hold right now. Called when a
+    /// subscription joins the merge: its channel may hold events older than
+    /// ones other topics already delivered, and they must be out of the way
+    /// before a client on both topics is added (it would refuse them as
+    /// duplicates of a lower sequence). Anything NATS delivers after this is
+    /// newer than all of it (socket order).
+    fn drain_merge(&mut self) {
+        let mut batch = Vec::new();
+        let mut ended = Vec::new();
+        // A noop waker is fine: the run loop polls the merge set again (with
+        // its real waker) before it next waits, and the ready list keeps
+        // every slot woken meanwhile.
+        let mut cx = Context::from_waker(Waker::noop());
+        while self
+            .merge
+            .poll_batch(&mut cx, &mut batch, &mut ended)
+            .is_ready()
+        {
+            let items = encode_batch(&mut batch);
+            self.deliver_now(&items);
+            for topic in ended.drain(..) {
+                self.subscription_ended(topic);
+            }
         }
     }
 
