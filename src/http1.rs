@@ -250,39 +250,47 @@ fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
 /// Copies the client's queue to the socket until the stream ends or the
 /// peer goes away (noticed by reading EOF while waiting for events).
 async fn stream_body(stream: &mut TcpStream, body: &mut SseBody, chunked: bool) -> io::Result<()> {
+    enum Next {
+        Frame(Option<Bytes>),
+        Readable(io::Result<()>),
+    }
     loop {
-        let next = tokio::select! {
-            f = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)) => f,
-            r = stream.readable() => {
+        // One poll function rather than `select!` over `readable()`: read
+        // readiness then uses the socket's single waker slot instead of a
+        // waiter registered (and removed) on every event.
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
+                let data = f.and_then(|f| match f {
+                    Ok(frame) => frame.into_data().ok(),
+                    Err(never) => match never {},
+                });
+                return Poll::Ready(Next::Frame(data));
+            }
+            stream.poll_read_ready(cx).map(Next::Readable)
+        })
+        .await;
+        match next {
+            Next::Readable(r) => {
                 r?;
                 let mut scratch = [0u8; 64];
                 match stream.try_read(&mut scratch) {
                     Ok(0) => return Ok(()),
                     // Bytes after the request (a pipelined request) are not
                     // served on a stream; keep waiting for events.
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
             }
-        };
-        match next {
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if chunked {
-                    let mut buf = Vec::with_capacity(data.len() + 12);
-                    buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    buf.extend_from_slice(&data);
-                    buf.extend_from_slice(b"\r\n");
-                    stream.write_all(&buf).await?;
-                } else {
-                    stream.write_all(&data).await?;
-                }
+            Next::Frame(Some(data)) if chunked => {
+                let mut buf = Vec::with_capacity(data.len() + 20);
+                put_chunk_size(&mut buf, data.len());
+                buf.extend_from_slice(&data);
+                buf.extend_from_slice(b"\r\n");
+                stream.write_all(&buf).await?;
             }
-            Some(Err(never)) => match never {},
-            None => {
+            Next::Frame(Some(data)) => stream.write_all(&data).await?,
+            Next::Frame(None) => {
                 if chunked {
                     stream.write_all(b"0\r\n\r\n").await?;
                 }
@@ -290,6 +298,16 @@ async fn stream_body(stream: &mut TcpStream, body: &mut SseBody, chunked: bool) 
             }
         }
     }
+}
+
+/// Writes `n` in hex followed by CRLF: a chunk header.
+fn put_chunk_size(buf: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        buf.push(HEX[(n >> (i * 4)) & 0xf]);
+    }
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// A stream that first yields bytes already read from it.
@@ -329,5 +347,24 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        for (n, want) in [
+            (0, "0\r\n"),
+            (9, "9\r\n"),
+            (26, "1a\r\n"),
+            (65536, "10000\r\n"),
+        ] {
+            let mut buf = Vec::new();
+            put_chunk_size(&mut buf, n);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), want);
+        }
     }
 }
