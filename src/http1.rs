@@ -45,21 +45,11 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationTok
             KEEP_ALIVE_TIMEOUT
         };
         first = false;
-        let head = tokio::select! {
-            h = tokio::time::timeout(wait, read_head(&mut stream, &mut pending)) => match h {
-                Ok(Ok(Some(head))) => head,
-                Ok(Ok(None)) | Err(_) => return,
-                Ok(Err(HeadError::Io)) => return,
-                Ok(Err(HeadError::TooLarge)) => {
-                    let _ = stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                    return;
-                }
-                Ok(Err(HeadError::Malformed)) => {
-                    let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                    return;
-                }
-            },
-            () = cancel.cancelled() => return,
+        // Boxed, like routing below: the timers and parser state of this
+        // phase would otherwise size the task for the stream's whole life.
+        let head = match Box::pin(next_head(&mut stream, &mut pending, wait, &cancel)).await {
+            Some(head) => head,
+            None => return,
         };
         if head.has_body {
             // Rare (dev publish): let hyper read the body, one request only.
@@ -87,11 +77,45 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationTok
         // Boxed: the routing future is large and lives only until the
         // response starts; unboxed it would size this task for its life.
         let res = Box::pin(app.clone().handle(head.req)).await;
-        match write_response(&mut stream, res, version, keep_alive, head_only).await {
-            Ok(true) => continue,
-            Ok(false) | Err(_) => return,
+        let Rendered {
+            bytes,
+            stream: body,
+            keep_alive,
+        } = render(res, version, keep_alive, head_only);
+        if stream.write_all(&bytes).await.is_err() {
+            return;
+        }
+        drop(bytes);
+        match body {
+            Some((mut body, chunked)) => {
+                let _ = stream_body(&mut stream, &mut body, chunked).await;
+                return;
+            }
+            None if keep_alive => continue,
+            None => return,
         }
     }
+}
+
+/// Waits for the next request head; None when the connection should close
+/// (EOF, timeout, shutdown, or a malformed head, which is answered here).
+async fn next_head(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    wait: Duration,
+    cancel: &CancellationToken,
+) -> Option<Head> {
+    let reply: &[u8] = tokio::select! {
+        h = tokio::time::timeout(wait, read_head(stream, pending)) => match h {
+            Ok(Ok(Some(head))) => return Some(head),
+            Ok(Ok(None)) | Err(_) | Ok(Err(HeadError::Io)) => return None,
+            Ok(Err(HeadError::TooLarge)) => b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            Ok(Err(HeadError::Malformed)) => b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        },
+        () = cancel.cancelled() => return None,
+    };
+    let _ = stream.write_all(reply).await;
+    None
 }
 
 struct Head {
@@ -186,21 +210,25 @@ fn build(p: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
     })
 }
 
-/// Writes the response; Ok(true) when the connection may serve another request.
-async fn write_response(
-    stream: &mut TcpStream,
-    res: Response<SseBody>,
-    version: Version,
+/// A response turned into bytes: the head (and the whole body when it is
+/// not a stream), plus the stream to copy afterwards.
+struct Rendered {
+    bytes: Vec<u8>,
+    /// The stream body and whether it is chunked.
+    stream: Option<(SseBody, bool)>,
     keep_alive: bool,
-    head_only: bool,
-) -> io::Result<bool> {
+}
+
+/// Synchronous on purpose: the response's headers never live across an
+/// await, so they do not size the connection task.
+fn render(res: Response<SseBody>, version: Version, keep_alive: bool, head_only: bool) -> Rendered {
     let (parts, mut body) = res.into_parts();
     let exact = body.size_hint().exact();
     let streaming = exact.is_none();
     // A stream ends its connection: the browser reconnects with a new one.
     let keep_alive = keep_alive && !streaming;
     let chunked = streaming && version == Version::HTTP_11;
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(256 + exact.unwrap_or(0) as usize);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
@@ -217,25 +245,32 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
     if head_only {
-        stream.write_all(&out).await?;
-        return Ok(keep_alive);
+        return Rendered {
+            bytes: out,
+            stream: None,
+            keep_alive,
+        };
     }
-    if !streaming {
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        {
-            let Ok(frame) = frame;
-            if let Ok(data) = frame.into_data() {
-                out.extend_from_slice(&data);
-            }
+    if streaming {
+        return Rendered {
+            bytes: out,
+            stream: Some((body, chunked)),
+            keep_alive,
+        };
+    }
+    // A fixed body is ready at once: take it without a real waker.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    while let Poll::Ready(Some(frame)) = Pin::new(&mut body).poll_frame(&mut cx) {
+        let Ok(frame) = frame;
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
         }
-        stream.write_all(&out).await?;
-        return Ok(keep_alive);
     }
-    stream.write_all(&out).await?;
-    drop(out);
-    drop(parts);
-    stream_body(stream, &mut body, chunked).await?;
-    Ok(false)
+    Rendered {
+        bytes: out,
+        stream: None,
+        keep_alive,
+    }
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
