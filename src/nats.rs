@@ -101,6 +101,8 @@ impl Scope {
 #[derive(Debug)]
 pub struct Link {
     connected: AtomicBool,
+    /// Wakes whoever waits for the first (or next) connection.
+    up: tokio::sync::Notify,
     events: broadcast::Sender<LinkEvent>,
 }
 
@@ -120,6 +122,17 @@ impl Link {
     pub fn subscribe(&self) -> broadcast::Receiver<LinkEvent> {
         self.events.subscribe()
     }
+
+    /// Resolves once the connection is up.
+    pub async fn connected(&self) {
+        loop {
+            let notified = self.up.notified();
+            if self.is_connected() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Connects in the background: returns at once, and the client keeps trying
@@ -128,6 +141,7 @@ pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), St
     let (events, _) = broadcast::channel(64);
     let link = Arc::new(Link {
         connected: AtomicBool::new(false),
+        up: tokio::sync::Notify::new(),
         events,
     });
     let cb_link = link.clone();
@@ -150,6 +164,7 @@ pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), St
                 let ev = match event {
                     async_nats::Event::Connected => {
                         link.connected.store(true, Ordering::Release);
+                        link.up.notify_waiters();
                         tracing::info!("nats connected");
                         LinkEvent::Connected
                     }

@@ -92,7 +92,7 @@ impl RangeReader {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
         };
-        metrics.jetstream_requests.inc();
+        // No request: a handle to the stream without fetching its info.
         let stream = js.get_stream_no_info(stream).await.map_err(nats_err)?;
         metrics.jetstream_requests.inc();
         let consumer = stream

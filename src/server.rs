@@ -166,17 +166,21 @@ async fn start_nats(
     let js = async_nats::jetstream::new(client.clone());
     let mut delay = Duration::from_millis(100);
     let scope = loop {
-        if link.is_connected() {
-            match nats::load_scope(&js, &cfg.stream, cfg.create_stream).await {
-                Ok(scope) => break scope,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "stream not readable yet; retrying");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot serve the stream");
-                    let _ = fatal.send(e.into());
-                    return;
-                }
+        // Wait for the connection itself rather than polling: a cold start
+        // is served as soon as NATS answers.
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = link.connected() => {}
+        }
+        match nats::load_scope(&js, &cfg.stream, cfg.create_stream).await {
+            Ok(scope) => break scope,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "stream not readable yet; retrying");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve the stream");
+                let _ = fatal.send(e.into());
+                return;
             }
         }
         tokio::select! {
