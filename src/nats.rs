@@ -152,12 +152,7 @@ pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), St
         .ping_interval(PING_INTERVAL)
         .connection_timeout(Duration::from_secs(3))
         .request_timeout(Some(Duration::from_secs(5)))
-        .reconnect_delay_callback(|attempt| {
-            // 0, 100, 200, 400 ms ... capped at 2 s, so a restarted server is
-            // picked up quickly without hammering it.
-            Duration::from_millis((100u64 << attempt.min(5).saturating_sub(1)).min(2000))
-                .saturating_mul((attempt > 0) as u32)
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let link = cb_link.clone();
             async move {
@@ -204,6 +199,18 @@ pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), St
         .await
         .map_err(|e| format!("cannot start the NATS client: {e}"))?;
     Ok((client, link))
+}
+
+/// Delay before connection attempt `attempt` (async-nats counts from 1):
+/// the first is immediate (a cold start is served as soon as NATS answers),
+/// then 100, 200, 400 ms ... up to 2 s, so a restarted server is picked up
+/// quickly without being hammered.
+fn reconnect_delay(attempt: usize) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (attempt - 2).min(5) as u32;
+    Duration::from_millis((100u64 << exp).min(2000))
 }
 
 /// The default stream `--create-stream` makes.
@@ -273,6 +280,13 @@ mod tests {
             scope.live_subject("events.orders.*").as_deref(),
             Some("relay.events.orders.*")
         );
+    }
+
+    #[test]
+    fn first_connection_attempt_is_immediate_then_backs_off() {
+        let ms = |a| reconnect_delay(a).as_millis();
+        assert_eq!((ms(0), ms(1), ms(2), ms(3), ms(4)), (0, 0, 100, 200, 400));
+        assert_eq!(ms(50), 2000);
     }
 
     #[test]
