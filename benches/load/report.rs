@@ -1,0 +1,160 @@
+//! Latency histogram (log-linear, mergeable across processes) and the
+//! final report: a human-readable table and one JSON line.
+
+use serde_json::{Map, Value, json};
+
+/// Log-linear histogram of microseconds: exact below 16, then 16 buckets
+/// per power of two (about 6 % resolution). Cheap to record and to merge.
+#[derive(Clone)]
+pub(crate) struct Hist {
+    buckets: Vec<u64>,
+    pub(crate) count: u64,
+    pub(crate) max: u64,
+}
+
+const BUCKETS: usize = 16 + 60 * 16;
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist {
+            buckets: vec![0; BUCKETS],
+            count: 0,
+            max: 0,
+        }
+    }
+}
+
+fn index(v: u64) -> usize {
+    if v < 16 {
+        return v as usize;
+    }
+    let msb = 63 - v.leading_zeros() as usize;
+    let mantissa = ((v >> (msb - 4)) & 0xF) as usize;
+    (16 + (msb - 4) * 16 + mantissa).min(BUCKETS - 1)
+}
+
+/// The middle of bucket `i`.
+fn value(i: usize) -> u64 {
+    if i < 16 {
+        return i as u64;
+    }
+    let shift = (i - 16) / 16;
+    let mantissa = ((i - 16) % 16) as u64;
+    let low = (16 + mantissa) << shift;
+    low + ((1u64 << shift) >> 1)
+}
+
+impl Hist {
+    pub(crate) fn record(&mut self, v: u64) {
+        self.buckets[index(v)] += 1;
+        self.count += 1;
+        self.max = self.max.max(v);
+    }
+
+    pub(crate) fn merge(&mut self, other: &Hist) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The value at quantile `q` (0..=1); 0 when empty.
+    pub(crate) fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return value(i).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    /// Sparse JSON form: `{"n": count, "max": max, "b": [[index, count], ...]}`.
+    pub(crate) fn to_json(&self) -> Value {
+        let b: Vec<Value> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| json!([i, c]))
+            .collect();
+        json!({"n": self.count, "max": self.max, "b": b})
+    }
+
+    pub(crate) fn from_json(v: &Value) -> Hist {
+        let mut h = Hist {
+            count: v["n"].as_u64().unwrap_or(0),
+            max: v["max"].as_u64().unwrap_or(0),
+            ..Hist::default()
+        };
+        for pair in v["b"].as_array().into_iter().flatten() {
+            let i = pair[0].as_u64().unwrap_or(0) as usize;
+            if i < BUCKETS {
+                h.buckets[i] += pair[1].as_u64().unwrap_or(0);
+            }
+        }
+        h
+    }
+
+    /// p50/p99/p99.9/max in milliseconds, for the report.
+    pub(crate) fn summary_ms(&self) -> Value {
+        let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
+        json!({
+            "samples": self.count,
+            "p50_ms": ms(self.quantile(0.50)),
+            "p99_ms": ms(self.quantile(0.99)),
+            "p999_ms": ms(self.quantile(0.999)),
+            "max_ms": ms(self.max),
+        })
+    }
+}
+
+/// An ordered list of named results, printed as a table and as JSON.
+#[derive(Default)]
+pub(crate) struct Report {
+    rows: Vec<(String, Value)>,
+}
+
+impl Report {
+    pub(crate) fn set(&mut self, key: &str, v: impl Into<Value>) {
+        let v = v.into();
+        match self.rows.iter_mut().find(|(k, _)| k == key) {
+            Some(row) => row.1 = v,
+            None => self.rows.push((key.to_string(), v)),
+        }
+    }
+
+    pub(crate) fn print(&self) {
+        let width = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        println!();
+        println!("{:-<1$}", "", width + 40);
+        for (k, v) in &self.rows {
+            let shown = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => match n.as_f64() {
+                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                    _ => n.to_string(),
+                },
+                other => other.to_string(),
+            };
+            println!("{k:<width$}  {shown}");
+        }
+        println!("{:-<1$}", "", width + 40);
+        let mut map = Map::new();
+        for (k, v) in &self.rows {
+            map.insert(k.clone(), v.clone());
+        }
+        println!("{}", Value::Object(map));
+    }
+}
+
+/// Rounds to 3 decimals (keeps the JSON line readable).
+pub(crate) fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
