@@ -14,6 +14,13 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use lru::LruCache;
 
+/// What one remembered frame costs beyond its bytes: the ring slot and the
+/// frame's allocation header. Counted so the budget bounds real memory.
+const ENTRY_OVERHEAD: usize = 64;
+
+fn cost(frame: &Bytes) -> usize {
+    frame.len() + ENTRY_OVERHEAD
+}
 #[derive(Default)]
 struct Ring {
     frames: VecDeque<(u64, Bytes)>,
@@ -79,8 +86,8 @@ impl Window {
             return;
         }
         r.frames.push_back((seq, frame.clone()));
-        r.bytes += frame.len();
-        self.bytes += frame.len();
+        r.bytes += cost(frame);
+        self.bytes += cost(frame);
         self.lru.promote(&topic);
         self.evict();
     }
@@ -93,8 +100,8 @@ impl Window {
             let r = self.rings.get_mut(&topic).expect("lru and rings agree");
             match r.frames.pop_front() {
                 Some((seq, f)) => {
-                    r.bytes -= f.len();
-                    self.bytes -= f.len();
+                    r.bytes -= cost(&f);
+                    self.bytes -= cost(&f);
                     r.covered_from = seq;
                 }
                 None => {
@@ -165,18 +172,19 @@ mod tests {
 
     #[test]
     fn evicts_oldest_frames_of_the_least_recent_topic_and_moves_coverage() {
-        let mut w = Window::new(100);
+        let each = cost(&f(10));
+        let mut w = Window::new(10 * each as u64);
         w.start(0, 0);
         w.start(1, 0);
         for s in 1..=5 {
-            w.push(0, s, &f(10)); // topic 0: 50 bytes
+            w.push(0, s, &f(10)); // topic 0: half the budget
         }
         for s in 6..=10 {
-            w.push(1, s, &f(10)); // topic 1: 50 bytes, most recent
+            w.push(1, s, &f(10)); // topic 1: the other half, most recent
         }
-        assert_eq!(w.bytes(), 100);
+        assert_eq!(w.bytes(), 10 * each);
         w.push(1, 11, &f(10));
-        assert!(w.bytes() <= 100);
+        assert!(w.bytes() <= 10 * each);
         assert_eq!(w.count_after(0, 0), None, "topic 0 lost seq 1");
         assert_eq!(w.count_after(0, 1), Some(4));
         assert_eq!(w.count_after(1, 5), Some(6));
