@@ -87,7 +87,8 @@ pub struct Hub {
     cmds: mpsc::UnboundedSender<Cmd>,
     next_id: AtomicU64,
     cfg: HubConfig,
-    /// Highest sequence the live path has delivered on this node.
+    /// Highest sequence this node knows the stream has reached (delivered
+    /// live, or read as the stream's last sequence).
     max_seen: Arc<AtomicU64>,
 }
 
@@ -111,6 +112,14 @@ enum Cmd {
         topics: Vec<CatchUpTopic>,
         frames: Vec<(u64, usize, Bytes)>,
         truncated: Vec<usize>,
+    },
+    /// A window fill read `(from, to]` of a topic from JetStream.
+    Filled {
+        topic: usize,
+        uid: u64,
+        from: u64,
+        to: u64,
+        frames: Option<Vec<(u64, Bytes)>>,
     },
 }
 
@@ -168,7 +177,8 @@ impl Hub {
         })
     }
 
-    /// Highest sequence this node has delivered live (0 before the first).
+    /// Highest sequence this node knows the stream has reached (0 before
+    /// the first subscription).
     pub fn max_seen(&self) -> u64 {
         self.max_seen.load(Ordering::Acquire)
     }
@@ -249,6 +259,17 @@ struct Topic {
     waiting: Vec<u64>,
     /// Last sequence delivered for this pattern: where a catch-up starts.
     last_seq: u64,
+    /// A read that extends the window back, and the resumes waiting on it.
+    fill: Option<Fill>,
+}
+
+/// Single flight for resumes that reach back past a topic's window: the
+/// first one reads the missing range once into the window, the others wait
+/// for it instead of each opening a JetStream consumer (a reconnect storm
+/// on a relay that has just started).
+struct Fill {
+    from: u64,
+    waiters: Vec<u64>,
 }
 
 struct Client {
@@ -398,6 +419,13 @@ impl Dispatcher {
             Cmd::Leave(id) => self.leave(id),
             Cmd::Subscribed { topic, uid, result } => self.subscribed(topic, uid, result),
             Cmd::CaughtUp { .. } => unreachable!("handled in run"),
+            Cmd::Filled {
+                topic,
+                uid,
+                from,
+                to,
+                frames,
+            } => self.filled(topic, uid, from, to, frames),
         }
     }
 
@@ -460,9 +488,96 @@ impl Dispatcher {
         let Some(reply) = c.reply.take() else { return };
         let needs_replay = match c.resume {
             None => false,
-            Some(after) => !self.resume_from_window(id, after),
+            Some(after) => {
+                if self.resume_from_window(id, after) {
+                    false
+                } else if self.wait_for_fill(id, after) {
+                    // Answered when the fill lands.
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        c.reply = Some(reply);
+                    }
+                    return;
+                } else {
+                    true
+                }
+            }
         };
         let _ = reply.send(Ok(needs_replay));
+    }
+
+    /// Parks a resume of a single-topic client behind a fill of the
+    /// topic's window back to `after`, starting one if none runs. False when
+    /// the resume should read JetStream on its own.
+    fn wait_for_fill(&mut self, id: u64, after: u64) -> bool {
+        if self.catch_up.is_some() || self.suspect {
+            return false;
+        }
+        let c = &self.clients[&id];
+        let [t] = c.topics[..] else { return false };
+        let Some(covered) = self.window.covered_from(t) else {
+            return false;
+        };
+        // Only what a memory resume may then serve (see resume_from_window).
+        let most = (self.cfg.client_queue / 2) as u64;
+        let limit = self.replayer.limit;
+        if after >= covered || covered - after > most || (limit > 0 && covered - after > limit) {
+            return false;
+        }
+        let Some(topic) = self.topics[t].as_mut() else {
+            return false;
+        };
+        if let Some(fill) = &mut topic.fill {
+            if fill.from <= after {
+                fill.waiters.push(id);
+                return true;
+            }
+            return false;
+        }
+        topic.fill = Some(Fill {
+            from: after,
+            waiters: vec![id],
+        });
+        let (uid, pattern) = (topic.uid, topic.pattern.clone());
+        let replayer = self.replayer.clone();
+        let cmds = self.cmds.clone();
+        tokio::spawn(async move {
+            let frames = replayer.read(&pattern, after, covered).await.ok();
+            let _ = cmds.send(Cmd::Filled {
+                topic: t,
+                uid,
+                from: after,
+                to: covered,
+                frames,
+            });
+        });
+        true
+    }
+
+    fn filled(
+        &mut self,
+        t: usize,
+        uid: u64,
+        from: u64,
+        to: u64,
+        frames: Option<Vec<(u64, Bytes)>>,
+    ) {
+        let Some(topic) = self.topics[t].as_mut().filter(|tp| tp.uid == uid) else {
+            return;
+        };
+        let waiters = topic.fill.take().map(|f| f.waiters).unwrap_or_default();
+        if let Some(frames) = frames {
+            self.window.prepend(t, from, to, frames);
+        }
+        for id in waiters {
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            let (Some(reply), Some(after)) = (c.reply.take(), c.resume) else {
+                continue;
+            };
+            let served = self.resume_from_window(id, after);
+            let _ = reply.send(Ok(!served));
+        }
     }
 
     fn resume_from_window(&mut self, id: u64, after: u64) -> bool {
@@ -547,6 +662,7 @@ impl Dispatcher {
             clients: Vec::new(),
             waiting: Vec::new(),
             last_seq: 0,
+            fill: None,
         });
         t
     }
@@ -565,6 +681,12 @@ impl Dispatcher {
         }
         match result {
             Ok((sub, covered)) => {
+                // The stream's last sequence is known now: resumes up to it
+                // need no JetStream request to be validated, and new
+                // clients start after it.
+                if let Some(c) = covered {
+                    self.max_seen.fetch_max(c, Ordering::AcqRel);
+                }
                 let seen = self.max_seen.load(Ordering::Acquire);
                 topic.last_seq = covered.unwrap_or(seen).max(seen);
                 // The window is whole from `covered` on: start it before the

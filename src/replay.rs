@@ -226,6 +226,38 @@ const CATCH_UP_FIRST_DELAY: Duration = Duration::from_millis(100);
 const CATCH_UP_MAX_DELAY: Duration = Duration::from_secs(2);
 
 impl Replayer {
+    /// Every event of `pattern` in `(after, to]`, in order (a window fill).
+    pub async fn read(
+        &self,
+        pattern: &str,
+        after: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Bytes)>, ReplayError> {
+        // Only a whole range may fill a window: if stream limits removed
+        // part of it, the resumes must go the way that reports the gap.
+        let (first, _) = bounds(&self.js, &self.stream, &self.metrics).await?;
+        if first > after + 1 {
+            return Err(ReplayError::Nats(format!(
+                "history before {first} is gone; cannot fill from {after}"
+            )));
+        }
+        let patterns = [pattern.to_string()];
+        let mut reader = RangeReader::open(
+            &self.js,
+            &self.stream,
+            &patterns,
+            after + 1,
+            to,
+            &self.metrics,
+        )
+        .await?;
+        let mut frames = Vec::new();
+        while let Some(f) = reader.next().await? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
     /// The stream's last sequence (one JetStream request).
     pub async fn last_sequence(&self) -> Result<u64, ReplayError> {
         bounds(&self.js, &self.stream, &self.metrics)

@@ -115,6 +115,33 @@ impl Window {
         }
     }
 
+    /// The sequence above which `topic`'s ring is whole, if it has one.
+    pub fn covered_from(&self, topic: usize) -> Option<u64> {
+        self.rings.get(&topic).map(|r| r.covered_from)
+    }
+
+    /// Extends `topic`'s ring back: `frames` are every event of the topic in
+    /// `(from, to]`, in order, and the ring must be whole from `to` (else
+    /// nothing changes). The budget still applies: the oldest frames may be
+    /// evicted again at once.
+    pub fn prepend(&mut self, topic: usize, from: u64, to: u64, frames: Vec<(u64, Bytes)>) {
+        let Some(r) = self.rings.get_mut(&topic) else {
+            return;
+        };
+        if r.covered_from != to || frames.iter().any(|(s, _)| *s <= from || *s > to) {
+            return;
+        }
+        let added: usize = frames.iter().map(|(_, f)| cost(f)).sum();
+        for f in frames.into_iter().rev() {
+            r.frames.push_front(f);
+        }
+        r.covered_from = from;
+        r.bytes += added;
+        self.bytes += added;
+        self.lru.promote(&topic);
+        self.evict();
+    }
+
     /// How many frames of `topic` are above `after`, or None when the ring
     /// does not reach back that far (the caller must read the stream).
     pub fn count_after(&self, topic: usize, after: u64) -> Option<usize> {
@@ -188,6 +215,27 @@ mod tests {
         assert_eq!(w.count_after(0, 0), None, "topic 0 lost seq 1");
         assert_eq!(w.count_after(0, 1), Some(4));
         assert_eq!(w.count_after(1, 5), Some(6));
+    }
+
+    #[test]
+    fn prepend_extends_coverage_back_only_when_contiguous() {
+        let mut w = Window::new(1 << 20);
+        w.start(0, 10);
+        w.push(0, 12, &f(10));
+        w.prepend(0, 4, 9, vec![(6, f(10))]);
+        assert_eq!(
+            w.count_after(0, 4),
+            None,
+            "not contiguous with coverage at 10"
+        );
+        w.prepend(0, 4, 10, vec![(6, f(10)), (9, f(10))]);
+        assert_eq!(w.count_after(0, 4), Some(3));
+        let mut out = Vec::new();
+        w.frames_after(0, 5, &mut out);
+        assert_eq!(
+            out.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![6, 9, 12]
+        );
     }
 
     #[test]

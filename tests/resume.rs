@@ -1157,3 +1157,84 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
     )
     .await
 }
+
+/// A storm on a relay whose window does not reach back far enough (it
+/// subscribed after the events were stored, as right after a restart):
+/// the first resume reads the missing range once into the window and the
+/// others wait for it, instead of each opening a JetStream consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_window_storm_reads_jetstream_once() {
+    within(
+        Duration::from_secs(50),
+        "cold_window_storm_reads_jetstream_once",
+        async {
+            let clients = (open_file_limit().saturating_sub(300) as usize).min(300);
+            assert!(clients >= 50, "`ulimit -n` too low for a storm");
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            let pattern = "events.cold";
+            let tok = token(SECRET, &[pattern], 300);
+            let auth = bearer(&tok);
+
+            // Stored before the relay subscribes: not in its window.
+            let published = publish_named(&js, &[pattern], "c", 200).await;
+            let keeper = relay.open_stream(&nats, &tok, &[pattern]).await;
+            let from = published[99].0;
+            let want = Arc::new(published[100..].to_vec());
+
+            let mem0 = relay.metric("relay_resumes_total{source=\"memory\"}").await;
+            let jsr0 = relay
+                .metric("relay_resumes_total{source=\"jetstream\"}")
+                .await;
+            let req0 = relay.metric("relay_jetstream_requests_total").await;
+
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..clients {
+                let want = want.clone();
+                let addr = relay.addr().to_string();
+                let auth = auth.clone();
+                let from = from.to_string();
+                tasks.spawn(async move {
+                    let mut c = SseClient::connect(
+                        &addr,
+                        &events_path(&[pattern]),
+                        &[("Authorization", &auth), ("Last-Event-ID", &from)],
+                    )
+                    .await;
+                    assert_eq!(c.status, 200, "storm client {i}: {:?}", c.headers);
+                    let evs = c
+                        .collect_data_events(100, Duration::from_secs(25), "cold storm replay")
+                        .await;
+                    assert_same_events(
+                        &format!("cold storm client {i}"),
+                        &ids_data("cold", &evs),
+                        &want,
+                    );
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                if let Err(e) = r {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+            let mem = relay.metric("relay_resumes_total{source=\"memory\"}").await - mem0;
+            let jsr = relay
+                .metric("relay_resumes_total{source=\"jetstream\"}")
+                .await
+                - jsr0;
+            let req = relay.metric("relay_jetstream_requests_total").await - req0;
+            assert_eq!(
+                (mem, jsr),
+                (clients as f64, 0.0),
+                "every resume served from the window once filled"
+            );
+            assert!(
+                req <= 4.0,
+                "one window fill, not one consumer per client: {req} JetStream requests"
+            );
+            drop(keeper);
+        },
+    )
+    .await
+}
