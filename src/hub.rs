@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::merge::MergeSet;
 use crate::metrics::{Metrics, Reason, Source};
 use crate::nats::{LinkEvent, Scope};
-use crate::replay::{CatchUpTopic, Replayer};
+use crate::replay::{CatchUpTopic, ReplayError, Replayer};
 use crate::sse::{self, ClientQueue, Departure, EndReason, Offer};
 use crate::window::Window;
 
@@ -90,6 +90,7 @@ pub struct Hub {
     /// Highest sequence this node knows the stream has reached (delivered
     /// live, or read as the stream's last sequence).
     max_seen: Arc<AtomicU64>,
+    learning: tokio::sync::Mutex<()>,
 }
 
 enum Cmd {
@@ -174,6 +175,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             cfg,
             max_seen,
+            learning: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -181,6 +183,23 @@ impl Hub {
     /// the first subscription).
     pub fn max_seen(&self) -> u64 {
         self.max_seen.load(Ordering::Acquire)
+    }
+
+    /// Makes sure the node knows whether `id` exists in the stream, asking
+    /// JetStream at most once for any number of concurrent callers (a storm
+    /// on a relay that has just started). Returns the highest known
+    /// sequence.
+    pub async fn learn_last(&self, id: u64, replayer: &Replayer) -> Result<u64, ReplayError> {
+        if id <= self.max_seen() {
+            return Ok(self.max_seen());
+        }
+        let _single_flight = self.learning.lock().await;
+        if id <= self.max_seen() {
+            return Ok(self.max_seen());
+        }
+        let last = replayer.last_sequence().await?;
+        self.max_seen.fetch_max(last, Ordering::AcqRel);
+        Ok(self.max_seen())
     }
 
     /// Registers a client for `patterns` (already authorized and inside the

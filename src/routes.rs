@@ -361,7 +361,7 @@ impl App {
             ))
         })?;
         if id > live.hub.max_seen() {
-            let last = live.replayer.last_sequence().await.map_err(|e| {
+            let last = live.hub.learn_last(id, &live.replayer).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot read the stream's last sequence");
                 ApiError::Unavailable("JetStream did not answer")
             })?;
