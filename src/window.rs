@@ -98,19 +98,16 @@ impl Window {
                 return;
             };
             let r = self.rings.get_mut(&topic).expect("lru and rings agree");
-            match r.frames.pop_front() {
-                Some((seq, f)) => {
-                    r.bytes -= cost(&f);
-                    self.bytes -= cost(&f);
-                    r.covered_from = seq;
-                }
-                None => {
-                    // Nothing left to free here: rotate it to the back.
-                    self.lru.promote(&topic);
-                    if self.rings.values().all(|r| r.frames.is_empty()) {
-                        return;
-                    }
-                }
+            if let Some((seq, f)) = r.frames.pop_front() {
+                r.bytes -= cost(&f);
+                self.bytes -= cost(&f);
+                r.covered_from = seq;
+            }
+            // An emptied ring has nothing more to give: move it out of the
+            // way so the least recent entry always holds frames (bytes above
+            // the cap means some ring does), and eviction stays O(1).
+            if r.frames.is_empty() {
+                self.lru.promote(&topic);
             }
         }
     }
