@@ -1237,3 +1237,117 @@ async fn cold_window_storm_reads_jetstream_once() {
     )
     .await
 }
+
+fn relay_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .expect("relay VmRSS")
+}
+
+/// A client that stops reading while 10,000 events of 1 KiB flow: it is
+/// dropped, the relay's memory does not grow with its backlog, a reading
+/// client gets everything, and the stalled one's resume returns the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory() {
+    within(
+        Duration::from_secs(55),
+        "stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory",
+        async {
+            const N: usize = 10_000;
+            let nats = NatsServer::start().await;
+            // A small window, so that a backlog held for the stalled client
+            // (10 MiB if its queue were unbounded) would show in RSS.
+            let relay = Relay::start(&nats.url(), &["--replay-cache-bytes", "1048576"], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            let pattern = "events.stall.>";
+            let tok = token(SECRET, &[pattern], 300);
+            let auth = bearer(&tok);
+            let path = events_path(&[pattern]);
+
+            let mut stalled = SseClient::connect_with_rcvbuf(
+                relay.addr(),
+                &path,
+                &[("Authorization", &auth)],
+                4096,
+            )
+            .await;
+            assert_eq!(stalled.status, 200);
+            let mut reader = relay.open_stream(&nats, &tok, &[pattern]).await;
+            // The reader reports its progress; the publisher stays at most
+            // 512 events ahead of it, so the reader is never slow itself.
+            let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+            let collect = tokio::spawn(async move {
+                let mut got = Vec::with_capacity(N);
+                while got.len() < N {
+                    match reader.next_data_event(Duration::from_secs(20)).await {
+                        Some(ev) => got.push(ev),
+                        None => panic!("reading client: stream ended after {} events", got.len()),
+                    }
+                    let _ = progress_tx.send(got.len());
+                }
+                got
+            });
+            let rss0 = relay_rss_kib(relay.pid());
+            let mut peak = rss0;
+            let mut published = Vec::with_capacity(N);
+            for batch in 0..N / 100 {
+                let items: Vec<(String, Bytes)> = (batch * 100..(batch + 1) * 100)
+                    .map(|i| {
+                        let mut p = format!("{i:06}-").into_bytes();
+                        p.resize(1024, b'x');
+                        ("events.stall.1".to_string(), Bytes::from(p))
+                    })
+                    .collect();
+                published.extend(publish_all(&js, &items).await);
+                let ahead = published.len().saturating_sub(512);
+                tokio::time::timeout(Duration::from_secs(20), progress.wait_for(|n| *n >= ahead))
+                    .await
+                    .expect("reader keeps up within 20 s")
+                    .expect("reader task alive");
+                peak = peak.max(relay_rss_kib(relay.pid()));
+            }
+            let got = collect.await.expect("reading client task");
+            assert_same_events("reading client", &ids_data("reader", &got), &published);
+            peak = peak.max(relay_rss_kib(relay.pid()));
+            // Two queues of at most 1,024 x ~1 KiB, the 1 MiB window and
+            // allocator slack; an unbounded backlog would add ~10 MiB.
+            eprintln!("relay RSS grew {} KiB with a client stalled", peak - rss0);
+            assert!(
+                peak - rss0 < 8 * 1024,
+                "relay RSS grew {} KiB while a client was stalled",
+                peak - rss0
+            );
+
+            let first = read_until_closed(&mut stalled, Duration::from_secs(15)).await;
+            assert!(
+                stalled.is_closed(),
+                "the stalled client must have been dropped"
+            );
+            assert!(first.len() < N, "dropped before it had everything");
+            let first = ids_data("stalled before the drop", &first);
+            assert_same_events("stalled client prefix", &first, &published[..first.len()]);
+            let last = first.last().map_or(0, |(s, _)| *s).to_string();
+            let mut again = SseClient::connect(
+                relay.addr(),
+                &path,
+                &[("Authorization", &auth), ("Last-Event-ID", &last)],
+            )
+            .await;
+            let rest = again
+                .collect_data_events(N - first.len(), Duration::from_secs(20), "resumed")
+                .await;
+            let mut all = first;
+            all.extend(ids_data("resumed", &rest));
+            assert_same_events("stalled client, both connections", &all, &published);
+        },
+    )
+    .await
+}
