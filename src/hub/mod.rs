@@ -31,7 +31,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use async_nats::Subscriber;
@@ -41,11 +40,17 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::merge::MergeSet;
-use crate::metrics::{Metrics, Reason, Source};
+use crate::metrics::{Metrics, Reason};
 use crate::nats::{LinkEvent, Scope};
 use crate::replay::{CatchUpTopic, ReplayError, Replayer};
-use crate::sse::{self, ClientQueue, Departure, EndReason, Offer};
+use crate::sse::{self, ClientQueue, Departure, EndReason};
 use crate::window::Window;
+
+mod catch_up;
+mod fanout;
+mod resume;
+
+use fanout::encode_batch;
 
 /// How long subscribing (SUB + flush round trip) may take before a join fails.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -498,143 +503,6 @@ impl Dispatcher {
         self.answer(id);
     }
 
-    /// Every subscription of client `id` is active: serve its resume from
-    /// the window if it can, and answer the join.
-    fn answer(&mut self, id: u64) {
-        let Some(c) = self.clients.get_mut(&id) else {
-            return;
-        };
-        let Some(reply) = c.reply.take() else { return };
-        let needs_replay = match c.resume {
-            None => false,
-            Some(after) => {
-                if self.resume_from_window(id, after) {
-                    false
-                } else if self.wait_for_fill(id, after) {
-                    // Answered when the fill lands.
-                    if let Some(c) = self.clients.get_mut(&id) {
-                        c.reply = Some(reply);
-                    }
-                    return;
-                } else {
-                    true
-                }
-            }
-        };
-        let _ = reply.send(Ok(needs_replay));
-    }
-
-    /// Parks a resume of a single-topic client behind a fill of the
-    /// topic's window back to `after`, starting one if none runs. False when
-    /// the resume should read JetStream on its own.
-    fn wait_for_fill(&mut self, id: u64, after: u64) -> bool {
-        if self.catch_up.is_some() || self.suspect {
-            return false;
-        }
-        let c = &self.clients[&id];
-        let [t] = c.topics[..] else { return false };
-        let Some(covered) = self.window.covered_from(t) else {
-            return false;
-        };
-        // Only what a memory resume may then serve (see resume_from_window).
-        let most = (self.cfg.client_queue / 2) as u64;
-        let limit = self.replayer.limit;
-        if after >= covered || covered - after > most || (limit > 0 && covered - after > limit) {
-            return false;
-        }
-        let Some(topic) = self.topics[t].as_mut() else {
-            return false;
-        };
-        if let Some(fill) = &mut topic.fill {
-            if fill.from <= after {
-                fill.waiters.push(id);
-                return true;
-            }
-            return false;
-        }
-        topic.fill = Some(Fill {
-            from: after,
-            waiters: vec![id],
-        });
-        let (uid, pattern) = (topic.uid, topic.pattern.clone());
-        let replayer = self.replayer.clone();
-        let cmds = self.cmds.clone();
-        tokio::spawn(async move {
-            let frames = replayer.read(&pattern, after, covered).await.ok();
-            let _ = cmds.send(Cmd::Filled {
-                topic: t,
-                uid,
-                from: after,
-                to: covered,
-                frames,
-            });
-        });
-        true
-    }
-
-    fn filled(
-        &mut self,
-        t: usize,
-        uid: u64,
-        from: u64,
-        to: u64,
-        frames: Option<Vec<(u64, Bytes)>>,
-    ) {
-        let Some(topic) = self.topics[t].as_mut().filter(|tp| tp.uid == uid) else {
-            return;
-        };
-        let waiters = topic.fill.take().map(|f| f.waiters).unwrap_or_default();
-        if let Some(frames) = frames {
-            self.window.prepend(t, from, to, frames);
-        }
-        for id in waiters {
-            let Some(c) = self.clients.get_mut(&id) else {
-                continue;
-            };
-            let (Some(reply), Some(after)) = (c.reply.take(), c.resume) else {
-                continue;
-            };
-            let served = self.resume_from_window(id, after);
-            let _ = reply.send(Ok(!served));
-        }
-    }
-
-    fn resume_from_window(&mut self, id: u64, after: u64) -> bool {
-        if self.catch_up.is_some() || self.suspect {
-            return false;
-        }
-        let c = &self.clients[&id];
-        let mut total = 0;
-        for &t in &c.topics {
-            match self.window.count_after(t, after) {
-                Some(n) => total += n,
-                None => return false,
-            }
-        }
-        // Large resumes go through JetStream, which is flow-controlled, and
-        // so do resumes beyond the replay limit (which report a gap).
-        let limit = usize::try_from(self.replayer.limit).unwrap_or(usize::MAX);
-        if total > self.cfg.client_queue / 2 || (limit > 0 && total > limit) {
-            return false;
-        }
-        let mut frames = Vec::with_capacity(total);
-        for &t in &c.topics {
-            self.window.frames_after(t, after, &mut frames);
-        }
-        frames.sort_by_key(|(seq, _)| *seq);
-        for (seq, f) in &frames {
-            c.queue.replay(*seq, f);
-        }
-        c.queue.release();
-        let source = Source { source: "memory" };
-        self.metrics.replay_requests.get_or_create(&source).inc();
-        self.metrics
-            .replayed
-            .get_or_create(&source)
-            .inc_by(frames.len() as u64);
-        true
-    }
-
     /// Finds the topic for `pattern`, creating it (and starting its
     /// subscription) on first use.
     fn topic_for(&mut self, pattern: String) -> usize {
@@ -799,176 +667,6 @@ impl Dispatcher {
         }
     }
 
-    /// Holds live delivery and re-reads every subscription's events from
-    /// its last delivered sequence (see `replay::Replayer::catch_up`).
-    fn start_catch_up(&mut self, why: &'static str) {
-        if self.catch_up.is_some() {
-            self.catch_up_again = true;
-            return;
-        }
-        self.window.stop_all();
-        self.epoch += 1;
-        let topics: Vec<CatchUpTopic> = self
-            .topics
-            .iter()
-            .enumerate()
-            .filter_map(|(t, topic)| {
-                let topic = topic.as_ref().filter(|tp| tp.slot.is_some())?;
-                Some(CatchUpTopic {
-                    topic: t,
-                    uid: topic.uid,
-                    pattern: topic.pattern.clone(),
-                    after: topic.last_seq,
-                })
-            })
-            .collect();
-        tracing::info!(reason = why, subscriptions = topics.len(), "catching up");
-        self.metrics.catchups.inc();
-        self.catch_up = Some(CatchUp {
-            epoch: self.epoch,
-            held: Vec::new(),
-        });
-        let epoch = self.epoch;
-        let replayer = self.replayer.clone();
-        let nats = self.nats.clone();
-        let cmds = self.cmds.clone();
-        tokio::spawn(async move {
-            let (frames, truncated) = replayer.catch_up(&nats, &topics).await;
-            let _ = cmds.send(Cmd::CaughtUp {
-                epoch,
-                topics,
-                frames,
-                truncated,
-            });
-        });
-    }
-
-    async fn caught_up(
-        &mut self,
-        epoch: u64,
-        topics: Vec<CatchUpTopic>,
-        mut frames: Vec<(u64, usize, Bytes)>,
-        truncated: Vec<usize>,
-    ) {
-        let Some(catch_up) = self.catch_up.take_if(|c| c.epoch == epoch) else {
-            return;
-        };
-        let alive = |d: &Dispatcher, t: usize, uid: u64| {
-            d.topics[t].as_ref().is_some_and(|tp| tp.uid == uid)
-        };
-        frames.retain(|(_, t, _)| {
-            topics
-                .iter()
-                .any(|c| c.topic == *t && alive(self, *t, c.uid))
-        });
-        for c in &topics {
-            if alive(self, c.topic, c.uid) && !truncated.contains(&c.topic) {
-                self.window.start(c.topic, c.after);
-            }
-        }
-        // Topics whose backlog exceeded the replay limit cannot be caught up
-        // in memory: their clients resume on their own (with a gap notice).
-        let tail = sse::encode_retry(self.cfg.retry_ms);
-        for &t in &truncated {
-            if let Some(tp) = self.topics[t].as_ref() {
-                for (_, q) in &tp.clients {
-                    q.close(EndReason::Resync, Some(tail.clone()));
-                }
-            }
-        }
-        frames.extend(catch_up.held);
-        frames.sort_by_key(|(seq, _, _)| *seq);
-        tracing::info!(events = frames.len(), "caught up");
-        self.deliver(frames).await;
-        if std::mem::take(&mut self.catch_up_again) {
-            self.start_catch_up("triggered again during catch-up");
-        }
-    }
-
-    /// Fans out frames (sorted by sequence) to every client of their topic.
-    /// Between chunks the task yields so the connections it woke can write:
-    /// a burst larger than a client queue must not evict a client that only
-    /// lacked a turn on the CPU. (Outside the co-op budget nothing else
-    /// would make this task yield.)
-    async fn deliver(&mut self, items: Vec<(u64, usize, Bytes)>) {
-        for (i, chunk) in items.chunks(DISPATCH_CHUNK).enumerate() {
-            if i > 0 {
-                tokio::task::yield_now().await;
-            }
-            self.deliver_now(chunk);
-        }
-    }
-
-    /// Offers frames (sorted by sequence) to the clients of their topics.
-    fn deliver_now(&mut self, items: &[(u64, usize, Bytes)]) {
-        if let Some(c) = &mut self.catch_up {
-            c.held.extend_from_slice(items);
-            if c.held.len() > CATCH_UP_HOLD_LIMIT {
-                tracing::warn!("catch-up too slow; every client resumes on its own");
-                self.catch_up = None;
-                let tail = sse::encode_retry(self.cfg.retry_ms);
-                for c in self.clients.values() {
-                    c.queue.close(EndReason::Resync, Some(tail.clone()));
-                }
-            }
-            return;
-        }
-        let mut delivered = 0u64;
-        let mut evicted = 0usize;
-        let mut max_seq = 0;
-        for (seq, t, frame) in items {
-            let Some(topic) = self.topics[*t].as_mut() else {
-                continue;
-            };
-            topic.last_seq = topic.last_seq.max(*seq);
-            max_seq = max_seq.max(*seq);
-            self.window.push(*t, *seq, frame);
-            for (_, q) in &topic.clients {
-                match q.offer(*seq, frame) {
-                    Offer::Queued => delivered += 1,
-                    Offer::Duplicate | Offer::Closed => {}
-                    Offer::Full => {
-                        q.close(EndReason::Slow, None);
-                        evicted += 1;
-                    }
-                }
-            }
-        }
-        self.max_seen.fetch_max(max_seq, Ordering::AcqRel);
-        self.metrics.events_received.inc_by(items.len() as u64);
-        self.metrics.deliveries.inc_by(delivered);
-        if evicted > 0 {
-            self.count_ends(EndReason::Slow, evicted);
-            tracing::info!(clients = evicted, "evicted: slow");
-        }
-    }
-
-    /// Delivers whatever the subscriptions hold right now. Called when a
-    /// subscription joins the merge: its channel may hold events older than
-    /// ones other topics already delivered, and they must be out of the way
-    /// before a client on both topics is added (it would refuse them as
-    /// duplicates of a lower sequence). Anything NATS delivers after this is
-    /// newer than all of it (socket order).
-    fn drain_merge(&mut self) {
-        let mut batch = Vec::new();
-        let mut ended = Vec::new();
-        // A noop waker is fine: the run loop polls the merge set again (with
-        // its real waker) before it next waits, and the ready list keeps
-        // every slot woken meanwhile.
-        let mut cx = Context::from_waker(Waker::noop());
-        while self
-            .merge
-            .poll_batch(&mut cx, &mut batch, &mut ended)
-            .is_ready()
-        {
-            let items = encode_batch(&mut batch);
-            self.deliver_now(&items);
-            for topic in ended.drain(..) {
-                self.subscription_ended(topic);
-            }
-        }
-    }
-
     fn expire(&mut self) {
         let now = Instant::now();
         let tail = sse::encode_control("relay.expired", "{}");
@@ -990,54 +688,10 @@ impl Dispatcher {
     }
 }
 
-/// Turns a merged batch into (seq, topic, frame), sorted by sequence, each
-/// event encoded once even when overlapping topics both received it.
-fn encode_batch(batch: &mut Vec<(usize, async_nats::Message)>) -> Vec<(u64, usize, Bytes)> {
-    let mut msgs: Vec<(u64, usize, async_nats::Message)> = batch
-        .drain(..)
-        .filter_map(|(t, m)| sequence(&m).map(|seq| (seq, t, m)))
-        .collect();
-    // Stable: copies of one event from overlapping topics stay adjacent.
-    msgs.sort_by_key(|(seq, _, _)| *seq);
-    let mut out: Vec<(u64, usize, Bytes)> = Vec::with_capacity(msgs.len());
-    for (seq, t, m) in msgs {
-        let frame = match out.last() {
-            Some((s, _, f)) if *s == seq => f.clone(),
-            _ => sse::encode_event(seq, event_name(&m), &m.payload),
-        };
-        out.push((seq, t, frame));
-    }
-    out
-}
-
 async fn next_advisory(sub: &mut Option<Subscriber>) -> Option<async_nats::Message> {
     use futures_util::StreamExt;
     match sub {
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
-}
-
-/// The JetStream sequence RePublish puts in `Nats-Sequence`. A message
-/// without it was not republished by the stream and has no resumable id.
-fn sequence(msg: &async_nats::Message) -> Option<u64> {
-    let seq = msg
-        .headers
-        .as_ref()?
-        .get("Nats-Sequence")?
-        .as_str()
-        .parse()
-        .ok();
-    if seq.is_none() {
-        tracing::warn!(subject = %msg.subject, "message without a valid Nats-Sequence ignored");
-    }
-    seq
-}
-
-fn event_name(msg: &async_nats::Message) -> Option<&str> {
-    msg.headers
-        .as_ref()?
-        .get("Sse-Event")
-        .map(|v| v.as_str())
-        .filter(|s| !s.is_empty())
 }
