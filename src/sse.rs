@@ -223,12 +223,7 @@ impl ClientQueue {
             return Offer::Full;
         }
         st.last_seq = seq;
-        st.frames.push_back(frame.clone());
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        push_and_wake(st, frame);
         Offer::Queued
     }
 
@@ -241,12 +236,7 @@ impl ClientQueue {
         }
         if seq > st.last_seq {
             st.last_seq = seq;
-            st.frames.push_back(frame.clone());
-            let waker = st.waker.take();
-            drop(st);
-            if let Some(w) = waker {
-                w.wake();
-            }
+            push_and_wake(st, frame);
         }
         true
     }
@@ -286,31 +276,21 @@ impl ClientQueue {
     /// Queues a frame that carries no event id (comments, control events).
     /// Returns false when the queue is full or ended.
     pub fn offer_unsequenced(&self, frame: &Bytes) -> bool {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.end.is_some() || st.frames.len() >= self.capacity {
             return false;
         }
-        st.frames.push_back(frame.clone());
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        push_and_wake(st, frame);
         true
     }
 
     /// A heartbeat is only worth sending to a connection with nothing queued.
     pub fn heartbeat(&self, frame: &Bytes) -> bool {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.end.is_some() || !st.frames.is_empty() {
             return true;
         }
-        st.frames.push_back(frame.clone());
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        push_and_wake(st, frame);
         true
     }
 
@@ -397,6 +377,16 @@ impl ClientQueue {
             _ => st.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
+    }
+}
+
+/// Queues `frame` and wakes the body, outside the lock.
+fn push_and_wake(mut st: std::sync::MutexGuard<'_, QueueState>, frame: &Bytes) {
+    st.frames.push_back(frame.clone());
+    let waker = st.waker.take();
+    drop(st);
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
