@@ -572,6 +572,15 @@ async fn replay_limit_caps_a_resume_with_a_gap() {
             let last_seen = first.to_string();
             let missed = publish_named(&js, &["events.lim.1", "events.lim.2"], "m", 50).await;
             let last_seq = missed[49].0;
+            let keeper = match keeper {
+                // The memory-window case: wait until the node has every
+                // missed event, else the resume races their live arrival.
+                Some(mut k) => {
+                    k.collect_data_events(51, WAIT, "keeper").await;
+                    Some(k)
+                }
+                None => None,
+            };
 
             let mut c = SseClient::connect(
                 relay.addr(),

@@ -1,6 +1,8 @@
 //! Resumes served by the hub: from the memory window, or after a single
 //! read that fills a cold window for every concurrent resume of a topic.
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
 
 use super::{Cmd, Dispatcher, Fill};
@@ -122,8 +124,11 @@ impl Dispatcher {
         }
         // Large resumes go through JetStream, which is flow-controlled, and
         // so do resumes beyond the replay limit (which report a gap).
-        let limit = usize::try_from(self.replayer.limit).unwrap_or(usize::MAX);
-        if total > self.cfg.client_queue / 2 || (limit > 0 && total > limit) {
+        // The limit counts stream sequences, as the JetStream path does, up
+        // to the last one this node knows of.
+        let limit = self.replayer.limit;
+        let span = self.max_seen.load(Ordering::Acquire).saturating_sub(after);
+        if total > self.cfg.client_queue / 2 || (limit > 0 && span.max(total as u64) > limit) {
             return false;
         }
         let mut frames = Vec::with_capacity(total);
