@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use crate::metrics::{Metrics, Source};
 use crate::sse::{self, ClientQueue, EndReason};
@@ -224,6 +224,8 @@ pub struct CatchUpTopic {
 /// First retry delay of a catch-up; doubles up to `CATCH_UP_MAX_DELAY`.
 const CATCH_UP_FIRST_DELAY: Duration = Duration::from_millis(100);
 const CATCH_UP_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Subscriptions a catch-up reads at the same time.
+const CATCH_UP_PARALLEL: usize = 16;
 
 impl Replayer {
     /// Every event of `pattern` in `(after, to]`, in order (a window fill).
@@ -298,29 +300,51 @@ impl Replayer {
         // read next bounds what live delivery may have missed.
         nats.flush().await.map_err(nats_err)?;
         let (_, last) = bounds(&self.js, &self.stream, &self.metrics).await?;
-        let mut frames = Vec::new();
         let mut truncated = Vec::new();
+        let mut todo = Vec::new();
         for t in topics {
             if t.after >= last {
                 continue;
             }
             if self.limit > 0 && last - t.after > self.limit {
                 truncated.push(t.topic);
-                continue;
-            }
-            let mut reader = RangeReader::open(
-                &self.js,
-                &self.stream,
-                std::slice::from_ref(&t.pattern),
-                t.after + 1,
-                last,
-                &self.metrics,
-            )
-            .await?;
-            while let Some((seq, frame)) = reader.next().await? {
-                frames.push((seq, t.topic, frame));
+            } else {
+                todo.push(t.clone());
             }
         }
-        Ok((frames, truncated))
+        // Several subscriptions are read at once: a node with thousands of
+        // them would otherwise hold live delivery for thousands of round
+        // trips. The caller sorts the result by sequence.
+        let per_topic: Vec<Vec<(u64, usize, Bytes)>> = futures_util::stream::iter(todo)
+            .map(|t: CatchUpTopic| {
+                // Owned, so the futures are 'static (the task is spawned).
+                let replayer = self.clone();
+                async move { replayer.read_topic(&t, last).await }
+            })
+            .buffer_unordered(CATCH_UP_PARALLEL)
+            .try_collect()
+            .await?;
+        Ok((per_topic.into_iter().flatten().collect(), truncated))
+    }
+
+    async fn read_topic(
+        &self,
+        t: &CatchUpTopic,
+        last: u64,
+    ) -> Result<Vec<(u64, usize, Bytes)>, ReplayError> {
+        let mut reader = RangeReader::open(
+            &self.js,
+            &self.stream,
+            std::slice::from_ref(&t.pattern),
+            t.after + 1,
+            last,
+            &self.metrics,
+        )
+        .await?;
+        let mut frames = Vec::new();
+        while let Some((seq, frame)) = reader.next().await? {
+            frames.push((seq, t.topic, frame));
+        }
+        Ok(frames)
     }
 }

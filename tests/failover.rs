@@ -964,3 +964,66 @@ async fn cluster_kill_leader_and_relay_node_during_burst() {
     )
     .await
 }
+
+/// 2b. Like 2, with 24 clients each on its own subject: after the restart
+///     every shared subscription catches up (several are read at once)
+///     and each client still gets exactly its events on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_catches_up_many_subscriptions() {
+    within(
+        Duration::from_secs(50),
+        "nats_restart_catches_up_many_subscriptions",
+        async {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            let tok = token(SECRET, &["events.p.>"], 300);
+            let auth = bearer(&tok);
+            let (_addr_tx, addr_rx) = watch::channel(relay.addr().to_string());
+            let subjects: &'static [&'static str] = Box::leak(
+                (0..24)
+                    .map(|i| &*Box::leak(format!("events.p.{i}").into_boxed_str()))
+                    .collect::<Vec<&'static str>>()
+                    .into_boxed_slice(),
+            );
+            let mut sets: Vec<Vec<&'static str>> = subjects.iter().map(|s| vec![*s]).collect();
+            sets.push(vec!["events.p.>"]);
+            let mut readers = Readers::spawn(&sets, &auth, &addr_rx, false, deadline);
+
+            let (prog_tx, mut prog) = watch::channel(0usize);
+            let publisher = tokio::spawn(publish_paced(
+                js.clone(),
+                "many-catch-up",
+                960,
+                240,
+                subjects,
+                prog_tx,
+                deadline,
+            ));
+            wait_progress(&mut prog, 240, WAIT).await;
+            readers.wait_all_reached(1, WAIT).await;
+            nats.stop(); // SIGKILL
+            nats.restart().await;
+            wait_until(
+                Duration::from_secs(20),
+                "/readyz to be 200 again after NATS restarted",
+                || async { relay.get("/readyz", &[]).await.status == 200 },
+            )
+            .await;
+            let (acked, _) = join_task("publisher", publisher).await;
+            let stored = stream_contents(&js, "EVENTS", WAIT).await;
+            assert_acked_stored(&acked, &stored);
+            let reports = readers.finish(&stored, &acked).await;
+            for r in &reports {
+                assert_eq!(
+                    (r.connections, r.ended),
+                    (1, 0),
+                    "{}: the SSE connection must stay open through the NATS restart",
+                    r.name
+                );
+            }
+        },
+    )
+    .await
+}
