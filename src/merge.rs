@@ -116,14 +116,6 @@ impl<S: Stream + Unpin, K: Copy> MergeSet<S, K> {
         Some(s.stream)
     }
 
-    pub fn len(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Collects every ready item into `out` (unsorted) and returns Ready when
     /// at least one item or an ended stream was found. Ended streams are
     /// reported in `ended` by key and removed.

@@ -30,8 +30,7 @@ const IDLE_CAPACITY: usize = 16;
 pub fn encode_event(id: u64, event: Option<&str>, data: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(data.len() + 32);
     buf.put_slice(b"id: ");
-    let mut itoa = itoa_buf(id);
-    buf.put_slice(itoa.format());
+    buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
     buf.put_u8(b'\n');
     if let Some(event) = event {
         buf.put_slice(b"event: ");
@@ -83,32 +82,6 @@ fn put_data_lines(buf: &mut BytesMut, data: &[u8]) {
                 return;
             }
         }
-    }
-}
-
-/// Minimal integer formatting without allocating.
-struct ItoaBuf {
-    buf: [u8; 20],
-    start: usize,
-}
-
-fn itoa_buf(mut n: u64) -> ItoaBuf {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    ItoaBuf { buf, start: i }
-}
-
-impl ItoaBuf {
-    fn format(&mut self) -> &[u8] {
-        &self.buf[self.start..]
     }
 }
 
@@ -269,10 +242,6 @@ impl ClientQueue {
         }
     }
 
-    pub fn is_held(&self) -> bool {
-        self.lock().held.is_some()
-    }
-
     /// Queues a frame that carries no event id (comments, control events).
     /// Returns false when the queue is full or ended.
     pub fn offer_unsequenced(&self, frame: &Bytes) -> bool {
@@ -316,22 +285,6 @@ impl ClientQueue {
         if let Some(w) = space {
             w.wake();
         }
-    }
-
-    pub fn end_reason(&self) -> Option<EndReason> {
-        self.lock().end
-    }
-
-    pub fn last_seq(&self) -> u64 {
-        self.lock().last_seq
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().frames.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Takes everything queued as one chunk, or registers the waker.
@@ -486,6 +439,17 @@ impl Drop for SseBody {
         if let BodyKind::Stream { client, hub, .. } = &self.kind {
             hub.depart(*client);
         }
+    }
+}
+
+#[cfg(test)]
+impl ClientQueue {
+    fn is_held(&self) -> bool {
+        self.lock().held.is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().frames.is_empty()
     }
 }
 

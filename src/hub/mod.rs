@@ -99,15 +99,18 @@ pub struct Hub {
     learning: tokio::sync::Mutex<()>,
 }
 
+/// A client asking the dispatcher to join its patterns.
+struct JoinRequest {
+    id: u64,
+    queue: Arc<ClientQueue>,
+    patterns: Vec<String>,
+    deadline: Instant,
+    resume: Option<u64>,
+    reply: oneshot::Sender<Result<bool, JoinError>>,
+}
+
 enum Cmd {
-    Join {
-        id: u64,
-        queue: Arc<ClientQueue>,
-        patterns: Vec<String>,
-        deadline: Instant,
-        resume: Option<u64>,
-        reply: oneshot::Sender<Result<bool, JoinError>>,
-    },
+    Join(JoinRequest),
     Leave(u64),
     Subscribed {
         topic: usize,
@@ -233,14 +236,14 @@ impl Hub {
             .unwrap_or(Duration::ZERO);
         let (reply, rx) = oneshot::channel();
         self.cmds
-            .send(Cmd::Join {
+            .send(Cmd::Join(JoinRequest {
                 id,
                 queue: queue.clone(),
                 patterns,
                 deadline: Instant::now() + left,
                 resume,
                 reply,
-            })
+            }))
             .map_err(|_| JoinError::ShuttingDown)?;
         // If this future is dropped (the client hung up while we subscribed)
         // or the join fails, the hub must still forget the client.
@@ -433,14 +436,7 @@ impl Dispatcher {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Join {
-                id,
-                queue,
-                patterns,
-                deadline,
-                resume,
-                reply,
-            } => self.join(id, queue, patterns, deadline, resume, reply),
+            Cmd::Join(req) => self.join(req),
             Cmd::Leave(id) => self.leave(id),
             Cmd::Subscribed { topic, uid, result } => self.subscribed(topic, uid, result),
             Cmd::CaughtUp { .. } => unreachable!("handled in run"),

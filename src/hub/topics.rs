@@ -3,26 +3,23 @@
 //! join and leave them.
 
 use std::cmp::Reverse;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_nats::Subscriber;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
-use super::{Client, Cmd, Dispatcher, JoinError, SUBSCRIBE_TIMEOUT, Topic};
-use crate::sse::{self, ClientQueue, EndReason};
+use super::{Client, Cmd, Dispatcher, JoinError, JoinRequest, SUBSCRIBE_TIMEOUT, Topic};
+use crate::sse::{self, EndReason};
 
 impl Dispatcher {
-    pub(super) fn join(
-        &mut self,
-        id: u64,
-        queue: Arc<ClientQueue>,
-        patterns: Vec<String>,
-        deadline: Instant,
-        resume: Option<u64>,
-        reply: oneshot::Sender<Result<bool, JoinError>>,
-    ) {
+    pub(super) fn join(&mut self, req: JoinRequest) {
+        let JoinRequest {
+            id,
+            queue,
+            patterns,
+            deadline,
+            resume,
+            reply,
+        } = req;
         let mut client = Client {
             queue: queue.clone(),
             topics: Vec::with_capacity(patterns.len()),
