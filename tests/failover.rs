@@ -552,85 +552,116 @@ async fn relay_sigkill_and_restart_clients_resume_without_loss() {
     .await
 }
 
-/// 2. nats-server is SIGKILLed and restarted on the same store and port
-///    while clients stay connected: /readyz is 503 while it is down and 200
-///    after, and every event JetStream stored (each acked publish, once)
-///    reaches the clients in order, exactly once, on their first and only
-///    connection.
+/// nats-server is SIGKILLed and restarted on the same store and port while
+/// a publisher goes on (`n` events at `per_sec` over `subjects`, retried
+/// until acked) and readers on `sets` stay connected: /readyz is 503 while
+/// it is down and 200 after, and every event JetStream stored (each acked
+/// publish, once) reaches the readers in order, exactly once, on their
+/// first and only connection.
+async fn nats_restart(
+    root: &'static str,
+    sets: &[Vec<&'static str>],
+    subjects: &'static [&'static str],
+    n: usize,
+    per_sec: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut nats = NatsServer::start().await;
+    let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let tok = token(SECRET, &[&format!("{root}.>")], 300);
+    let auth = bearer(&tok);
+    let (_addr_tx, addr_rx) = watch::channel(relay.addr().to_string());
+    let mut readers = Readers::spawn(sets, &auth, &addr_rx, false, deadline);
+
+    let (prog_tx, mut prog) = watch::channel(0usize);
+    let publisher = tokio::spawn(publish_paced(
+        js.clone(),
+        root,
+        n,
+        per_sec,
+        subjects,
+        prog_tx,
+        deadline,
+    ));
+
+    wait_progress(&mut prog, per_sec as usize, WAIT).await;
+    readers.wait_all_reached(1, WAIT).await;
+    nats.stop(); // SIGKILL
+    let killed_at = *prog.borrow();
+    wait_until(WAIT, "/readyz to be 503 while NATS is down", || async {
+        relay.get("/readyz", &[]).await.status == 503
+    })
+    .await;
+    nats.restart().await; // same ports, same store
+    wait_until(
+        Duration::from_secs(20),
+        "/readyz to be 200 again after NATS restarted",
+        || async { relay.get("/readyz", &[]).await.status == 200 },
+    )
+    .await;
+    eprintln!("NATS killed after {killed_at} acked events; relay ready again");
+
+    let (acked, retries) = join_task("publisher", publisher).await;
+    eprintln!("publisher: {} acked, {retries} retries", acked.len());
+    let stored = stream_contents(&js, "EVENTS", WAIT).await;
+    assert_acked_stored(&acked, &stored);
+    let reports = readers.finish(&stored, &acked).await;
+    for r in &reports {
+        assert_eq!(
+            (r.connections, r.ended),
+            (1, 0),
+            "{}: the SSE connection must stay open through the NATS restart (connections, ended streams)",
+            r.name
+        );
+    }
+}
+
+/// 2. Clients on overlapping patterns stay connected through a nats-server
+///    SIGKILL and restart and miss nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_sigkill_and_restart_clients_stay_connected_and_miss_nothing() {
+    const SUBJECTS: &[&str] = &[
+        "events.n.a.1",
+        "events.n.b.x",
+        "events.n.c.2",
+        "events.n.a.2",
+        "events.n.d",
+    ];
     within(
         Duration::from_secs(50),
         "nats_sigkill_and_restart_clients_stay_connected_and_miss_nothing",
-        async {
-            let deadline = Instant::now() + Duration::from_secs(40);
-            let mut nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
-            let js = async_nats::jetstream::new(nats.client().await);
-            let tok = token(SECRET, &["events.n.>"], 300);
-            let auth = bearer(&tok);
-            let (_addr_tx, addr_rx) = watch::channel(relay.addr().to_string());
-            let mut readers = Readers::spawn(
-                &[
-                    vec!["events.n.>"],
-                    vec!["events.n.a.*"],
-                    vec!["events.n.b.x", "events.n.c.*"],
-                ],
-                &auth,
-                &addr_rx,
-                false,
-                deadline,
-            );
+        nats_restart(
+            "events.n",
+            &[
+                vec!["events.n.>"],
+                vec!["events.n.a.*"],
+                vec!["events.n.b.x", "events.n.c.*"],
+            ],
+            SUBJECTS,
+            800,
+            200,
+        ),
+    )
+    .await
+}
 
-            const SUBJECTS: &[&str] = &[
-                "events.n.a.1",
-                "events.n.b.x",
-                "events.n.c.2",
-                "events.n.a.2",
-                "events.n.d",
-            ];
-            let (prog_tx, mut prog) = watch::channel(0usize);
-            let publisher = tokio::spawn(publish_paced(
-                js.clone(),
-                "nats-kill",
-                800,
-                200,
-                SUBJECTS,
-                prog_tx,
-                deadline,
-            ));
-
-            wait_progress(&mut prog, 200, WAIT).await;
-            readers.wait_all_reached(1, WAIT).await;
-            nats.stop(); // SIGKILL
-            let killed_at = *prog.borrow();
-            wait_until(WAIT, "/readyz to be 503 while NATS is down", || async {
-                relay.get("/readyz", &[]).await.status == 503
-            })
-            .await;
-            nats.restart().await; // same ports, same store
-            wait_until(
-                Duration::from_secs(20),
-                "/readyz to be 200 again after NATS restarted",
-                || async { relay.get("/readyz", &[]).await.status == 200 },
-            )
-            .await;
-            eprintln!("NATS killed after {killed_at} acked events; relay ready again");
-
-            let (acked, retries) = join_task("publisher", publisher).await;
-            eprintln!("publisher: {} acked, {retries} retries", acked.len());
-            let stored = stream_contents(&js, "EVENTS", WAIT).await;
-            assert_acked_stored(&acked, &stored);
-            let reports = readers.finish(&stored, &acked).await;
-            for r in &reports {
-                assert_eq!(
-                    (r.connections, r.ended),
-                    (1, 0),
-                    "{}: the SSE connection must stay open through the NATS restart (connections, ended streams)",
-                    r.name
-                );
-            }
-        },
+/// 2b. Like 2, with 24 clients each on its own subject: after the restart
+///     every shared subscription catches up (several are read at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_catches_up_many_subscriptions() {
+    let subjects: &'static [&'static str] = Box::leak(
+        (0..24)
+            .map(|i| &*Box::leak(format!("events.p.{i}").into_boxed_str()))
+            .collect::<Vec<&'static str>>()
+            .into_boxed_slice(),
+    );
+    let mut sets: Vec<Vec<&'static str>> = subjects.iter().map(|s| vec![*s]).collect();
+    sets.push(vec!["events.p.>"]);
+    within(
+        Duration::from_secs(50),
+        "nats_restart_catches_up_many_subscriptions",
+        nats_restart("events.p", &sets, subjects, 960, 240),
     )
     .await
 }
@@ -961,69 +992,6 @@ async fn cluster_kill_leader_and_relay_node_during_burst() {
             1500,
             Some(30_000),
         ),
-    )
-    .await
-}
-
-/// 2b. Like 2, with 24 clients each on its own subject: after the restart
-///     every shared subscription catches up (several are read at once)
-///     and each client still gets exactly its events on one connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_restart_catches_up_many_subscriptions() {
-    within(
-        Duration::from_secs(50),
-        "nats_restart_catches_up_many_subscriptions",
-        async {
-            let deadline = Instant::now() + Duration::from_secs(40);
-            let mut nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
-            let js = async_nats::jetstream::new(nats.client().await);
-            let tok = token(SECRET, &["events.p.>"], 300);
-            let auth = bearer(&tok);
-            let (_addr_tx, addr_rx) = watch::channel(relay.addr().to_string());
-            let subjects: &'static [&'static str] = Box::leak(
-                (0..24)
-                    .map(|i| &*Box::leak(format!("events.p.{i}").into_boxed_str()))
-                    .collect::<Vec<&'static str>>()
-                    .into_boxed_slice(),
-            );
-            let mut sets: Vec<Vec<&'static str>> = subjects.iter().map(|s| vec![*s]).collect();
-            sets.push(vec!["events.p.>"]);
-            let mut readers = Readers::spawn(&sets, &auth, &addr_rx, false, deadline);
-
-            let (prog_tx, mut prog) = watch::channel(0usize);
-            let publisher = tokio::spawn(publish_paced(
-                js.clone(),
-                "many-catch-up",
-                960,
-                240,
-                subjects,
-                prog_tx,
-                deadline,
-            ));
-            wait_progress(&mut prog, 240, WAIT).await;
-            readers.wait_all_reached(1, WAIT).await;
-            nats.stop(); // SIGKILL
-            nats.restart().await;
-            wait_until(
-                Duration::from_secs(20),
-                "/readyz to be 200 again after NATS restarted",
-                || async { relay.get("/readyz", &[]).await.status == 200 },
-            )
-            .await;
-            let (acked, _) = join_task("publisher", publisher).await;
-            let stored = stream_contents(&js, "EVENTS", WAIT).await;
-            assert_acked_stored(&acked, &stored);
-            let reports = readers.finish(&stored, &acked).await;
-            for r in &reports {
-                assert_eq!(
-                    (r.connections, r.ended),
-                    (1, 0),
-                    "{}: the SSE connection must stay open through the NATS restart",
-                    r.name
-                );
-            }
-        },
     )
     .await
 }

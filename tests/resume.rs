@@ -225,56 +225,68 @@ async fn last_event_id_resumes_after_that_sequence() {
     .await
 }
 
-/// 1. Disconnect, 20 events published meanwhile, resume by header: exactly
-///    those 20 in order, then a live event comes next (no gap or duplicate at
-///    the seam).
+/// Disconnects a client after 3 events, publishes 20 while it is away,
+/// resumes it from its last id (by `Last-Event-ID` header or by the
+/// `last_event_id` query) and checks it gets exactly those 20 in order,
+/// then live events next (no gap or duplicate at the seam).
+async fn disconnect_then_resume(root: &'static str, by_header: bool) {
+    let nats = NatsServer::start().await;
+    let relay = Relay::start(&nats.url(), &[], &[]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pattern = format!("{root}.>");
+    let subject = |s: &str| format!("{root}.{s}");
+    let tok = token(SECRET, &[&pattern], 300);
+    let auth = bearer(&tok);
+
+    let mut c = relay.open_stream(&nats, &tok, &[&pattern]).await;
+    let before = publish_named(&js, &[&subject("1")], "before-", 3).await;
+    let evs = c
+        .collect_data_events(3, WAIT, "events before the disconnect")
+        .await;
+    assert_eq!(ids_data("before", &evs), before);
+    let last = evs[2].seq().to_string();
+    drop(c);
+
+    let missed = publish_named(&js, &[&subject("1"), &subject("2.x")], "missed-", 20).await;
+    let path = events_path(&[&pattern]);
+    let mut c = if by_header {
+        SseClient::connect(
+            relay.addr(),
+            &path,
+            &[("Authorization", &auth), ("Last-Event-ID", &last)],
+        )
+        .await
+    } else {
+        let path = with_last_event_id(&path, &last);
+        SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await
+    };
+    assert_eq!(
+        c.status, 200,
+        "resume (header: {by_header}): {:?}",
+        c.headers
+    );
+    assert!(
+        c.header("content-type")
+            .is_some_and(|v| v.starts_with("text/event-stream")),
+        "resume: {:?}",
+        c.headers
+    );
+    let evs = c
+        .collect_data_events(20, WAIT, "replay of the 20 missed")
+        .await;
+    assert_same_events("resumed client", &ids_data("replay", &evs), &missed);
+
+    expect_live_next(&mut c, &js, &subject("3"), "live-1", "first live event").await;
+    expect_live_next(&mut c, &js, &subject("1"), "live-2", "second live event").await;
+}
+
+/// 1. Resume by the `Last-Event-ID` header (what a reconnecting browser sends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_resume_replays_exactly_the_missed_events_then_live() {
     within(
         TEST_LIMIT,
         "header_resume_replays_exactly_the_missed_events_then_live",
-        async {
-            let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
-            let js = async_nats::jetstream::new(nats.client().await);
-            let pattern = "events.res.>";
-            let tok = token(SECRET, &[pattern], 300);
-            let auth = bearer(&tok);
-
-            let mut c = relay.open_stream(&nats, &tok, &[pattern]).await;
-            let before = publish_named(&js, &["events.res.1"], "before-", 3).await;
-            let evs = c
-                .collect_data_events(3, WAIT, "events before the disconnect")
-                .await;
-            assert_eq!(ids_data("before", &evs), before);
-            let last = evs[2].seq();
-            drop(c);
-
-            let missed =
-                publish_named(&js, &["events.res.1", "events.res.2.x"], "missed-", 20).await;
-
-            let last_s = last.to_string();
-            let mut c = SseClient::connect(
-                relay.addr(),
-                &events_path(&[pattern]),
-                &[("Authorization", &auth), ("Last-Event-ID", &last_s)],
-            )
-            .await;
-            assert_eq!(c.status, 200, "resume: {:?}", c.headers);
-            assert!(
-                c.header("content-type")
-                    .is_some_and(|v| v.starts_with("text/event-stream")),
-                "resume: {:?}",
-                c.headers
-            );
-            let evs = c
-                .collect_data_events(20, WAIT, "replay of the 20 missed")
-                .await;
-            assert_same_events("resumed client", &ids_data("replay", &evs), &missed);
-
-            expect_live_next(&mut c, &js, "events.res.3", "live-1", "first live event").await;
-            expect_live_next(&mut c, &js, "events.res.1", "live-2", "second live event").await;
-        },
+        disconnect_then_resume("events.res", true),
     )
     .await
 }
@@ -286,33 +298,7 @@ async fn query_param_resume_replays_exactly_the_missed_events_then_live() {
     within(
         TEST_LIMIT,
         "query_param_resume_replays_exactly_the_missed_events_then_live",
-        async {
-            let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
-            let js = async_nats::jetstream::new(nats.client().await);
-            let pattern = "events.q.>";
-            let tok = token(SECRET, &[pattern], 300);
-            let auth = bearer(&tok);
-
-            let mut c = relay.open_stream(&nats, &tok, &[pattern]).await;
-            let before = publish_named(&js, &["events.q.1"], "before-", 3).await;
-            let evs = c
-                .collect_data_events(3, WAIT, "events before the disconnect")
-                .await;
-            assert_eq!(ids_data("before", &evs), before);
-            let last = evs[2].seq();
-            drop(c);
-
-            let missed = publish_named(&js, &["events.q.1", "events.q.2"], "missed-", 20).await;
-            let path = with_last_event_id(&events_path(&[pattern]), &last.to_string());
-            let mut c = SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await;
-            assert_eq!(c.status, 200, "resume via {path}: {:?}", c.headers);
-            let evs = c
-                .collect_data_events(20, WAIT, "replay of the 20 missed")
-                .await;
-            assert_same_events("query-param resume", &ids_data("replay", &evs), &missed);
-            expect_live_next(&mut c, &js, "events.q.3", "live", "live after query resume").await;
-        },
+        disconnect_then_resume("events.q", false),
     )
     .await
 }

@@ -749,6 +749,17 @@ impl SseClient {
         .unwrap_or_else(|_| panic!("GET {path}: no response head within {HTTP_TIMEOUT:?}"))
         .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         let (status, headers) = head;
+        SseClient::from_head(stream, raw, status, headers)
+    }
+
+    /// A client whose response head (`status`, `headers`) has been read;
+    /// `raw` holds whatever body bytes came with it.
+    fn from_head(
+        stream: TcpStream,
+        raw: Vec<u8>,
+        status: u16,
+        headers: Vec<(String, String)>,
+    ) -> SseClient {
         let decoder = BodyDecoder::new("GET", status, &headers);
         let mut c = SseClient {
             status,
@@ -1601,21 +1612,7 @@ impl SseClient {
             stream.write_all(&req).await?;
             let mut raw = Vec::new();
             let (status, headers) = read_head(&mut stream, &mut raw).await?;
-            let decoder = BodyDecoder::new("GET", status, &headers);
-            let mut c = SseClient {
-                status,
-                headers,
-                stream,
-                raw,
-                decoder,
-                body: Vec::new(),
-                parser: SseParser::default(),
-                events: VecDeque::new(),
-                eof: false,
-                error: None,
-            };
-            c.process();
-            Ok(c)
+            Ok(SseClient::from_head(stream, raw, status, headers))
         };
         match tokio::time::timeout(limit, fut).await {
             Ok(r) => r,
