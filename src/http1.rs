@@ -389,6 +389,42 @@ impl AsyncWrite for Rewind {
 mod tests {
     use super::*;
 
+    /// The connection task lives as long as its stream: its size is most of
+    /// an idle connection's memory (BENCHMARKS.md). Routing and the head
+    /// phase are boxed to keep it small; this catches a regression.
+    #[tokio::test]
+    async fn connection_task_stays_small() {
+        use crate::config::{Cli, Command, Config};
+        use clap::Parser;
+        let Command::Serve(args) = Cli::try_parse_from(["sse-relay", "serve", "--jwt-secret", "s"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        let cfg = Config::from_args(args).unwrap();
+        let verifier = crate::auth::Verifier::new(&cfg.key, None, None, Duration::ZERO).unwrap();
+        let app = Arc::new(App {
+            cfg: Arc::new(cfg),
+            verifier,
+            metrics: Default::default(),
+            live: Default::default(),
+            link: Default::default(),
+            draining: Default::default(),
+            demo_page: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let size = std::mem::size_of_val(&serve(app, stream, CancellationToken::new()));
+        println!(
+            "connection future: {size} bytes; client queue: {} bytes",
+            std::mem::size_of::<crate::sse::ClientQueue>()
+        );
+        assert!(size <= 1024, "connection future grew to {size} bytes");
+    }
+
     #[test]
     fn chunk_sizes_are_lowercase_hex() {
         for (n, want) in [
