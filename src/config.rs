@@ -20,6 +20,14 @@ pub const DEFAULT_REPLAY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_REPLAY_LIMIT: u64 = 100_000;
 pub const DEFAULT_DRAIN_SECS: u64 = 8;
 
+/// Most shards one process runs; more is a typo, not a machine.
+pub const MAX_WORKERS: usize = 1024;
+
+/// One shard per CPU the process may run on (1 if that cannot be read).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -37,7 +45,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a local nats-server (found on PATH) and the relay with a demo page.
     Dev(DevArgs),
     /// Print a signed HS256 token for development and tests.
@@ -100,10 +108,11 @@ pub struct ServeArgs {
     /// Set SO_REUSEPORT so several relay processes can share the port.
     #[arg(long, env = "RELAY_REUSE_PORT")]
     pub reuse_port: bool,
-    /// Runtime threads. 1 (the default) runs everything on one thread; to use
-    /// more cores, run one process per core with --reuse-port.
-    #[arg(long, env = "RELAY_THREADS", default_value_t = 1)]
-    pub threads: usize,
+    /// Shards: each a single-threaded event loop on its own thread, with its
+    /// own listener on the port, NATS connection and share of
+    /// --replay-cache-bytes. [default: the number of available CPUs]
+    #[arg(long, env = "RELAY_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -162,7 +171,8 @@ pub struct Config {
     pub replay_limit: u64,
     pub drain_timeout: Duration,
     pub reuse_port: bool,
-    pub threads: usize,
+    /// Shards to run (at least 1).
+    pub workers: usize,
     /// Serve the demo page and `POST /dev/publish` (only `sse-relay dev`).
     pub dev: Option<DevMode>,
 }
@@ -221,6 +231,12 @@ impl Config {
         if a.client_queue == 0 {
             return Err("--client-queue must be at least 1".into());
         }
+        let workers = a.workers.unwrap_or_else(default_workers);
+        if !(1..=MAX_WORKERS).contains(&workers) {
+            return Err(format!(
+                "--workers {workers} is out of range: use 1 to {MAX_WORKERS} (default: one per CPU)"
+            ));
+        }
         if a.stream.is_empty() || a.stream.contains(['.', '*', '>', ' ']) {
             return Err(format!(
                 "--stream {:?} is not a valid stream name",
@@ -245,7 +261,7 @@ impl Config {
             replay_limit: a.replay_limit,
             drain_timeout: Duration::from_secs(a.drain_timeout),
             reuse_port: a.reuse_port,
-            threads: a.threads.max(1),
+            workers,
             dev: None,
         })
     }
@@ -298,7 +314,7 @@ mod tests {
         let mut argv = vec!["sse-relay", "serve", "--jwt-secret", "x"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             _ => unreachable!(),
         }
     }
@@ -309,6 +325,20 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.heartbeat, Duration::from_secs(15));
         assert_eq!(c.cors, Cors::Off);
+        assert_eq!(c.workers, default_workers());
+        assert_eq!(c.replay_cache_bytes, DEFAULT_REPLAY_CACHE_BYTES);
+    }
+
+    #[test]
+    fn workers_from_flag_and_bounds() {
+        assert_eq!(
+            Config::from_args(args(&["--workers", "3"]))
+                .unwrap()
+                .workers,
+            3
+        );
+        assert!(Config::from_args(args(&["--workers", "0"])).is_err());
+        assert!(Config::from_args(args(&["--workers", "100000"])).is_err());
     }
 
     #[test]

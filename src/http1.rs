@@ -402,7 +402,7 @@ mod tests {
         else {
             unreachable!()
         };
-        let cfg = Config::from_args(args).unwrap();
+        let cfg = Config::from_args(*args).unwrap();
         let verifier = crate::auth::Verifier::new(&cfg.key, None, None, Duration::ZERO).unwrap();
         let app = Arc::new(App {
             cfg: Arc::new(cfg),

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`config`]  one typed `Config` from flags/env, validated before binding
-//! - [`server`]  bind, accept loop, NATS start-up, graceful drain: [`run`]
+//! - [`shards`]  `--workers`: one single-threaded shard per core on a shared port
+//! - [`server`]  one shard: accept loop, NATS start-up, graceful drain: [`run`]
 //! - [`http1`]   lean HTTP/1.1 connection loop (hyper for requests with a body)
 //! - [`routes`]  `/events`, `/healthz`, `/readyz`, `/metrics`; errors -> statuses
 //! - [`auth`]    JWT verification -> `Claims`
@@ -39,6 +40,7 @@ pub mod nats;
 pub mod replay;
 pub mod routes;
 pub mod server;
+pub mod shards;
 pub mod sse;
 pub mod subject;
 pub mod window;

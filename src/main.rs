@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sse_relay::config::{Cli, Command, Config, DevMode, EXIT_CONFIG, ServeArgs};
 use sse_relay::dev::{DEMO_SUBJECT, DevNats};
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve(args) => match Config::from_args(args) {
+        Command::Serve(args) => match Config::from_args(*args) {
             Ok(cfg) => serve(cfg),
             Err(msg) => config_error(&msg),
         },
@@ -62,42 +63,48 @@ fn init_tracing() {
 
 fn serve(cfg: Config) -> ExitCode {
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let stop = CancellationToken::new();
+    if let Err(e) = watch_signals(stop.clone()) {
+        eprintln!("error: cannot watch for SIGTERM/SIGINT: {e}");
+        return ExitCode::FAILURE;
+    }
+    match sse_relay::shards::serve(cfg, stop) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
-    };
-    rt.block_on(async move {
-        let listener = match sse_relay::bind(&cfg) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {}: {e}", cfg.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        match sse_relay::run(listener, cfg, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    }
 }
 
-/// SIGTERM (Kubernetes, Docker) or SIGINT (Ctrl-C, Fly.io's default).
-async fn shutdown_signal() {
+/// SIGTERM (Kubernetes, Docker) or SIGINT (Ctrl-C, Fly.io's default)
+/// cancels `stop`. The handlers are installed before this returns, on a
+/// small runtime of their own, so no shard carries them.
+fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        let _guard = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                    () = stop.cancelled() => {}
+                }
+            });
+            stop.cancel();
+        })?;
+    Ok(())
 }
 
 fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
@@ -134,7 +141,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         replay_limit: sse_relay::config::DEFAULT_REPLAY_LIMIT,
         drain_timeout: sse_relay::config::DEFAULT_DRAIN_SECS,
         reuse_port: false,
-        threads: 1,
+        workers: Some(1),
     };
     let mut cfg = match Config::from_args(serve_args) {
         Ok(c) => c,

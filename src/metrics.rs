@@ -91,7 +91,7 @@ impl Metrics {
         );
         r.register(
             "nats_connected",
-            "1 while the NATS connection is up",
+            "NATS connections up (one per shard)",
             self.nats_connected.clone(),
         );
         r.register(

@@ -137,7 +137,11 @@ impl Link {
 
 /// Connects in the background: returns at once, and the client keeps trying
 /// (and reconnecting) for as long as the process runs.
-pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), String> {
+/// `shard` names the connection (`sse-relay/0`) in the server's monitoring.
+pub async fn connect(
+    cfg: &Config,
+    shard: usize,
+) -> Result<(async_nats::Client, Arc<Link>), String> {
     let (events, _) = broadcast::channel(64);
     let link = Arc::new(Link {
         connected: AtomicBool::new(false),
@@ -146,7 +150,7 @@ pub async fn connect(cfg: &Config) -> Result<(async_nats::Client, Arc<Link>), St
     });
     let cb_link = link.clone();
     let mut opts = async_nats::ConnectOptions::new()
-        .name("sse-relay")
+        .name(format!("sse-relay/{shard}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .ping_interval(PING_INTERVAL)

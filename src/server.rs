@@ -37,34 +37,54 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum RunError {
     #[error("{0}")]
     Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start a shard: {0}")]
+    Thread(std::io::Error),
+    #[error("a shard panicked")]
+    Panicked,
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("NATS: {0}")]
     Nats(String),
 }
 
-/// Binds `cfg.listen` (with SO_REUSEPORT when asked).
+/// Binds `cfg.listen` for one shard (with SO_REUSEPORT when asked).
 pub fn bind(cfg: &Config) -> std::io::Result<TcpListener> {
-    let domain = socket2::Domain::for_address(cfg.listen);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if cfg.reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&cfg.listen.into())?;
-    socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    TcpListener::from_std(crate::shards::bind_one(cfg.listen, cfg.reuse_port)?)
 }
 
-/// Serves until `shutdown` completes, then drains. Returns an error when the
-/// stream cannot be served (missing, no republish) so the process can exit.
+/// Which shard of the process this is, and the metrics all shards share.
+pub struct Shard {
+    pub index: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves one shard on the current runtime until `shutdown` completes, then
+/// drains. Returns an error when the stream cannot be served (missing, no
+/// republish) so the process can exit. `cfg.workers` is not read here: the
+/// process-wide launcher is [`crate::shards::serve`].
 pub async fn run(
     listener: TcpListener,
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let cfg = Arc::new(cfg);
+    let shard = Shard {
+        index: 0,
+        metrics: Arc::new(Metrics::default()),
+    };
+    run_shard(listener, Arc::new(cfg), shard, shutdown).await
+}
+
+pub(crate) async fn run_shard(
+    listener: TcpListener,
+    cfg: Arc<Config>,
+    shard: Shard,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let verifier = Verifier::new(
         &cfg.key,
         cfg.jwt_audience.as_deref(),
@@ -72,7 +92,7 @@ pub async fn run(
         cfg.jwt_leeway,
     )
     .map_err(RunError::Config)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = shard.metrics;
     let demo_page = cfg.dev.as_ref().map(crate::dev::demo_page);
     let app = Arc::new(App {
         cfg: cfg.clone(),
@@ -85,9 +105,16 @@ pub async fn run(
     });
     let cancel = CancellationToken::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<RunError>();
-    let startup = tokio::spawn(start_nats(app.clone(), cancel.clone(), fatal_tx));
+    let startup = tokio::spawn(start_nats(
+        app.clone(),
+        shard.index,
+        cancel.clone(),
+        fatal_tx,
+    ));
 
-    tracing::info!(addr = %listener.local_addr().map_err(|e| RunError::Config(e.to_string()))?, "listening");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, shard = shard.index, "listening");
+    }
     let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     let mut fatal = None;
@@ -151,11 +178,12 @@ fn serve_connection(
 /// fatal.
 async fn start_nats(
     app: Arc<App>,
+    shard: usize,
     cancel: CancellationToken,
     fatal: tokio::sync::oneshot::Sender<RunError>,
 ) {
     let cfg = app.cfg.clone();
-    let (client, link) = match nats::connect(&cfg).await {
+    let (client, link) = match nats::connect(&cfg, shard).await {
         Ok(c) => c,
         Err(e) => {
             let _ = fatal.send(RunError::Nats(e));
@@ -190,7 +218,15 @@ async fn start_nats(
         delay = (delay * 2).min(Duration::from_secs(2));
     };
     tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, "stream ready");
-    app.metrics.nats_connected.set(1);
+    // One gauge for every shard: each adds its own connection while it is up.
+    let mut up = false;
+    let mut set_up = |now: bool| {
+        if now != up {
+            up = now;
+            app.metrics.nats_connected.inc_by(if now { 1 } else { -1 });
+        }
+    };
+    set_up(link.is_connected());
     let replayer = Replayer {
         js: js.clone(),
         stream: scope.stream.clone(),
@@ -231,14 +267,15 @@ async fn start_nats(
     let mut events = link.subscribe();
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             ev = events.recv() => match ev {
-                Ok(nats::LinkEvent::Connected) => { app.metrics.nats_connected.set(1); }
-                Ok(nats::LinkEvent::Disconnected) => { app.metrics.nats_connected.set(0); }
+                Ok(nats::LinkEvent::Connected) => set_up(true),
+                Ok(nats::LinkEvent::Disconnected) => set_up(false),
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return,
+                Err(_) => break,
             }
         }
     }
+    set_up(false);
 }

@@ -671,7 +671,7 @@ async fn nats_restart_catches_up_many_subscriptions() {
 // ---------------------------------------------------------------------------
 
 /// The relay's connection name on NATS.
-const RELAY_CONN: &str = "sse-relay";
+const RELAY_CONN: &str = "sse-relay/0";
 
 struct ClusterSetup {
     cluster: NatsCluster,

@@ -37,6 +37,7 @@ options:
                             saturate start: 20000/clients)
   --duration S              measured seconds (default 10; saturate 60)
   --relays K                relay processes sharing one port (SO_REUSEPORT)
+  --workers W               relay --workers: shards per relay process (default 1)
   --pin                     relays on CPU 0, nats-server, clients and publisher on CPU 1
   --acked                   publish through JetStream and count acks
   --client-queue Q          relay --client-queue (default 1024)
@@ -94,6 +95,7 @@ pub(crate) struct Opts {
     pub(crate) pin: bool,
     pub(crate) acked: bool,
     pub(crate) client_queue: usize,
+    pub(crate) workers: usize,
     pub(crate) back: u64,
     pub(crate) per_worker: usize,
     pub(crate) connect_concurrency: usize,
@@ -122,6 +124,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
         pin: false,
         acked: false,
         client_queue: 1024,
+        workers: 1,
         back: 100,
         per_worker: 10_000,
         connect_concurrency: 256,
@@ -146,6 +149,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--pin" => o.pin = true,
             "--acked" => o.acked = true,
             "--client-queue" => o.client_queue = num(value()?)? as usize,
+            "--workers" => o.workers = (num(value()?)? as usize).max(1),
             "--back" => o.back = num(value()?)? as u64,
             "--per-worker" => o.per_worker = (num(value()?)? as usize).clamp(1, 14_000),
             "--connect-concurrency" => {

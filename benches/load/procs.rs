@@ -158,6 +158,7 @@ pub(crate) struct RelaySpec {
     pub(crate) nats_url: String,
     pub(crate) secret: String,
     pub(crate) client_queue: usize,
+    pub(crate) workers: usize,
     pub(crate) cpu: Option<usize>,
 }
 
@@ -180,6 +181,7 @@ impl Relay {
             .args(["--jwt-secret", &spec.secret])
             .arg("--create-stream")
             .args(["--client-queue", &spec.client_queue.to_string()])
+            .args(["--workers", &spec.workers.to_string()])
             .args(["--heartbeat", "60"])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "warn,sse_relay=info")
@@ -190,12 +192,12 @@ impl Relay {
         Ok(Relay { proc, log })
     }
 
-    /// Waits for the log line saying the stream is loaded (NATS is up).
-    pub(crate) fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+    /// Waits for every shard's log line saying the stream is loaded.
+    pub(crate) fn wait_ready(&mut self, workers: usize, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             let text = fs::read_to_string(&self.log).unwrap_or_default();
-            if text.contains("stream ready") {
+            if text.matches("stream ready").count() >= workers {
                 return Ok(());
             }
             if let Some(st) = self.proc.exited() {

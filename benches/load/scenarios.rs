@@ -22,6 +22,7 @@ pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
     report.set("relays", opts.relays as u64);
     report.set("pinned", opts.pin);
     report.set("client_queue", opts.client_queue as u64);
+    report.set("workers", opts.workers as u64);
     let mut b = Bench::start(opts, opts.relays).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss0 = b.relay_rss_kib();

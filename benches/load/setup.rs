@@ -51,6 +51,7 @@ impl Bench {
             nats_url: nats.url.clone(),
             secret: SECRET.into(),
             client_queue: opts.client_queue,
+            workers: opts.workers,
             cpu: opts.pin.then_some(0),
         };
         let mut b = Bench {
@@ -71,7 +72,7 @@ impl Bench {
     pub(crate) fn add_relay(&mut self) -> Result<(), String> {
         let i = self.relays.len();
         let mut r = Relay::spawn(&self.spec, i, self.dir.path())?;
-        r.wait_ready(Duration::from_secs(20))?;
+        r.wait_ready(self.spec.workers, Duration::from_secs(20))?;
         self.relays.push(r);
         Ok(())
     }

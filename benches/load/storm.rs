@@ -43,6 +43,7 @@ pub(crate) async fn storm(opts: &Opts) -> Result<bool, String> {
     report.set("clients", opts.clients as u64);
     report.set("relays", opts.relays as u64);
     report.set("pinned", opts.pin);
+    report.set("workers", opts.workers as u64);
     report.set("back", back);
     let mut b = Bench::start(opts, opts.relays).await?;
 
@@ -131,6 +132,7 @@ pub(crate) async fn cold_start(opts: &Opts) -> Result<bool, String> {
     let mut report = Report::default();
     report.set("scenario", "cold-start");
     report.set("pinned", opts.pin);
+    report.set("workers", opts.workers as u64);
     let mut b = Bench::start(opts, 0).await?;
     let last = publish::publish_acked(&b.js, COLD_EVENTS).await?;
     report.set("stored_last_seq", last);

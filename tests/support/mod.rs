@@ -1222,6 +1222,7 @@ const RELAY_ENV: &[&str] = &[
     "RELAY_REPLAY_LIMIT",
     "RELAY_DRAIN_TIMEOUT",
     "RELAY_REUSE_PORT",
+    "RELAY_WORKERS",
     "NATS_CREDS",
 ];
 
@@ -1267,6 +1268,8 @@ pub struct Relay {
 
 impl Relay {
     /// Default flags: `--nats-url URL --jwt-secret SECRET --create-stream`.
+    /// One shard unless a test asks for more: most tests hold per-node
+    /// behaviour (one subscription per pattern, one window).
     pub fn default_args(nats_url: &str) -> Vec<String> {
         [
             "--nats-url",
@@ -1274,6 +1277,8 @@ impl Relay {
             "--jwt-secret",
             SECRET,
             "--create-stream",
+            "--workers",
+            "1",
         ]
         .iter()
         .map(|s| s.to_string())
