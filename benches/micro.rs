@@ -11,7 +11,8 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sse_relay::auth::{Claims, KeySource, Verifier};
-use sse_relay::sse::{ClientQueue, Offer, encode_event};
+use sse_relay::client::{ClientQueue, Offer};
+use sse_relay::sse::encode_event;
 use sse_relay::subject::{contains, matches};
 
 /// A throwaway P-256 key pair, generated once with openssl for this bench

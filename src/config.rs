@@ -173,20 +173,6 @@ pub struct Config {
     pub reuse_port: bool,
     /// Shards to run (at least 1).
     pub workers: usize,
-    /// Serve the demo page and `POST /dev/publish` (only `sse-relay dev`).
-    pub dev: Option<DevMode>,
-}
-
-/// What `sse-relay dev` adds: the demo page, filled in with a token.
-#[derive(Clone)]
-pub struct DevMode {
-    pub token: String,
-}
-
-impl std::fmt::Debug for DevMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DevMode { token: [redacted] }")
-    }
 }
 
 impl Config {
@@ -262,7 +248,6 @@ impl Config {
             drain_timeout: Duration::from_secs(a.drain_timeout),
             reuse_port: a.reuse_port,
             workers,
-            dev: None,
         })
     }
 }

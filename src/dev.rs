@@ -1,7 +1,7 @@
 //! `sse-relay dev`: a first run in one command. Starts a child `nats-server
 //! -js` on a free port with a temporary store (unless NATS_URL is given),
-//! creates the stream, serves the demo page at `/` and `POST /dev/publish`.
-//! None of this is reachable from `serve`.
+//! creates the stream, and installs [`DevRoutes`]: the demo page at `/` and
+//! `POST /dev/publish`. `serve` never has these routes.
 
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
@@ -9,22 +9,59 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
-use hyper::{Request, Response, StatusCode};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Response, StatusCode};
 
-use crate::config::DevMode;
-use crate::routes::{ApiError, App};
-use crate::sse::SseBody;
+use crate::app::{App, Extension};
+use crate::client::SseBody;
+use crate::http::{ApiError, text};
 
 const DEMO_HTML: &str = include_str!("demo.html");
 pub const DEMO_SUBJECT: &str = "events.demo";
-/// Largest body `POST /dev/publish` accepts.
-const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
 
-pub fn demo_page(dev: &DevMode) -> String {
-    DEMO_HTML
-        .replace("__TOKEN__", &dev.token)
-        .replace("__SUBJECT__", DEMO_SUBJECT)
+/// The dev routes, with a token filled into the demo page.
+pub struct DevRoutes {
+    page: String,
+}
+
+impl DevRoutes {
+    pub fn new(token: &str) -> DevRoutes {
+        DevRoutes {
+            page: DEMO_HTML
+                .replace("__TOKEN__", token)
+                .replace("__SUBJECT__", DEMO_SUBJECT),
+        }
+    }
+}
+
+impl Extension for DevRoutes {
+    fn allows(&self, path: &str) -> Option<&'static str> {
+        match path {
+            "/" => Some("GET"),
+            "/dev/publish" => Some("POST"),
+            _ => None,
+        }
+    }
+
+    fn call(
+        &self,
+        app: Arc<App>,
+        method: Method,
+        path: String,
+        body: Bytes,
+    ) -> BoxFuture<'static, Result<Response<SseBody>, ApiError>> {
+        if path == "/" && method == Method::GET {
+            let mut res = text(StatusCode::OK, self.page.clone());
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            return Box::pin(std::future::ready(Ok(res)));
+        }
+        Box::pin(async move { publish(&app, body).await })
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -37,29 +74,18 @@ struct PublishBody {
 }
 
 /// Publishes one event through JetStream and answers with its sequence.
-pub async fn publish<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<SseBody>, ApiError>
-where
-    B: hyper::body::Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let bytes = http_body_util::Limited::new(req.into_body(), MAX_PUBLISH_BYTES)
-        .collect()
-        .await
-        .map_err(|_| ApiError::BadQuery("body unreadable or over 1 MiB".into()))?
-        .to_bytes();
-    let body: PublishBody = serde_json::from_slice(&bytes).map_err(|_| {
-        ApiError::BadQuery("expected JSON {\"subject\", \"event\", \"data\"}".into())
+async fn publish(app: &App, body: Bytes) -> Result<Response<SseBody>, ApiError> {
+    let body: PublishBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::BadBody("expected JSON {\"subject\", \"event\", \"data\"}".into())
     })?;
     crate::subject::validate_subject(&body.subject).map_err(ApiError::BadSubject)?;
-    let live = app.live.get().ok_or(ApiError::Unavailable(
-        "the relay is not connected to NATS yet",
-    ))?;
+    let live = app.live()?;
     if !live.scope.covers(&body.subject) {
         return Err(ApiError::OutsideStream(body.subject));
     }
     let mut headers = async_nats::HeaderMap::new();
     if let Some(ev) = body.event.filter(|e| !e.is_empty()) {
-        headers.insert("Sse-Event", ev.as_str());
+        headers.insert(crate::nats::EVENT_HEADER, ev.as_str());
     }
     let js = async_nats::jetstream::new(live.nats.clone());
     let ack = async {
@@ -73,8 +99,8 @@ where
     let mut res = Response::new(SseBody::full(out.to_string()));
     *res.status_mut() = StatusCode::CREATED;
     res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     Ok(res)
 }

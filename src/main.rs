@@ -3,8 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sse_relay::config::{Cli, Command, Config, DevMode, EXIT_CONFIG, ServeArgs};
-use sse_relay::dev::{DEMO_SUBJECT, DevNats};
+use std::sync::Arc;
+
+use sse_relay::app::Extension;
+use sse_relay::config::{Cli, Command, Config, EXIT_CONFIG, ServeArgs};
+use sse_relay::dev::{DEMO_SUBJECT, DevNats, DevRoutes};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -40,7 +43,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve(args) => match Config::from_args(*args) {
-            Ok(cfg) => serve(cfg),
+            Ok(cfg) => serve(cfg, None),
             Err(msg) => config_error(&msg),
         },
         Command::Dev(args) => dev(args),
@@ -61,14 +64,14 @@ fn init_tracing() {
         .init();
 }
 
-fn serve(cfg: Config) -> ExitCode {
+fn serve(cfg: Config, extension: Option<Arc<dyn Extension>>) -> ExitCode {
     init_tracing();
     let stop = CancellationToken::new();
     if let Err(e) = watch_signals(stop.clone()) {
         eprintln!("error: cannot watch for SIGTERM/SIGINT: {e}");
         return ExitCode::FAILURE;
     }
-    match sse_relay::shards::serve(cfg, stop) {
+    match sse_relay::shards::serve(cfg, extension, stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -143,7 +146,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         reuse_port: false,
         workers: Some(1),
     };
-    let mut cfg = match Config::from_args(serve_args) {
+    let cfg = match Config::from_args(serve_args) {
         Ok(c) => c,
         Err(msg) => return config_error(&msg),
     };
@@ -159,9 +162,6 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    cfg.dev = Some(DevMode {
-        token: token.clone(),
-    });
     let addr = cfg.listen;
     println!("sse-relay dev");
     println!("  NATS:      {url}");
@@ -171,7 +171,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         "  stream:    curl -N -H \"Authorization: Bearer {token}\" \"http://{addr}/events?subject={DEMO_SUBJECT}\""
     );
     println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
-    let code = serve(cfg);
+    let code = serve(cfg, Some(Arc::new(DevRoutes::new(&token))));
     drop(nats);
     code
 }

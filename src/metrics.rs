@@ -102,6 +102,14 @@ impl Metrics {
         r
     }
 
+    /// A resume served from `source` ("memory" or "jetstream") with
+    /// `events` replayed: the one place resumes are counted.
+    pub fn count_resume(&self, source: &'static str, events: u64) {
+        let source = Source { source };
+        self.replay_requests.get_or_create(&source).inc();
+        self.replayed.get_or_create(&source).inc_by(events);
+    }
+
     /// Renders the text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -1,4 +1,4 @@
-//! Accept loop, NATS start-up, and graceful drain.
+//! One shard: accept loop, NATS start-up, and graceful drain.
 //!
 //! The listener is bound before NATS answers, so a relay can boot before its
 //! NATS and refuse transiently meanwhile. Shutdown is one
@@ -17,13 +17,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::{App, Extension, Live};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
-use crate::nats::{self, StreamError};
-use crate::replay::Replayer;
-use crate::routes::{App, Live};
+use crate::nats::{self, History, Link, LinkEvent, NatsUpstream, Scope, StreamError};
 
 /// How long an unresponsive NATS gets to answer the final drain.
 const NATS_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -57,10 +56,13 @@ pub fn bind(cfg: &Config) -> std::io::Result<TcpListener> {
     TcpListener::from_std(crate::shards::bind_one(cfg.listen, cfg.reuse_port)?)
 }
 
-/// Which shard of the process this is, and the metrics all shards share.
+/// Which shard of the process this is, what all shards share, and the
+/// routes installed from outside (dev mode).
+#[derive(Clone, Default)]
 pub struct Shard {
     pub index: usize,
     pub metrics: Arc<Metrics>,
+    pub extension: Option<Arc<dyn Extension>>,
 }
 
 /// Serves one shard on the current runtime until `shutdown` completes, then
@@ -70,21 +72,10 @@ pub struct Shard {
 pub async fn run(
     listener: TcpListener,
     cfg: Config,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), RunError> {
-    let shard = Shard {
-        index: 0,
-        metrics: Arc::new(Metrics::default()),
-    };
-    run_shard(listener, Arc::new(cfg), shard, shutdown).await
-}
-
-pub(crate) async fn run_shard(
-    listener: TcpListener,
-    cfg: Arc<Config>,
     shard: Shard,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
     let verifier = Verifier::new(
         &cfg.key,
         cfg.jwt_audience.as_deref(),
@@ -92,16 +83,15 @@ pub(crate) async fn run_shard(
         cfg.jwt_leeway,
     )
     .map_err(RunError::Config)?;
-    let metrics = shard.metrics;
-    let demo_page = cfg.dev.as_ref().map(crate::dev::demo_page);
     let app = Arc::new(App {
         cfg: cfg.clone(),
         verifier,
-        metrics: metrics.clone(),
+        metrics: shard.metrics,
         live: OnceLock::new(),
         link: OnceLock::new(),
         draining: Default::default(),
-        demo_page,
+        tasks: TaskTracker::new(),
+        extension: shard.extension,
     });
     let cancel = CancellationToken::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<RunError>();
@@ -115,13 +105,12 @@ pub(crate) async fn run_shard(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, shard = shard.index, "listening");
     }
-    let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     let mut fatal = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => serve_connection(&app, &tracker, &cancel, stream),
+                Ok((stream, _)) => serve_connection(&app, &cancel, stream),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -143,9 +132,10 @@ pub(crate) async fn run_shard(
     cancel.cancel();
     let _ = startup.await;
     // Streams end once the hub has closed their queues (it watches
-    // `cancel`); idle keep-alive connections end on `cancel` directly.
-    tracker.close();
-    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+    // `cancel`); idle keep-alive connections end on `cancel` directly;
+    // replays end with their streams.
+    app.tasks.close();
+    if tokio::time::timeout(cfg.drain_timeout, app.tasks.wait())
         .await
         .is_err()
     {
@@ -161,21 +151,20 @@ pub(crate) async fn run_shard(
     }
 }
 
-fn serve_connection(
-    app: &Arc<App>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-    stream: TcpStream,
-) {
+fn serve_connection(app: &Arc<App>, cancel: &CancellationToken, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
-    tracker.spawn(crate::http1::serve(app.clone(), stream, cancel.clone()));
+    app.tasks.spawn(crate::http::conn::serve(
+        app.clone(),
+        stream,
+        cancel.clone(),
+    ));
 }
 
-/// Connects to NATS, loads the stream's scope and starts the hub. Transient
-/// failures are retried until shutdown; a stream that cannot be served is
-/// fatal.
+/// Connects to NATS, loads the stream's scope, starts the hub, then keeps
+/// the connection gauge. Transient failures are retried until shutdown; a
+/// stream that cannot be served is fatal.
 async fn start_nats(
     app: Arc<App>,
     shard: usize,
@@ -192,87 +181,94 @@ async fn start_nats(
     };
     let _ = app.link.set(link.clone());
     let js = async_nats::jetstream::new(client.clone());
-    let mut delay = Duration::from_millis(100);
-    let scope = loop {
-        // Wait for the connection itself rather than polling: a cold start
-        // is served as soon as NATS answers.
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = link.connected() => {}
-        }
-        match nats::load_scope(&js, &cfg.stream, cfg.create_stream).await {
-            Ok(scope) => break scope,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "stream not readable yet; retrying");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serve the stream");
-                let _ = fatal.send(e.into());
-                return;
-            }
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    };
-    tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, "stream ready");
-    // One gauge for every shard: each adds its own connection while it is up.
-    let mut up = false;
-    let mut set_up = |now: bool| {
-        if now != up {
-            up = now;
-            app.metrics.nats_connected.inc_by(if now { 1 } else { -1 });
+    let scope = match load_scope(&js, &cfg, &link, &cancel).await {
+        Ok(Some(scope)) => Arc::new(scope),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the stream");
+            let _ = fatal.send(e.into());
+            return;
         }
     };
-    set_up(link.is_connected());
-    let replayer = Replayer {
-        js: js.clone(),
-        stream: scope.stream.clone(),
-        limit: cfg.replay_limit,
-        retry_ms: cfg.retry_ms,
-        metrics: app.metrics.clone(),
-    };
-    // Only the stream leader republishes; a new leader means events stored
-    // just before the old one died may never have been republished.
-    let advisories = client
-        .subscribe(format!(
-            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-            scope.stream
-        ))
-        .await
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch stream leader changes"))
-        .ok();
+    tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, shard, "stream ready");
+    let history = History::new(js, scope.stream.clone(), app.metrics.clone());
+    // Subscribed to before the hub starts: no election is missed.
+    let events = link.subscribe();
+    link.watch_leader(&client, &scope.stream).await;
     let hub = Hub::start(
-        client.clone(),
-        Arc::new(scope.clone()),
+        NatsUpstream::new(client.clone(), scope.clone(), history.clone()),
         HubConfig {
             heartbeat: cfg.heartbeat,
             client_queue: cfg.client_queue,
             retry_ms: cfg.retry_ms,
             replay_cache_bytes: cfg.replay_cache_bytes,
+            replay_limit: cfg.replay_limit,
         },
-        replayer.clone(),
-        link.subscribe(),
-        advisories,
+        app.metrics.clone(),
+        events,
         cancel.clone(),
     );
     let _ = app.live.set(Live {
         hub,
-        scope: Arc::new(scope),
+        scope,
         nats: client,
-        replayer,
+        history,
     });
+    count_connection(&app.metrics, &link, &cancel).await;
+}
+
+/// Waits for the NATS connection and reads (or creates) the stream, with
+/// backoff on transient failures. None when shutdown came first.
+async fn load_scope(
+    js: &async_nats::jetstream::Context,
+    cfg: &Config,
+    link: &Link,
+    cancel: &CancellationToken,
+) -> Result<Option<Scope>, StreamError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        // Wait for the connection itself rather than polling: a cold start
+        // is served as soon as NATS answers.
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = link.connected() => {}
+        }
+        match nats::load_scope(js, &cfg.stream, cfg.create_stream).await {
+            Ok(scope) => return Ok(Some(scope)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "stream not readable yet; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Keeps this shard's share of the `nats_connected` gauge (one per shard
+/// connection that is up) until shutdown.
+async fn count_connection(metrics: &Metrics, link: &Link, cancel: &CancellationToken) {
     let mut events = link.subscribe();
+    let mut up = false;
+    let mut set_up = |now: bool| {
+        if now != up {
+            up = now;
+            metrics.nats_connected.inc_by(if now { 1 } else { -1 });
+        }
+    };
+    set_up(link.is_connected());
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             ev = events.recv() => match ev {
-                Ok(nats::LinkEvent::Connected) => set_up(true),
-                Ok(nats::LinkEvent::Disconnected) => set_up(false),
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(LinkEvent::Connected) => set_up(true),
+                Ok(LinkEvent::Disconnected) => set_up(false),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    set_up(link.is_connected());
+                }
                 Err(_) => break,
             }
         }

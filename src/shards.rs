@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Extension;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{RunError, Shard};
@@ -26,8 +27,12 @@ use crate::server::{RunError, Shard};
 /// Runs `cfg.workers` shards until `stop` is cancelled (or one of them
 /// fails, which stops the others), then returns once every shard drained.
 /// Binding happens before any shard starts: a port in use is an error here,
-/// not a half-started relay.
-pub fn serve(cfg: Config, stop: CancellationToken) -> Result<(), RunError> {
+/// not a half-started relay. `extension` adds routes to every shard.
+pub fn serve(
+    cfg: Config,
+    extension: Option<Arc<dyn Extension>>,
+    stop: CancellationToken,
+) -> Result<(), RunError> {
     let listeners = bind_all(&cfg).map_err(|source| RunError::Bind {
         addr: cfg.listen,
         source,
@@ -35,12 +40,12 @@ pub fn serve(cfg: Config, stop: CancellationToken) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let mut shard_cfg = cfg;
     shard_cfg.replay_cache_bytes /= listeners.len() as u64;
-    let shard_cfg = Arc::new(shard_cfg);
     let mut threads = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
         let shard = Shard {
             index,
             metrics: metrics.clone(),
+            extension: extension.clone(),
         };
         let cfg = shard_cfg.clone();
         let stop = stop.clone();
@@ -62,7 +67,7 @@ pub fn serve(cfg: Config, stop: CancellationToken) -> Result<(), RunError> {
 
 fn run_shard(
     listener: TcpListener,
-    cfg: Arc<Config>,
+    cfg: Config,
     shard: Shard,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
@@ -72,7 +77,7 @@ fn run_shard(
         .map_err(RunError::Thread)?;
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(RunError::Thread)?;
-        crate::server::run_shard(listener, cfg, shard, stop.clone().cancelled_owned()).await
+        crate::server::run(listener, cfg, shard, stop.clone().cancelled_owned()).await
     });
     if result.is_err() {
         // A stream this relay cannot serve is fatal for every shard.

@@ -1,17 +1,18 @@
 //! Catch-up: when the live path may have missed events (NATS reconnect,
-//! slow consumer, stream leader change), live frames are held node-wide
+//! slow consumer, stream leader change), live frames are held shard-wide
 //! while every subscription re-reads from its last delivered sequence; the
 //! caught-up and held frames are then merged by sequence and delivered.
 
-use bytes::Bytes;
+use super::Upstream;
+use super::dispatcher::{CatchUp, Delivery, Dispatcher, Done};
+use super::topics::TopicKey;
+use crate::client::EndReason;
+use crate::nats::{CatchUpTopic, CaughtUp};
+use crate::sse;
 
-use super::{CatchUp, Cmd, Dispatcher};
-use crate::replay::CatchUpTopic;
-use crate::sse::{self, EndReason};
-
-impl Dispatcher {
+impl<U: Upstream> Dispatcher<U> {
     /// Holds live delivery and re-reads every subscription's events from
-    /// its last delivered sequence (see `replay::Replayer::catch_up`).
+    /// its last delivered sequence.
     pub(super) fn start_catch_up(&mut self, why: &'static str) {
         if self.catch_up.is_some() {
             self.catch_up_again = true;
@@ -19,18 +20,13 @@ impl Dispatcher {
         }
         self.window.stop_all();
         self.epoch += 1;
-        let topics: Vec<CatchUpTopic> = self
+        let topics: Vec<CatchUpTopic<TopicKey>> = self
             .topics
-            .iter()
-            .enumerate()
-            .filter_map(|(t, topic)| {
-                let topic = topic.as_ref().filter(|tp| tp.slot.is_some())?;
-                Some(CatchUpTopic {
-                    topic: t,
-                    uid: topic.uid,
-                    pattern: topic.pattern.clone(),
-                    after: topic.last_seq,
-                })
+            .active()
+            .map(|(key, topic)| CatchUpTopic {
+                key,
+                pattern: topic.pattern.clone(),
+                after: topic.last_seq,
             })
             .collect();
         tracing::info!(reason = why, subscriptions = topics.len(), "catching up");
@@ -40,16 +36,16 @@ impl Dispatcher {
             held: Vec::new(),
         });
         let epoch = self.epoch;
-        let replayer = self.replayer.clone();
-        let nats = self.nats.clone();
-        let cmds = self.cmds.clone();
+        let upstream = self.upstream.clone();
+        let done = self.done.clone();
+        let limit = self.cfg.replay_limit;
         tokio::spawn(async move {
-            let (frames, truncated) = replayer.catch_up(&nats, &topics).await;
-            let _ = cmds.send(Cmd::CaughtUp {
+            let read: Vec<(TopicKey, u64)> = topics.iter().map(|t| (t.key, t.after)).collect();
+            let caught_up = upstream.catch_up(topics, limit).await;
+            let _ = done.send(Done::CaughtUp {
                 epoch,
-                topics,
-                frames,
-                truncated,
+                caught_up,
+                topics: read,
             });
         });
     }
@@ -57,40 +53,41 @@ impl Dispatcher {
     pub(super) async fn caught_up(
         &mut self,
         epoch: u64,
-        topics: Vec<CatchUpTopic>,
-        mut frames: Vec<(u64, usize, Bytes)>,
-        truncated: Vec<usize>,
+        caught_up: CaughtUp<TopicKey>,
+        topics: Vec<(TopicKey, u64)>,
     ) {
         let Some(catch_up) = self.catch_up.take_if(|c| c.epoch == epoch) else {
             return;
         };
-        let alive = |d: &Dispatcher, t: usize, uid: u64| {
-            d.topics[t].as_ref().is_some_and(|tp| tp.uid == uid)
-        };
-        frames.retain(|(_, t, _)| {
-            topics
-                .iter()
-                .any(|c| c.topic == *t && alive(self, *t, c.uid))
-        });
-        for c in &topics {
-            if alive(self, c.topic, c.uid) && !truncated.contains(&c.topic) {
-                self.window.start(c.topic, c.after);
+        let CaughtUp { frames, truncated } = caught_up;
+        // Topics removed meanwhile are dead keys: their frames are dropped.
+        let mut items: Vec<Delivery> = frames
+            .into_iter()
+            .filter(|(_, key, _)| self.topics.get(*key).is_some())
+            .map(|(seq, topic, frame)| Delivery { seq, topic, frame })
+            .collect();
+        for (key, after) in topics {
+            if self.topics.get(key).is_some() && !truncated.contains(&key) {
+                self.window.start(key, after);
             }
         }
         // Topics whose backlog exceeded the replay limit cannot be caught up
         // in memory: their clients resume on their own (with a gap notice).
         let tail = sse::encode_retry(self.cfg.retry_ms);
-        for &t in &truncated {
-            if let Some(tp) = self.topics[t].as_ref() {
-                for (_, q) in &tp.clients {
+        let mut ended = 0;
+        for &key in &truncated {
+            if let Some(topic) = self.topics.get(key) {
+                for (_, q) in &topic.clients {
                     q.close(EndReason::Resync, Some(tail.clone()));
+                    ended += 1;
                 }
             }
         }
-        frames.extend(catch_up.held);
-        frames.sort_by_key(|(seq, _, _)| *seq);
-        tracing::info!(events = frames.len(), "caught up");
-        self.deliver(frames).await;
+        self.count_ends(EndReason::Resync, ended);
+        items.extend(catch_up.held);
+        items.sort_by_key(|d| d.seq);
+        tracing::info!(events = items.len(), "caught up");
+        self.deliver(items).await;
         if std::mem::take(&mut self.catch_up_again) {
             self.start_catch_up("triggered again during catch-up");
         }

@@ -1,21 +1,29 @@
 //! Fan-out: frames in sequence order to every client of their topic, each
 //! event encoded once.
 
-use std::sync::atomic::Ordering;
 use std::task::{Context, Waker};
 
-use bytes::Bytes;
+use super::dispatcher::{Delivery, Dispatcher};
+use super::topics::TopicKey;
+use super::{LiveMessage, Upstream};
+use crate::client::{EndReason, Offer};
+use crate::nats::{event_frame, republished_sequence};
+use crate::sse;
 
-use super::{CATCH_UP_HOLD_LIMIT, DISPATCH_CHUNK, Dispatcher};
-use crate::sse::{self, EndReason, Offer};
+/// Events fanned out between two yields of the dispatcher.
+const DISPATCH_CHUNK: usize = 64;
 
-impl Dispatcher {
-    /// Fans out frames (sorted by sequence) to every client of their topic.
-    /// Between chunks the task yields so the connections it woke can write:
-    /// a burst larger than a client queue must not evict a client that only
-    /// lacked a turn on the CPU. (Outside the co-op budget nothing else
-    /// would make this task yield.)
-    pub(super) async fn deliver(&mut self, items: Vec<(u64, usize, Bytes)>) {
+/// Live frames held during a catch-up before the hub gives up and makes
+/// every client resume on its own.
+pub(super) const CATCH_UP_HOLD_LIMIT: usize = 1_000_000;
+
+impl<U: Upstream> Dispatcher<U> {
+    /// Fans out deliveries (sorted by sequence) to every client of their
+    /// topic. Between chunks the task yields so the connections it woke can
+    /// write: a burst larger than a client queue must not evict a client
+    /// that only lacked a turn on the CPU. (Outside the co-op budget nothing
+    /// else would make this task yield.)
+    pub(super) async fn deliver(&mut self, items: Vec<Delivery>) {
         for (i, chunk) in items.chunks(DISPATCH_CHUNK).enumerate() {
             if i > 0 {
                 tokio::task::yield_now().await;
@@ -24,32 +32,32 @@ impl Dispatcher {
         }
     }
 
-    /// Offers frames (sorted by sequence) to the clients of their topics.
-    pub(super) fn deliver_now(&mut self, items: &[(u64, usize, Bytes)]) {
+    /// Offers deliveries (sorted by sequence) to the clients of their
+    /// topics, or holds them while a catch-up runs.
+    pub(super) fn deliver_now(&mut self, items: &[Delivery]) {
         if let Some(c) = &mut self.catch_up {
             c.held.extend_from_slice(items);
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");
                 self.catch_up = None;
                 let tail = sse::encode_retry(self.cfg.retry_ms);
-                for c in self.clients.values() {
-                    c.queue.close(EndReason::Resync, Some(tail.clone()));
-                }
+                let n = self.clients.close_all(EndReason::Resync, &tail);
+                self.count_ends(EndReason::Resync, n);
             }
             return;
         }
         let mut delivered = 0u64;
         let mut evicted = 0usize;
         let mut max_seq = 0;
-        for (seq, t, frame) in items {
-            let Some(topic) = self.topics[*t].as_mut() else {
+        for d in items {
+            let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
             };
-            topic.last_seq = topic.last_seq.max(*seq);
-            max_seq = max_seq.max(*seq);
-            self.window.push(*t, *seq, frame);
+            topic.last_seq = topic.last_seq.max(d.seq);
+            max_seq = max_seq.max(d.seq);
+            self.window.push(d.topic, d.seq, &d.frame);
             for (_, q) in &topic.clients {
-                match q.offer(*seq, frame) {
+                match q.offer(d.seq, &d.frame) {
                     Offer::Queued => delivered += 1,
                     Offer::Duplicate | Offer::Closed => {}
                     Offer::Full => {
@@ -59,7 +67,7 @@ impl Dispatcher {
                 }
             }
         }
-        self.max_seen.fetch_max(max_seq, Ordering::AcqRel);
+        self.note_seen(max_seq);
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
         if evicted > 0 {
@@ -95,48 +103,22 @@ impl Dispatcher {
     }
 }
 
-/// Turns a merged batch into (seq, topic, frame), sorted by sequence, each
-/// event encoded once even when overlapping topics both received it.
-pub(super) fn encode_batch(
-    batch: &mut Vec<(usize, async_nats::Message)>,
-) -> Vec<(u64, usize, Bytes)> {
-    let mut msgs: Vec<(u64, usize, async_nats::Message)> = batch
+/// Turns a merged batch into deliveries sorted by sequence, each event
+/// encoded once even when overlapping topics both received it.
+pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>) -> Vec<Delivery> {
+    let mut msgs: Vec<(u64, TopicKey, LiveMessage)> = batch
         .drain(..)
-        .filter_map(|(t, m)| sequence(&m).map(|seq| (seq, t, m)))
+        .filter_map(|(t, m)| republished_sequence(&m).map(|seq| (seq, t, m)))
         .collect();
     // Stable: copies of one event from overlapping topics stay adjacent.
     msgs.sort_by_key(|(seq, _, _)| *seq);
-    let mut out: Vec<(u64, usize, Bytes)> = Vec::with_capacity(msgs.len());
-    for (seq, t, m) in msgs {
+    let mut out: Vec<Delivery> = Vec::with_capacity(msgs.len());
+    for (seq, topic, m) in msgs {
         let frame = match out.last() {
-            Some((s, _, f)) if *s == seq => f.clone(),
-            _ => sse::encode_event(seq, event_name(&m), &m.payload),
+            Some(d) if d.seq == seq => d.frame.clone(),
+            _ => event_frame(seq, &m),
         };
-        out.push((seq, t, frame));
+        out.push(Delivery { seq, topic, frame });
     }
     out
-}
-
-/// The JetStream sequence RePublish puts in `Nats-Sequence`. A message
-/// without it was not republished by the stream and has no resumable id.
-fn sequence(msg: &async_nats::Message) -> Option<u64> {
-    let seq = msg
-        .headers
-        .as_ref()?
-        .get("Nats-Sequence")?
-        .as_str()
-        .parse()
-        .ok();
-    if seq.is_none() {
-        tracing::warn!(subject = %msg.subject, "message without a valid Nats-Sequence ignored");
-    }
-    seq
-}
-
-fn event_name(msg: &async_nats::Message) -> Option<&str> {
-    msg.headers
-        .as_ref()?
-        .get("Sse-Event")
-        .map(|v| v.as_str())
-        .filter(|s| !s.is_empty())
 }

@@ -1,59 +1,74 @@
 //! Resumes served by the hub: from the memory window, or after a single
 //! read that fills a cold window for every concurrent resume of a topic.
+//! Anything else goes back to the session as [`Backfill::FromStream`].
 
-use std::sync::atomic::Ordering;
+use super::dispatcher::{Dispatcher, Done};
+use super::topics::{Fill, TopicKey};
+use super::{Backfill, Upstream};
+use crate::client::ClientId;
+use crate::nats::Stored;
 
-use bytes::Bytes;
-
-use super::{Cmd, Dispatcher, Fill};
-use crate::metrics::Source;
-
-impl Dispatcher {
+impl<U: Upstream> Dispatcher<U> {
     /// Every subscription of client `id` is active: serve its resume from
-    /// the window if it can, and answer the join.
-    pub(super) fn answer(&mut self, id: u64) {
-        let Some(c) = self.clients.get_mut(&id) else {
+    /// the window if it can (or park it behind a fill), and answer the join.
+    pub(super) fn answer_join(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get_mut(id) else {
             return;
         };
-        let Some(reply) = c.reply.take() else { return };
-        let needs_replay = match c.resume {
-            None => false,
-            Some(after) => {
-                if self.resume_from_window(id, after) {
-                    false
-                } else if self.wait_for_fill(id, after) {
-                    // Answered when the fill lands.
-                    if let Some(c) = self.clients.get_mut(&id) {
-                        c.reply = Some(reply);
-                    }
-                    return;
-                } else {
-                    true
-                }
+        let Some(after) = c.resume else {
+            if let Some(reply) = c.reply.take() {
+                let _ = reply.send(Ok(Backfill::Done));
             }
+            return;
         };
-        let _ = reply.send(Ok(needs_replay));
+        let served = self.resume_from_window(id, after);
+        if !served && self.wait_for_fill(id, after) {
+            return; // answered when the fill lands
+        }
+        self.answer_resume(id, after, served);
+    }
+
+    /// Answers a resume's join: done if the window served it, else the
+    /// session reads the stream.
+    fn answer_resume(&mut self, id: ClientId, after: u64, served: bool) {
+        let Some(reply) = self.clients.get_mut(id).and_then(|c| c.reply.take()) else {
+            return;
+        };
+        let backfill = if served {
+            Backfill::Done
+        } else {
+            Backfill::FromStream { after }
+        };
+        let _ = reply.send(Ok(backfill));
+    }
+
+    /// The most a resume from memory may replay: larger ones go through
+    /// JetStream, which is flow-controlled, and so do resumes beyond the
+    /// replay limit (which report a gap).
+    fn fits_in_memory(&self, events: u64, span: u64) -> bool {
+        let limit = self.cfg.replay_limit;
+        events <= (self.cfg.client_queue / 2) as u64 && (limit == 0 || span.max(events) <= limit)
     }
 
     /// Parks a resume of a single-topic client behind a fill of the
     /// topic's window back to `after`, starting one if none runs. False when
     /// the resume should read JetStream on its own.
-    pub(super) fn wait_for_fill(&mut self, id: u64, after: u64) -> bool {
-        if self.catch_up.is_some() || self.suspect {
+    fn wait_for_fill(&mut self, id: ClientId, after: u64) -> bool {
+        if !self.live_is_whole() {
             return false;
         }
-        let c = &self.clients[&id];
-        let [t] = c.topics[..] else { return false };
-        let Some(covered) = self.window.covered_from(t) else {
+        let Some(c) = self.clients.get(id) else {
+            return false;
+        };
+        let [key] = c.topics[..] else { return false };
+        let Some(covered) = self.window.covered_from(key) else {
             return false;
         };
         // Only what a memory resume may then serve (see resume_from_window).
-        let most = (self.cfg.client_queue / 2) as u64;
-        let limit = self.replayer.limit;
-        if after >= covered || covered - after > most || (limit > 0 && covered - after > limit) {
+        if after >= covered || !self.fits_in_memory(covered - after, covered - after) {
             return false;
         }
-        let Some(topic) = self.topics[t].as_mut() else {
+        let Some(topic) = self.topics.get_mut(key) else {
             return false;
         };
         if let Some(fill) = &mut topic.fill {
@@ -67,14 +82,13 @@ impl Dispatcher {
             from: after,
             waiters: vec![id],
         });
-        let (uid, pattern) = (topic.uid, topic.pattern.clone());
-        let replayer = self.replayer.clone();
-        let cmds = self.cmds.clone();
+        let pattern = topic.pattern.clone();
+        let upstream = self.upstream.clone();
+        let done = self.done.clone();
         tokio::spawn(async move {
-            let frames = replayer.read(&pattern, after, covered).await.ok();
-            let _ = cmds.send(Cmd::Filled {
-                topic: t,
-                uid,
+            let frames = upstream.read(&pattern, after, covered).await.ok();
+            let _ = done.send(Done::Filled {
+                topic: key,
                 from: after,
                 to: covered,
                 frames,
@@ -85,67 +99,59 @@ impl Dispatcher {
 
     pub(super) fn filled(
         &mut self,
-        t: usize,
-        uid: u64,
+        key: TopicKey,
         from: u64,
         to: u64,
-        frames: Option<Vec<(u64, Bytes)>>,
+        frames: Option<Vec<Stored>>,
     ) {
-        let Some(topic) = self.topics[t].as_mut().filter(|tp| tp.uid == uid) else {
+        let Some(topic) = self.topics.get_mut(key) else {
             return;
         };
         let waiters = topic.fill.take().map(|f| f.waiters).unwrap_or_default();
         if let Some(frames) = frames {
-            self.window.prepend(t, from, to, frames);
+            self.window.prepend(key, from, to, frames);
         }
         for id in waiters {
-            let Some(c) = self.clients.get_mut(&id) else {
-                continue;
-            };
-            let (Some(reply), Some(after)) = (c.reply.take(), c.resume) else {
+            let Some(after) = self.clients.get(id).and_then(|c| c.resume) else {
                 continue;
             };
             let served = self.resume_from_window(id, after);
-            let _ = reply.send(Ok(!served));
+            self.answer_resume(id, after, served);
         }
     }
 
-    pub(super) fn resume_from_window(&mut self, id: u64, after: u64) -> bool {
-        if self.catch_up.is_some() || self.suspect {
+    /// Replays the client's history from the window and releases its hold,
+    /// if the window holds all of it and it is small enough.
+    fn resume_from_window(&mut self, id: ClientId, after: u64) -> bool {
+        if !self.live_is_whole() {
             return false;
         }
-        let c = &self.clients[&id];
+        let Some(c) = self.clients.get(id) else {
+            return false;
+        };
         let mut total = 0;
-        for &t in &c.topics {
-            match self.window.count_after(t, after) {
+        for &key in &c.topics {
+            match self.window.count_after(key, after) {
                 Some(n) => total += n,
                 None => return false,
             }
         }
-        // Large resumes go through JetStream, which is flow-controlled, and
-        // so do resumes beyond the replay limit (which report a gap).
         // The limit counts stream sequences, as the JetStream path does, up
-        // to the last one this node knows of.
-        let limit = self.replayer.limit;
-        let span = self.max_seen.load(Ordering::Acquire).saturating_sub(after);
-        if total > self.cfg.client_queue / 2 || (limit > 0 && span.max(total as u64) > limit) {
+        // to the last one this shard knows of.
+        let span = self.seen().saturating_sub(after);
+        if !self.fits_in_memory(total as u64, span) {
             return false;
         }
         let mut frames = Vec::with_capacity(total);
-        for &t in &c.topics {
-            self.window.frames_after(t, after, &mut frames);
+        for &key in &c.topics {
+            self.window.frames_after(key, after, &mut frames);
         }
         frames.sort_by_key(|(seq, _)| *seq);
         for (seq, f) in &frames {
             c.queue.replay(*seq, f);
         }
         c.queue.release();
-        let source = Source { source: "memory" };
-        self.metrics.replay_requests.get_or_create(&source).inc();
-        self.metrics
-            .replayed
-            .get_or_create(&source)
-            .inc_by(frames.len() as u64);
+        self.metrics.count_resume("memory", frames.len() as u64);
         true
     }
 }

@@ -1,16 +1,178 @@
-//! Topics: one shared NATS subscription per distinct pattern, created on
-//! first use and dropped when its last client leaves, and the clients that
-//! join and leave them.
+//! Topics and clients: one shared subscription per distinct pattern, created
+//! on first use and dropped when its last client leaves, and the clients
+//! that join and leave them.
+//!
+//! Topics live in a generational slot map: a task answering for a topic
+//! that was removed meanwhile (its slot perhaps reused) finds its key dead
+//! and is ignored, with no uid to compare by hand.
 
 use std::cmp::Reverse;
-use std::sync::atomic::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::Subscriber;
+use bytes::Bytes;
+use slotmap::SlotMap;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use super::{Client, Cmd, Dispatcher, JoinError, JoinRequest, SUBSCRIBE_TIMEOUT, Topic};
-use crate::sse::{self, EndReason};
+use super::dispatcher::{Dispatcher, Done};
+use super::{Backfill, JoinError, JoinRequest, Upstream};
+use crate::client::{ClientId, ClientQueue, EndReason};
+use crate::sse;
 
-impl Dispatcher {
+/// How long subscribing (SUB + flush round trip) may take before a join fails.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+slotmap::new_key_type! {
+    /// A topic; dead once the topic is removed, even if its slot is reused.
+    pub(super) struct TopicKey;
+}
+
+pub(super) struct Topic {
+    pub(super) pattern: String,
+    /// The merge slot once the subscription is active.
+    pub(super) slot: Option<usize>,
+    pub(super) clients: Vec<(ClientId, Arc<ClientQueue>)>,
+    /// Clients whose join waits for this subscription to become active.
+    pub(super) waiting: Vec<ClientId>,
+    /// Last sequence delivered for this pattern: where a catch-up starts.
+    pub(super) last_seq: u64,
+    /// A read that extends the window back, and the resumes waiting on it.
+    pub(super) fill: Option<Fill>,
+}
+
+/// Single flight for resumes that reach back past a topic's window: the
+/// first one reads the missing range once into the window, the others wait
+/// for it instead of each opening a JetStream consumer (a reconnect storm
+/// on a shard that has just started).
+pub(super) struct Fill {
+    pub(super) from: u64,
+    pub(super) waiters: Vec<ClientId>,
+}
+
+/// Every topic, by key and by pattern.
+#[derive(Default)]
+pub(super) struct Topics {
+    map: SlotMap<TopicKey, Topic>,
+    by_pattern: HashMap<String, TopicKey>,
+}
+
+impl Topics {
+    pub(super) fn find(&self, pattern: &str) -> Option<TopicKey> {
+        self.by_pattern.get(pattern).copied()
+    }
+
+    fn insert(&mut self, pattern: String) -> TopicKey {
+        let key = self.map.insert(Topic {
+            pattern: pattern.clone(),
+            slot: None,
+            clients: Vec::new(),
+            waiting: Vec::new(),
+            last_seq: 0,
+            fill: None,
+        });
+        self.by_pattern.insert(pattern, key);
+        key
+    }
+
+    pub(super) fn get(&self, key: TopicKey) -> Option<&Topic> {
+        self.map.get(key)
+    }
+
+    pub(super) fn get_mut(&mut self, key: TopicKey) -> Option<&mut Topic> {
+        self.map.get_mut(key)
+    }
+
+    fn remove(&mut self, key: TopicKey) -> Option<Topic> {
+        let topic = self.map.remove(key)?;
+        self.by_pattern.remove(&topic.pattern);
+        Some(topic)
+    }
+
+    /// Topics whose subscription is active.
+    pub(super) fn active(&self) -> impl Iterator<Item = (TopicKey, &Topic)> {
+        self.map.iter().filter(|(_, t)| t.slot.is_some())
+    }
+}
+
+pub(super) struct Client {
+    pub(super) queue: Arc<ClientQueue>,
+    pub(super) topics: Vec<TopicKey>,
+    /// Subscriptions still being set up before the join can be answered.
+    pub(super) pending: usize,
+    pub(super) resume: Option<u64>,
+    pub(super) reply: Option<oneshot::Sender<Result<Backfill, JoinError>>>,
+}
+
+/// Every client, and the one heap of token deadlines that serves them all.
+#[derive(Default)]
+pub(super) struct Clients {
+    map: HashMap<ClientId, Client>,
+    /// Entries of clients that already left are skipped, and compacted away
+    /// once they outnumber the living (long tokens and much churn would
+    /// otherwise grow the heap without bound).
+    expiries: BinaryHeap<Reverse<(Instant, ClientId)>>,
+}
+
+impl Clients {
+    fn insert(&mut self, id: ClientId, client: Client, deadline: Instant) {
+        self.map.insert(id, client);
+        self.expiries.push(Reverse((deadline, id)));
+    }
+
+    fn remove(&mut self, id: ClientId) -> Option<Client> {
+        let c = self.map.remove(&id)?;
+        if self.expiries.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.expiries
+                .retain(|Reverse((_, id))| map.contains_key(id));
+        }
+        Some(c)
+    }
+
+    pub(super) fn get(&self, id: ClientId) -> Option<&Client> {
+        self.map.get(&id)
+    }
+
+    pub(super) fn get_mut(&mut self, id: ClientId) -> Option<&mut Client> {
+        self.map.get_mut(&id)
+    }
+
+    pub(super) fn queues(&self) -> impl Iterator<Item = &Arc<ClientQueue>> {
+        self.map.values().map(|c| &c.queue)
+    }
+
+    pub(super) fn next_expiry(&self) -> Option<Instant> {
+        self.expiries.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Ends the streams whose deadline is at or before `now` with `tail`.
+    pub(super) fn close_expired(&mut self, now: Instant, tail: &Bytes) -> usize {
+        let mut n = 0;
+        while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop();
+            if let Some(c) = self.map.get(&id) {
+                c.queue.close(EndReason::Expired, Some(tail.clone()));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends every stream with `tail`.
+    pub(super) fn close_all(&self, reason: EndReason, tail: &Bytes) -> usize {
+        for q in self.queues() {
+            q.close(reason, Some(tail.clone()));
+        }
+        self.map.len()
+    }
+}
+
+impl<U: Upstream> Dispatcher<U> {
     pub(super) fn join(&mut self, req: JoinRequest) {
         let JoinRequest {
             id,
@@ -21,24 +183,23 @@ impl Dispatcher {
             reply,
         } = req;
         let mut client = Client {
-            queue: queue.clone(),
+            queue,
             topics: Vec::with_capacity(patterns.len()),
             pending: 0,
             resume,
             reply: Some(reply),
         };
         for p in patterns {
-            let t = self.topic_for(p);
-            let topic = self.topics[t].as_mut().expect("live topic");
+            let key = self.topic_for(p);
+            let topic = self.topics.get_mut(key).expect("just found or made");
             if topic.slot.is_none() {
                 topic.waiting.push(id);
                 client.pending += 1;
             }
-            client.topics.push(t);
+            client.topics.push(key);
         }
         let ready = client.pending == 0;
-        self.clients.insert(id, client);
-        self.expiries.push(Reverse((deadline, id)));
+        self.clients.insert(id, client, deadline);
         self.metrics.connections.inc();
         self.metrics.connections_total.inc();
         if ready {
@@ -48,140 +209,103 @@ impl Dispatcher {
 
     /// Every subscription of client `id` is active: add it to all its topics
     /// at once (so it never sees one topic's events without the other's),
-    /// serve its resume from the window if it can, and answer the join.
-    pub(super) fn activate(&mut self, id: u64) {
-        let Some(c) = self.clients.get(&id) else {
+    /// then serve its resume and answer the join.
+    fn activate(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get(id) else {
             return;
         };
-        for &t in &c.topics {
-            if let Some(topic) = self.topics[t].as_mut() {
+        for &key in &c.topics {
+            if let Some(topic) = self.topics.get_mut(key) {
                 topic.clients.push((id, c.queue.clone()));
             }
         }
-        self.answer(id);
+        self.answer_join(id);
     }
 
     /// Finds the topic for `pattern`, creating it (and starting its
     /// subscription) on first use.
-    pub(super) fn topic_for(&mut self, pattern: String) -> usize {
-        if let Some(&t) = self.by_pattern.get(&pattern) {
-            return t;
+    fn topic_for(&mut self, pattern: String) -> TopicKey {
+        if let Some(key) = self.topics.find(&pattern) {
+            return key;
         }
-        let uid = self.next_uid;
-        self.next_uid += 1;
-        let t = self.free_topics.pop().unwrap_or_else(|| {
-            self.topics.push(None);
-            self.topics.len() - 1
-        });
-        let live = self
-            .scope
-            .live_subject(&pattern)
-            .expect("routes only admit patterns inside the republish source");
-        let nats = self.nats.clone();
-        let cmds = self.cmds.clone();
-        let replayer = self.replayer.clone();
+        let key = self.topics.insert(pattern.clone());
+        let upstream = self.upstream.clone();
+        let done = self.done.clone();
         tokio::spawn(async move {
-            let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
-                let sub = nats.subscribe(live).await.map_err(|e| e.to_string())?;
-                // Once the server answers the flush it has the SUB: every
-                // event republished from now on reaches this subscription.
-                nats.flush().await.map_err(|e| e.to_string())?;
-                // So everything after the stream's current last sequence
-                // will be seen: the memory window is whole from there.
-                let covered = replayer.last_sequence().await.ok();
-                Ok((sub, covered))
-            })
-            .await
-            .unwrap_or_else(|_| Err("timed out".to_string()));
-            let _ = cmds.send(Cmd::Subscribed {
-                topic: t,
-                uid,
-                result,
-            });
+            let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, upstream.subscribe(&pattern))
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_string()));
+            let _ = done.send(Done::Subscribed { topic: key, result });
         });
-        self.by_pattern.insert(pattern.clone(), t);
-        self.topics[t] = Some(Topic {
-            uid,
-            pattern,
-            slot: None,
-            clients: Vec::new(),
-            waiting: Vec::new(),
-            last_seq: 0,
-            fill: None,
-        });
-        t
+        key
     }
 
     pub(super) fn subscribed(
         &mut self,
-        t: usize,
-        uid: u64,
-        result: Result<(Subscriber, Option<u64>), String>,
+        key: TopicKey,
+        result: Result<(U::Live, Option<u64>), String>,
     ) {
-        let Some(topic) = self.topics.get_mut(t).and_then(Option::as_mut) else {
+        let whole = self.live_is_whole();
+        let seen = self.seen();
+        let Some(topic) = self.topics.get_mut(key) else {
             return;
         };
-        if topic.uid != uid {
-            return;
-        }
-        match result {
-            Ok((sub, covered)) => {
-                // The stream's last sequence is known now: resumes up to it
-                // need no JetStream request to be validated, and new
-                // clients start after it.
-                if let Some(c) = covered {
-                    self.max_seen.fetch_max(c, Ordering::AcqRel);
-                }
-                let seen = self.max_seen.load(Ordering::Acquire);
-                topic.last_seq = covered.unwrap_or(seen).max(seen);
-                // The window is whole from `covered` on: start it before the
-                // first of this subscription's events is delivered.
-                if let Some(from) = covered.filter(|_| self.catch_up.is_none() && !self.suspect) {
-                    self.window.start(t, from);
-                }
-                topic.slot = Some(self.merge.insert(t, sub));
-                self.metrics.subscriptions.inc();
-                self.drain_merge();
-                let Some(topic) = self.topics[t].as_mut().filter(|tp| tp.uid == uid) else {
-                    return;
-                };
-                tracing::debug!(pattern = %topic.pattern, "subscribed");
-                let waiting = std::mem::take(&mut topic.waiting);
-                let empty = topic.clients.is_empty() && waiting.is_empty();
-                for id in waiting {
-                    if let Some(c) = self.clients.get_mut(&id) {
-                        c.pending -= 1;
-                        if c.pending == 0 {
-                            self.activate(id);
-                        }
-                    }
-                }
-                if empty {
-                    self.remove_topic(t);
-                }
-            }
+        let (sub, covered) = match result {
+            Ok(ok) => ok,
             Err(e) => {
-                tracing::warn!(pattern = %topic.pattern, error = %e, "subscribe failed");
-                let clients = std::mem::take(&mut topic.waiting);
-                for id in clients {
-                    if let Some(c) = self.clients.get_mut(&id) {
-                        if let Some(r) = c.reply.take() {
-                            let _ = r.send(Err(JoinError::Subscribe(e.clone())));
-                        }
+                tracing::warn!(pattern = ?topic.pattern, error = %e, "subscribe failed");
+                let waiting = std::mem::take(&mut topic.waiting);
+                // Forgotten at once, so the next join subscribes afresh.
+                self.remove_topic(key);
+                for id in waiting {
+                    if let Some(r) = self.clients.get_mut(id).and_then(|c| c.reply.take()) {
+                        let _ = r.send(Err(JoinError::Subscribe(e.clone())));
                     }
                     self.leave(id);
                 }
+                return;
             }
+        };
+        // The stream's last sequence is known now: resumes up to it need no
+        // JetStream request to be validated, and new clients start after it.
+        topic.last_seq = covered.unwrap_or(seen).max(seen);
+        topic.slot = Some(self.merge.insert(key, sub));
+        if let Some(c) = covered {
+            self.note_seen(c);
+            // The window is whole from `covered` on: start it before the
+            // first of this subscription's events is delivered.
+            if whole {
+                self.window.start(key, c);
+            }
+        }
+        self.metrics.subscriptions.inc();
+        self.drain_merge();
+        let Some(topic) = self.topics.get_mut(key) else {
+            return;
+        };
+        tracing::debug!(pattern = ?topic.pattern, "subscribed");
+        let waiting = std::mem::take(&mut topic.waiting);
+        let empty = topic.clients.is_empty() && waiting.is_empty();
+        for id in waiting {
+            if let Some(c) = self.clients.get_mut(id) {
+                c.pending -= 1;
+                if c.pending == 0 {
+                    self.activate(id);
+                }
+            }
+        }
+        if empty {
+            self.remove_topic(key);
         }
     }
 
-    pub(super) fn leave(&mut self, id: u64) {
-        let Some(client) = self.clients.remove(&id) else {
+    pub(super) fn leave(&mut self, id: ClientId) {
+        let Some(client) = self.clients.remove(id) else {
             return;
         };
         self.metrics.connections.dec();
-        for t in client.topics {
-            let Some(topic) = self.topics[t].as_mut() else {
+        for key in client.topics {
+            let Some(topic) = self.topics.get_mut(key) else {
                 continue;
             };
             if let Some(i) = topic.clients.iter().position(|(c, _)| *c == id) {
@@ -190,13 +314,13 @@ impl Dispatcher {
             topic.waiting.retain(|c| *c != id);
             // A topic still subscribing is removed when its answer arrives.
             if topic.clients.is_empty() && topic.waiting.is_empty() && topic.slot.is_some() {
-                self.remove_topic(t);
+                self.remove_topic(key);
             }
         }
     }
 
-    pub(super) fn remove_topic(&mut self, t: usize) {
-        let Some(topic) = self.topics[t].take() else {
+    fn remove_topic(&mut self, key: TopicKey) {
+        let Some(topic) = self.topics.remove(key) else {
             return;
         };
         if let Some(slot) = topic.slot {
@@ -204,21 +328,19 @@ impl Dispatcher {
             drop(self.merge.remove(slot));
             self.metrics.subscriptions.dec();
         }
-        self.window.stop(t);
-        self.by_pattern.remove(&topic.pattern);
-        self.free_topics.push(t);
-        tracing::debug!(pattern = %topic.pattern, "unsubscribed");
+        self.window.stop(key);
+        tracing::debug!(pattern = ?topic.pattern, "unsubscribed");
     }
 
     /// The subscription's channel closed (the NATS client shut down): its
     /// clients cannot be kept whole, so they end and resume elsewhere.
-    pub(super) fn subscription_ended(&mut self, t: usize) {
-        let Some(topic) = self.topics[t].as_mut() else {
+    pub(super) fn subscription_ended(&mut self, key: TopicKey) {
+        let Some(topic) = self.topics.get_mut(key) else {
             return;
         };
         topic.slot = None;
         self.metrics.subscriptions.dec();
-        self.window.stop(t);
+        self.window.stop(key);
         let tail = sse::encode_retry(self.cfg.retry_ms);
         for (_, q) in &topic.clients {
             q.close(EndReason::Resync, Some(tail.clone()));

@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::routes::App;
-use crate::sse::SseBody;
+use crate::app::App;
+use crate::client::SseBody;
 
 /// Largest request head accepted (431 beyond).
 const MAX_HEAD: usize = 16 * 1024;
@@ -35,7 +35,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one connection until it closes, the peer goes, or shutdown.
-pub async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationToken) {
+pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationToken) {
     let mut pending: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
@@ -59,7 +59,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationTok
             };
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
+                async move { Ok::<_, std::convert::Infallible>(super::handle(app, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
@@ -76,7 +76,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationTok
         let keep_alive = head.keep_alive;
         // Boxed: the routing future is large and lives only until the
         // response starts; unboxed it would size this task for its life.
-        let res = Box::pin(app.clone().handle(head.req)).await;
+        let res = Box::pin(super::handle(app.clone(), head.req)).await;
         let Rendered {
             bytes,
             stream: body,
@@ -411,7 +411,8 @@ mod tests {
             live: Default::default(),
             link: Default::default(),
             draining: Default::default(),
-            demo_page: None,
+            tasks: Default::default(),
+            extension: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())
@@ -420,7 +421,7 @@ mod tests {
         let size = std::mem::size_of_val(&serve(app, stream, CancellationToken::new()));
         println!(
             "connection future: {size} bytes; client queue: {} bytes",
-            std::mem::size_of::<crate::sse::ClientQueue>()
+            std::mem::size_of::<crate::client::ClientQueue>()
         );
         assert!(size <= 1024, "connection future grew to {size} bytes");
     }

@@ -29,12 +29,13 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::Stream;
 use futures_util::task::AtomicWaker;
+use slab::Slab;
 
 /// Upper bound on one batch, so a flood cannot grow a batch without end.
 /// Reached only when the connection task outruns the dispatcher for this
 /// many messages; ordering then holds per batch boundary in practice since
 /// the dispatcher drains much faster than a socket parses.
-pub const MAX_BATCH: usize = 65_536;
+pub(crate) const MAX_BATCH: usize = 65_536;
 
 #[derive(Default)]
 struct ReadyList {
@@ -73,9 +74,8 @@ struct Slot<S, K> {
 
 /// A set of streams merged into ordered batches; `K` tags each item with the
 /// slot's key (the hub uses the topic id).
-pub struct MergeSet<S, K> {
-    slots: Vec<Option<Slot<S, K>>>,
-    free: Vec<usize>,
+pub(crate) struct MergeSet<S, K> {
+    slots: Slab<Slot<S, K>>,
     list: Arc<ReadyList>,
     taken: Vec<usize>,
 }
@@ -83,8 +83,7 @@ pub struct MergeSet<S, K> {
 impl<S, K> Default for MergeSet<S, K> {
     fn default() -> Self {
         MergeSet {
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::new(),
             list: Arc::default(),
             taken: Vec::new(),
         }
@@ -93,11 +92,8 @@ impl<S, K> Default for MergeSet<S, K> {
 
 impl<S: Stream + Unpin, K: Copy> MergeSet<S, K> {
     /// Adds a stream; it is polled in the next batch.
-    pub fn insert(&mut self, key: K, stream: S) -> usize {
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(None);
-            self.slots.len() - 1
-        });
+    pub(crate) fn insert(&mut self, key: K, stream: S) -> usize {
+        let slot = self.slots.vacant_key();
         let waker = Arc::new(SlotWaker {
             slot,
             queued: AtomicBool::new(false),
@@ -105,21 +101,18 @@ impl<S: Stream + Unpin, K: Copy> MergeSet<S, K> {
         });
         // Queue it once so that anything already in its channel is drained.
         waker.wake_by_ref();
-        self.slots[slot] = Some(Slot { stream, key, waker });
-        slot
+        self.slots.insert(Slot { stream, key, waker })
     }
 
     /// Removes and returns the stream in `slot`.
-    pub fn remove(&mut self, slot: usize) -> Option<S> {
-        let s = self.slots.get_mut(slot)?.take()?;
-        self.free.push(slot);
-        Some(s.stream)
+    pub(crate) fn remove(&mut self, slot: usize) -> Option<S> {
+        self.slots.try_remove(slot).map(|s| s.stream)
     }
 
     /// Collects every ready item into `out` (unsorted) and returns Ready when
     /// at least one item or an ended stream was found. Ended streams are
     /// reported in `ended` by key and removed.
-    pub fn poll_batch(
+    pub(crate) fn poll_batch(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut Vec<(K, S::Item)>,
@@ -141,7 +134,7 @@ impl<S: Stream + Unpin, K: Copy> MergeSet<S, K> {
             }
             let mut taken = std::mem::take(&mut self.taken);
             for &idx in &taken {
-                let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                let Some(slot) = self.slots.get_mut(idx) else {
                     continue;
                 };
                 // Clear before polling: a message pushed while we drain
@@ -154,8 +147,7 @@ impl<S: Stream + Unpin, K: Copy> MergeSet<S, K> {
                         Poll::Ready(Some(item)) => out.push((slot.key, item)),
                         Poll::Ready(None) => {
                             ended.push(slot.key);
-                            self.slots[idx] = None;
-                            self.free.push(idx);
+                            self.slots.remove(idx);
                             break;
                         }
                         Poll::Pending => break,

@@ -10,6 +10,7 @@
 //! missed something (NATS reconnect), until catch-up makes it whole again.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -29,15 +30,15 @@ struct Ring {
 }
 
 /// Per-topic rings of recent frames under one byte budget.
-pub struct Window {
-    rings: HashMap<usize, Ring>,
-    lru: LruCache<usize, ()>,
+pub(crate) struct Window<K> {
+    rings: HashMap<K, Ring>,
+    lru: LruCache<K, ()>,
     bytes: usize,
     cap: usize,
 }
 
-impl Window {
-    pub fn new(cap_bytes: u64) -> Self {
+impl<K: Hash + Eq + Copy> Window<K> {
+    pub(crate) fn new(cap_bytes: u64) -> Self {
         Window {
             rings: HashMap::new(),
             lru: LruCache::unbounded(),
@@ -48,7 +49,7 @@ impl Window {
 
     /// Starts (or restarts) coverage of `topic`: every frame above
     /// `covered_from` will be pushed.
-    pub fn start(&mut self, topic: usize, covered_from: u64) {
+    pub(crate) fn start(&mut self, topic: K, covered_from: u64) {
         self.stop(topic);
         if self.cap == 0 {
             return;
@@ -64,21 +65,21 @@ impl Window {
     }
 
     /// Forgets `topic`'s frames and coverage.
-    pub fn stop(&mut self, topic: usize) {
+    pub(crate) fn stop(&mut self, topic: K) {
         if let Some(r) = self.rings.remove(&topic) {
             self.bytes -= r.bytes;
             self.lru.pop(&topic);
         }
     }
 
-    pub fn stop_all(&mut self) {
+    pub(crate) fn stop_all(&mut self) {
         self.rings.clear();
         self.lru.clear();
         self.bytes = 0;
     }
 
     /// Records a frame of `topic` (in sequence order).
-    pub fn push(&mut self, topic: usize, seq: u64, frame: &Bytes) {
+    pub(crate) fn push(&mut self, topic: K, seq: u64, frame: &Bytes) {
         let Some(r) = self.rings.get_mut(&topic) else {
             return;
         };
@@ -113,7 +114,7 @@ impl Window {
     }
 
     /// The sequence above which `topic`'s ring is whole, if it has one.
-    pub fn covered_from(&self, topic: usize) -> Option<u64> {
+    pub(crate) fn covered_from(&self, topic: K) -> Option<u64> {
         self.rings.get(&topic).map(|r| r.covered_from)
     }
 
@@ -121,7 +122,7 @@ impl Window {
     /// `(from, to]`, in order, and the ring must be whole from `to` (else
     /// nothing changes). The budget still applies: the oldest frames may be
     /// evicted again at once.
-    pub fn prepend(&mut self, topic: usize, from: u64, to: u64, frames: Vec<(u64, Bytes)>) {
+    pub(crate) fn prepend(&mut self, topic: K, from: u64, to: u64, frames: Vec<(u64, Bytes)>) {
         let Some(r) = self.rings.get_mut(&topic) else {
             return;
         };
@@ -141,7 +142,7 @@ impl Window {
 
     /// How many frames of `topic` are above `after`, or None when the ring
     /// does not reach back that far (the caller must read the stream).
-    pub fn count_after(&self, topic: usize, after: u64) -> Option<usize> {
+    pub(crate) fn count_after(&self, topic: K, after: u64) -> Option<usize> {
         let r = self.rings.get(&topic)?;
         if r.covered_from > after {
             return None;
@@ -150,7 +151,7 @@ impl Window {
     }
 
     /// Appends the frames of `topic` above `after` to `out`.
-    pub fn frames_after(&mut self, topic: usize, after: u64, out: &mut Vec<(u64, Bytes)>) {
+    pub(crate) fn frames_after(&mut self, topic: K, after: u64, out: &mut Vec<(u64, Bytes)>) {
         if let Some(r) = self.rings.get(&topic) {
             let i = r.frames.partition_point(|(s, _)| *s <= after);
             out.extend(r.frames.range(i..).cloned());
@@ -158,7 +159,8 @@ impl Window {
         }
     }
 
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bytes
     }
 }

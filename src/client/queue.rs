@@ -1,0 +1,365 @@
+//! One client's bounded queue of encoded frames: filled by the hub (live),
+//! by a resume's replay (history), drained by the response body.
+//!
+//! The queue is where a client's ids are kept strictly increasing: it
+//! refuses any sequence at or below the last one it took, so overlapping
+//! subscriptions deliver once, and a resume's held live frames are released
+//! after the replayed ones with no duplicate at the seam.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest chunk handed to the socket at once when coalescing frames.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// A queue keeps at most this many slots of capacity once it drains, so a
+/// burst does not pin memory to an idle connection.
+const IDLE_CAPACITY: usize = 16;
+
+/// Why a stream ends; the closing party, named in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The queue was full: the client reads slower than events arrive.
+    Slow,
+    /// The token's `exp` (plus leeway) has passed.
+    Expired,
+    /// The relay is shutting down; the client should reconnect elsewhere.
+    Shutdown,
+    /// The relay could not keep the client's history whole (e.g. its NATS
+    /// subscription failed); the client resumes by Last-Event-ID.
+    Resync,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Slow => "evicted: slow",
+            EndReason::Expired => "token expired",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Resync => "resync",
+        }
+    }
+}
+
+/// Outcome of offering a frame to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// The client already has this sequence (overlapping subjects).
+    Duplicate,
+    /// The queue is full; the caller must end this client.
+    Full,
+    /// The stream has already ended.
+    Closed,
+}
+
+/// One client's bounded queue of encoded frames, filled by the hub and drained
+/// by the response body. A std `Mutex` is right here: it is never held across
+/// an await and the critical sections are a few pointer moves.
+#[derive(Debug)]
+pub struct ClientQueue {
+    state: Mutex<QueueState>,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    frames: VecDeque<Bytes>,
+    /// Highest event id queued so far: ids must strictly increase.
+    last_seq: u64,
+    /// Set when the stream must end after `tail` (if any) is written.
+    end: Option<EndReason>,
+    tail: Option<Bytes>,
+    waker: Option<Waker>,
+    /// While a resume replays history, live frames wait here (bounded by
+    /// the capacity) and are released after the replayed ones.
+    held: Option<VecDeque<(u64, Bytes)>>,
+    /// The replay writer waiting for room in `frames`.
+    space_waker: Option<Waker>,
+}
+
+impl ClientQueue {
+    pub fn new(capacity: usize, last_seq: u64) -> Self {
+        ClientQueue {
+            state: Mutex::new(QueueState {
+                last_seq,
+                ..QueueState::default()
+            }),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A panic while holding this lock cannot leave the queue inconsistent
+        // (every critical section is a single push/pop), so poison is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A queue that holds live frames until [`ClientQueue::release`]: for a
+    /// client resuming after `last_seq`.
+    pub fn held(capacity: usize, last_seq: u64) -> Self {
+        let q = ClientQueue::new(capacity, last_seq);
+        q.lock().held = Some(VecDeque::new());
+        q
+    }
+
+    /// Queues an event frame with sequence `seq` unless the client already has it.
+    pub fn offer(&self, seq: u64, frame: &Bytes) -> Offer {
+        let mut st = self.lock();
+        if st.end.is_some() {
+            return Offer::Closed;
+        }
+        if seq <= st.last_seq {
+            return Offer::Duplicate;
+        }
+        let capacity = self.capacity;
+        if let Some(held) = &mut st.held {
+            if held.back().is_some_and(|(s, _)| *s >= seq) {
+                return Offer::Duplicate;
+            }
+            if held.len() >= capacity {
+                return Offer::Full;
+            }
+            held.push_back((seq, frame.clone()));
+            return Offer::Queued;
+        }
+        if st.frames.len() >= self.capacity {
+            return Offer::Full;
+        }
+        st.last_seq = seq;
+        push_and_wake(st, frame);
+        Offer::Queued
+    }
+
+    /// Replays a historical frame, bypassing the hold; `false` when the
+    /// stream has ended. Callers bound the amount (see `poll_space`).
+    pub fn replay(&self, seq: u64, frame: &Bytes) -> bool {
+        let mut st = self.lock();
+        if st.end.is_some() {
+            return false;
+        }
+        if seq > st.last_seq {
+            st.last_seq = seq;
+            push_and_wake(st, frame);
+        }
+        true
+    }
+
+    /// Ready when the replay writer may queue more (or the stream ended).
+    pub fn poll_space(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        if st.end.is_some() || st.frames.len() < self.capacity / 2 + 1 {
+            return Poll::Ready(());
+        }
+        st.space_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Ends the hold: live frames that arrived during the replay follow the
+    /// replayed ones, minus any the replay already delivered.
+    pub fn release(&self) {
+        let mut st = self.lock();
+        let Some(held) = st.held.take() else { return };
+        for (seq, f) in held {
+            if seq > st.last_seq {
+                st.last_seq = seq;
+                st.frames.push_back(f);
+            }
+        }
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Queues a frame that carries no event id (comments, control events).
+    /// Returns false when the queue is full or ended.
+    pub fn offer_unsequenced(&self, frame: &Bytes) -> bool {
+        let st = self.lock();
+        if st.end.is_some() || st.frames.len() >= self.capacity {
+            return false;
+        }
+        push_and_wake(st, frame);
+        true
+    }
+
+    /// A heartbeat is only worth sending to a connection with nothing queued.
+    pub fn heartbeat(&self, frame: &Bytes) -> bool {
+        let st = self.lock();
+        if st.end.is_some() || !st.frames.is_empty() {
+            return true;
+        }
+        push_and_wake(st, frame);
+        true
+    }
+
+    /// Ends the stream: after what is queued (or immediately for a slow
+    /// client, whose backlog is dropped) the body writes `tail` and finishes.
+    pub fn close(&self, reason: EndReason, tail: Option<Bytes>) {
+        let mut st = self.lock();
+        if st.end.is_some() {
+            return;
+        }
+        if reason == EndReason::Slow {
+            st.frames = VecDeque::new();
+            st.held = None;
+        }
+        st.end = Some(reason);
+        st.tail = tail;
+        let waker = st.waker.take();
+        let space = st.space_waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if let Some(w) = space {
+            w.wake();
+        }
+    }
+
+    /// Takes everything queued as one chunk, or registers the waker.
+    pub(crate) fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut st = self.lock();
+        let chunk = match st.frames.len() {
+            0 => None,
+            1 => st.frames.pop_front(),
+            _ => {
+                let mut size = 0;
+                let n = st
+                    .frames
+                    .iter()
+                    .take_while(|f| {
+                        let fits = size == 0 || size + f.len() <= MAX_CHUNK;
+                        size += f.len();
+                        fits
+                    })
+                    .count();
+                let mut buf = BytesMut::with_capacity(size.min(MAX_CHUNK.max(size)));
+                for f in st.frames.drain(..n) {
+                    buf.put_slice(&f);
+                }
+                Some(buf.freeze())
+            }
+        };
+        if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
+            st.frames = VecDeque::new();
+        }
+        if chunk.is_some() {
+            if let Some(w) = st.space_waker.take() {
+                w.wake();
+            }
+        }
+        if let Some(chunk) = chunk {
+            return Poll::Ready(Some(chunk));
+        }
+        if st.end.is_some() {
+            return Poll::Ready(st.tail.take());
+        }
+        match &st.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => st.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// Queues `frame` and wakes the body, outside the lock.
+fn push_and_wake(mut st: std::sync::MutexGuard<'_, QueueState>, frame: &Bytes) {
+    st.frames.push_back(frame.clone());
+    let waker = st.waker.take();
+    drop(st);
+    if let Some(w) = waker {
+        w.wake();
+    }
+}
+
+#[cfg(test)]
+impl ClientQueue {
+    fn is_held(&self) -> bool {
+        self.lock().held.is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::{encode_control, encode_event};
+
+    fn text(b: &Bytes) -> &str {
+        std::str::from_utf8(b).unwrap()
+    }
+
+    #[test]
+    fn queue_drops_duplicates_and_bounds_length() {
+        let q = ClientQueue::new(2, 5);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(q.offer(5, &f), Offer::Duplicate);
+        assert_eq!(q.offer(6, &f), Offer::Queued);
+        assert_eq!(q.offer(6, &f), Offer::Duplicate);
+        assert_eq!(q.offer(7, &f), Offer::Queued);
+        assert_eq!(q.offer(8, &f), Offer::Full);
+        q.close(EndReason::Slow, None);
+        assert!(q.is_empty());
+        assert_eq!(q.offer(9, &f), Offer::Closed);
+    }
+
+    #[test]
+    fn held_live_frames_follow_the_replay_without_duplicates() {
+        let q = ClientQueue::held(8, 10);
+        let f = |n: u64| Bytes::from(format!("{n};"));
+        // Live frames arrive while the replay runs...
+        assert_eq!(q.offer(14, &f(14)), Offer::Queued);
+        assert_eq!(q.offer(15, &f(15)), Offer::Queued);
+        // ...the replay covers up to 14...
+        for n in [11, 12, 14] {
+            assert!(q.replay(n, &f(n)));
+        }
+        q.release();
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let Poll::Ready(Some(chunk)) = q.poll_chunk(&mut cx) else {
+            panic!("expected a chunk")
+        };
+        assert_eq!(text(&chunk), "11;12;14;15;");
+        assert!(!q.is_held());
+    }
+
+    #[test]
+    fn a_full_hold_counts_as_slow() {
+        let q = ClientQueue::held(2, 0);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(q.offer(1, &f), Offer::Queued);
+        assert_eq!(q.offer(2, &f), Offer::Queued);
+        assert_eq!(q.offer(3, &f), Offer::Full);
+    }
+
+    #[test]
+    fn body_coalesces_queued_frames_then_ends_with_tail() {
+        let q = ClientQueue::new(8, 0);
+        q.offer(1, &encode_event(1, None, b"a"));
+        q.offer(2, &encode_event(2, None, b"b"));
+        q.close(
+            EndReason::Expired,
+            Some(encode_control("relay.expired", "{}")),
+        );
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let Poll::Ready(Some(chunk)) = q.poll_chunk(&mut cx) else {
+            panic!("expected a chunk")
+        };
+        assert_eq!(text(&chunk), "id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
+        let Poll::Ready(Some(tail)) = q.poll_chunk(&mut cx) else {
+            panic!("expected the tail")
+        };
+        assert_eq!(text(&tail), "event: relay.expired\ndata: {}\n\n");
+        assert_eq!(q.poll_chunk(&mut cx), Poll::Ready(None));
+    }
+}

@@ -1,0 +1,94 @@
+//! Routing: `GET /events` (a [`session`](crate::session)), `/healthz`,
+//! `/readyz`, `/metrics`, CORS on every answer, and any routes an
+//! [`Extension`](crate::app::Extension) adds.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::cors;
+use super::error::{ApiError, text};
+use crate::app::App;
+use crate::client::SseBody;
+
+/// Largest request body an extension route accepts.
+pub const MAX_EXTENSION_BODY: usize = 1024 * 1024;
+
+/// Answers one request. Never fails: every refusal is a response.
+pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<SseBody>
+where
+    B: hyper::body::Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let wants_stream = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let mut res = if req.method() == Method::OPTIONS {
+        cors::preflight()
+    } else {
+        match route(&app, req).await {
+            Ok(res) => res,
+            Err(e) => e.into_response(&app.metrics, app.cfg.retry_ms, wants_stream),
+        }
+    };
+    cors::apply(&app.cfg.cors, origin.as_ref(), res.headers_mut());
+    res
+}
+
+async fn route<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<SseBody>, ApiError>
+where
+    B: hyper::body::Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match req.uri().path() {
+        "/events" if get => crate::session::open(app, req.headers(), req.uri().query()).await,
+        "/healthz" if get => Ok(text(StatusCode::OK, "ok\n")),
+        "/readyz" if get => Ok(if app.is_ready() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }),
+        "/metrics" if get => {
+            let mut res = text(StatusCode::OK, app.metrics.render());
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(res)
+        }
+        "/events" | "/healthz" | "/readyz" | "/metrics" => Err(ApiError::MethodNotAllowed("GET")),
+        path => match app
+            .extension
+            .as_ref()
+            .and_then(|x| Some((x, x.allows(path)?)))
+        {
+            Some((ext, allow)) if allow.split(", ").any(|m| m == req.method().as_str()) => {
+                let (parts, body) = req.into_parts();
+                let body = http_body_util::Limited::new(body, MAX_EXTENSION_BODY)
+                    .collect()
+                    .await
+                    .map_err(|_| {
+                        ApiError::BadBody(format!(
+                            "body unreadable or over {MAX_EXTENSION_BODY} bytes"
+                        ))
+                    })?
+                    .to_bytes();
+                ext.call(
+                    app.clone(),
+                    parts.method,
+                    parts.uri.path().to_string(),
+                    body,
+                )
+                .await
+            }
+            Some((_, allow)) => Err(ApiError::MethodNotAllowed(allow)),
+            None => Err(ApiError::NotFound),
+        },
+    }
+}

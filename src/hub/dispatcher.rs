@@ -1,0 +1,220 @@
+//! The dispatcher task: the one owner of a shard's topics, clients, window
+//! and catch-up state. Sessions talk to it through [`Cmd`]s; the tasks it
+//! starts (subscribing, window fills, catch-ups) answer through [`Done`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::merge::MergeSet;
+use super::topics::{Clients, TopicKey, Topics};
+use super::window::Window;
+use super::{Cmd, HubConfig, Upstream};
+use crate::client::EndReason;
+use crate::metrics::{Metrics, Reason};
+use crate::nats::{CaughtUp, LinkEvent, Stored};
+use crate::sse;
+
+/// One event on its way to the clients of one topic.
+#[derive(Debug, Clone)]
+pub(super) struct Delivery {
+    pub(super) seq: u64,
+    pub(super) topic: TopicKey,
+    pub(super) frame: Bytes,
+}
+
+/// Answers from the tasks the dispatcher starts.
+pub(super) enum Done<U: Upstream> {
+    Subscribed {
+        topic: TopicKey,
+        result: Result<(U::Live, Option<u64>), String>,
+    },
+    CaughtUp {
+        epoch: u64,
+        caught_up: CaughtUp<TopicKey>,
+        /// The topics read, with the sequence each was read after.
+        topics: Vec<(TopicKey, u64)>,
+    },
+    /// A window fill read `(from, to]` of a topic (None: it failed).
+    Filled {
+        topic: TopicKey,
+        from: u64,
+        to: u64,
+        frames: Option<Vec<Stored>>,
+    },
+}
+
+/// A catch-up in progress: live frames wait here until it lands.
+pub(super) struct CatchUp {
+    pub(super) epoch: u64,
+    pub(super) held: Vec<Delivery>,
+}
+
+pub(super) struct Dispatcher<U: Upstream> {
+    pub(super) upstream: U,
+    pub(super) cfg: HubConfig,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) window: Window<TopicKey>,
+    pub(super) max_seen: Arc<AtomicU64>,
+    /// NATS dropped: the live path may have missed events until catch-up.
+    pub(super) disconnected: bool,
+    pub(super) catch_up: Option<CatchUp>,
+    /// Another trigger arrived during a catch-up: run one more after it.
+    pub(super) catch_up_again: bool,
+    pub(super) epoch: u64,
+    pub(super) done: mpsc::UnboundedSender<Done<U>>,
+    pub(super) done_rx: Option<mpsc::UnboundedReceiver<Done<U>>>,
+    pub(super) topics: Topics,
+    pub(super) merge: MergeSet<U::Live, TopicKey>,
+    pub(super) clients: Clients,
+}
+
+impl<U: Upstream> Dispatcher<U> {
+    pub(super) fn new(
+        upstream: U,
+        cfg: HubConfig,
+        metrics: Arc<Metrics>,
+        max_seen: Arc<AtomicU64>,
+    ) -> Self {
+        let (done, done_rx) = mpsc::unbounded_channel();
+        Dispatcher {
+            upstream,
+            window: Window::new(cfg.replay_cache_bytes),
+            cfg,
+            metrics,
+            max_seen,
+            disconnected: false,
+            catch_up: None,
+            catch_up_again: false,
+            epoch: 0,
+            done,
+            done_rx: Some(done_rx),
+            topics: Topics::default(),
+            merge: MergeSet::default(),
+            clients: Clients::default(),
+        }
+    }
+
+    /// Is every live frame since the subscriptions became active known to
+    /// have arrived? False while NATS is away or a catch-up runs: the
+    /// window cannot serve resumes then.
+    pub(super) fn live_is_whole(&self) -> bool {
+        self.catch_up.is_none() && !self.disconnected
+    }
+
+    pub(super) fn note_seen(&self, seq: u64) {
+        self.max_seen.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(super) fn seen(&self) -> u64 {
+        self.max_seen.load(Ordering::Acquire)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut link: broadcast::Receiver<LinkEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut done = self.done_rx.take().expect("run once");
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        let expiry = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86400));
+        tokio::pin!(expiry);
+        let mut armed: Option<Instant> = None;
+        let mut batch = Vec::new();
+        let mut ended = Vec::new();
+        let heartbeat_frame = Bytes::from_static(sse::HEARTBEAT);
+        loop {
+            let next = self.clients.next_expiry();
+            if next != armed {
+                if let Some(at) = next {
+                    expiry.as_mut().reset(at);
+                }
+                armed = next;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Join(req)) => self.join(req),
+                    Some(Cmd::Leave(id)) => self.leave(id),
+                    None => break,
+                },
+                Some(d) = done.recv() => match d {
+                    Done::Subscribed { topic, result } => self.subscribed(topic, result),
+                    Done::CaughtUp { epoch, caught_up, topics } => {
+                        self.caught_up(epoch, caught_up, topics).await;
+                    }
+                    Done::Filled { topic, from, to, frames } => self.filled(topic, from, to, frames),
+                },
+                ev = link.recv() => match ev {
+                    Ok(LinkEvent::Disconnected) => {
+                        // Whatever NATS sends while we are away is lost to
+                        // the live path: the windows are no longer whole.
+                        self.disconnected = true;
+                        self.window.stop_all();
+                    }
+                    Ok(LinkEvent::Connected) if self.disconnected => {
+                        self.disconnected = false;
+                        self.start_catch_up("nats reconnected");
+                    }
+                    Ok(LinkEvent::Connected) => {}
+                    Ok(LinkEvent::SlowConsumer) => self.start_catch_up("slow consumer"),
+                    Ok(LinkEvent::StreamLeaderElected) => {
+                        self.start_catch_up("stream leader elected");
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.start_catch_up("missed connection events");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        link = broadcast::channel(1).1;
+                    }
+                },
+                () = std::future::poll_fn(|cx| self.merge.poll_batch(cx, &mut batch, &mut ended)) => {
+                    let items = super::fanout::encode_batch(&mut batch);
+                    self.deliver(items).await;
+                    for topic in ended.drain(..) {
+                        self.subscription_ended(topic);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    for q in self.clients.queues() {
+                        q.heartbeat(&heartbeat_frame);
+                    }
+                }
+                () = &mut expiry, if armed.is_some() => self.expire(),
+            }
+        }
+        let tail = sse::encode_retry(self.cfg.retry_ms);
+        let n = self.clients.close_all(EndReason::Shutdown, &tail);
+        self.count_ends(EndReason::Shutdown, n);
+        tracing::info!(clients = n, "hub stopped: streams ended");
+    }
+
+    pub(super) fn count_ends(&self, reason: EndReason, n: usize) {
+        if n > 0 {
+            self.metrics
+                .disconnects
+                .get_or_create(&Reason {
+                    reason: reason.as_str(),
+                })
+                .inc_by(n as u64);
+        }
+    }
+
+    fn expire(&mut self) {
+        let tail = sse::encode_control("relay.expired", "{}");
+        let n = self.clients.close_expired(Instant::now(), &tail);
+        if n > 0 {
+            self.count_ends(EndReason::Expired, n);
+            tracing::info!(clients = n, "token expired");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! One client's stream, top to bottom: credentials -> authorize the
+//! subjects -> resume point -> join the hub -> backfill from JetStream when
+//! the hub's memory could not (a tracked task) -> release the held live
+//! frames -> live until the client leaves, its token expires, it is too
+//! slow, or the shard drains.
+
+use std::sync::Arc;
+
+use hyper::Response;
+use hyper::header::{self, HeaderMap};
+
+use crate::app::{App, Live};
+use crate::auth::{AuthError, Claims};
+use crate::client::{ClientQueue, EndReason, SseBody};
+use crate::http::{ApiError, stream_response};
+use crate::hub::{Backfill, JoinError};
+use crate::metrics::Metrics;
+use crate::nats::{History, HistoryError, ResumePlan};
+use crate::sse;
+use crate::subject;
+
+/// Most subjects one stream may ask for; each costs a topic lookup.
+const MAX_SUBJECTS: usize = 64;
+
+/// Opens a stream for `GET /events`.
+pub(crate) async fn open(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response<SseBody>, ApiError> {
+    let q = Query::parse(query.unwrap_or(""));
+    let token = bearer(headers)
+        .or(q.token.as_deref())
+        .or_else(|| cookie(headers, "relay_token"))
+        .ok_or(ApiError::Auth(AuthError::Missing))?;
+    let claims = app.verifier.verify(token).map_err(ApiError::Auth)?;
+    let patterns = requested_patterns(&claims, q.subjects)?;
+    let live = app.live()?;
+    authorize(live, &claims, &patterns)?;
+    let resume = resume_point(live, headers, q.last_event_id.as_deref()).await?;
+    let deadline = app.verifier.deadline(claims.exp);
+    let joined = live
+        .hub
+        .join(patterns.clone(), deadline, resume)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "join failed");
+            match e {
+                JoinError::ShuttingDown => ApiError::Unavailable("the relay is shutting down"),
+                JoinError::Subscribe(_) => {
+                    ApiError::Unavailable("NATS did not accept the subscription")
+                }
+            }
+        })?;
+    tracing::debug!(
+        client = %joined.id,
+        sub = ?claims.sub.as_deref().unwrap_or("-"),
+        "stream opened"
+    );
+    if let Backfill::FromStream { after } = joined.backfill {
+        // The queue holds live frames meanwhile and the body streams what
+        // is replayed; the drain waits for this task like a connection.
+        app.tasks.spawn(backfill(
+            live.history.clone(),
+            app.metrics.clone(),
+            Replay {
+                patterns,
+                after,
+                limit: app.cfg.replay_limit,
+                retry_ms: app.cfg.retry_ms,
+            },
+            joined.queue.clone(),
+        ));
+    }
+    let body = SseBody::stream(joined.queue, joined.id, live.hub.clone());
+    Ok(stream_response(body))
+}
+
+/// The subjects asked for (none: every pattern the token grants), checked
+/// for syntax, deduplicated.
+fn requested_patterns(claims: &Claims, asked: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let mut patterns = if asked.is_empty() {
+        claims.subjects.clone()
+    } else {
+        asked
+    };
+    if patterns.is_empty() {
+        return Err(ApiError::BadQuery(
+            "no subject requested and the token grants none".into(),
+        ));
+    }
+    if patterns.len() > MAX_SUBJECTS {
+        return Err(ApiError::BadQuery(format!(
+            "at most {MAX_SUBJECTS} subjects per stream"
+        )));
+    }
+    patterns.sort();
+    patterns.dedup();
+    for p in &patterns {
+        subject::validate_pattern(p).map_err(ApiError::BadSubject)?;
+    }
+    Ok(patterns)
+}
+
+/// Every pattern must be stored by the stream (400) and granted by the
+/// token (403): contained in some granted pattern, not merely equal.
+fn authorize(live: &Live, claims: &Claims, patterns: &[String]) -> Result<(), ApiError> {
+    for p in patterns {
+        if !live.scope.covers(p) {
+            return Err(ApiError::OutsideStream(p.clone()));
+        }
+        if !claims.subjects.iter().any(|g| subject::contains(g, p)) {
+            return Err(ApiError::Forbidden(p.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The resume point: `Last-Event-ID` (what a reconnecting browser sends)
+/// wins over the `last_event_id` query (what a fresh page carries).
+/// Ids are stream sequences; one beyond the stream's end is refused.
+async fn resume_point(
+    live: &Live,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<u64>, ApiError> {
+    let raw = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .map_err(|_| ApiError::BadLastEventId("Last-Event-ID is not text".into()))?,
+        None => match query {
+            Some(q) => q,
+            None => return Ok(None),
+        },
+    };
+    let raw = raw.trim();
+    // An empty id is what EventSource sends after an `id:` reset: start
+    // from what the stream holds.
+    if raw.is_empty() {
+        return Ok(Some(0));
+    }
+    let id: u64 = raw.parse().map_err(|_| {
+        ApiError::BadLastEventId(format!(
+            "last event id {raw:?} is not an event id (a stream sequence number)"
+        ))
+    })?;
+    let last = live.hub.last_sequence_reaching(id).await.map_err(|e| {
+        tracing::warn!(error = %e, "cannot read the stream's last sequence");
+        ApiError::Unavailable("JetStream did not answer")
+    })?;
+    if id > last {
+        return Err(ApiError::BadLastEventId(format!(
+            "last event id {id} is beyond the stream's last event ({last})"
+        )));
+    }
+    Ok(Some(id))
+}
+
+/// A resume the hub's memory could not serve.
+struct Replay {
+    patterns: Vec<String>,
+    after: u64,
+    limit: u64,
+    retry_ms: u64,
+}
+
+/// Replays the client's history from JetStream into its held queue, then
+/// releases the live frames held meanwhile. On failure the stream ends with
+/// a retry hint: the client resumes again from what it received.
+async fn backfill(history: History, metrics: Arc<Metrics>, r: Replay, queue: Arc<ClientQueue>) {
+    match replay(&history, &metrics, &r, &queue).await {
+        Ok(n) => {
+            metrics.count_resume("jetstream", n);
+            queue.release();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, after = r.after, "replay failed; client will resume again");
+            queue.close(EndReason::Resync, Some(sse::encode_retry(r.retry_ms)));
+        }
+    }
+}
+
+async fn replay(
+    history: &History,
+    metrics: &Metrics,
+    r: &Replay,
+    queue: &ClientQueue,
+) -> Result<u64, HistoryError> {
+    // Read after the client's subscriptions are active: anything stored
+    // later reaches the hold, anything up to `last` comes from here.
+    let plan = ResumePlan::new(r.after, history.bounds().await?, r.limit);
+    if let Some(first_available) = plan.gap {
+        // History is partly gone (stream limits) or longer than one resume
+        // may replay: say so once, then replay what is left.
+        metrics.gaps.inc();
+        queue.offer_unsequenced(&sse::encode_gap(r.after, first_available));
+    }
+    let mut n = 0;
+    let mut reader = history.range(&r.patterns, plan.start, plan.last).await?;
+    while let Some((seq, frame)) = reader.next().await? {
+        // Flow control: wait for the client to take what is queued.
+        std::future::poll_fn(|cx| queue.poll_space(cx)).await;
+        if !queue.replay(seq, &frame) {
+            break;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The `/events` query string.
+#[derive(Debug, Default)]
+struct Query {
+    token: Option<String>,
+    subjects: Vec<String>,
+    last_event_id: Option<String>,
+}
+
+impl Query {
+    fn parse(q: &str) -> Query {
+        let mut out = Query::default();
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            match &*k {
+                "token" => out.token = Some(v.into_owned()),
+                "subject" => out.subjects.push(v.into_owned()),
+                "last_event_id" => out.last_event_id = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    #[test]
+    fn parses_repeated_subjects_and_decodes() {
+        let q = Query::parse("subject=events.a.%3E&subject=events.b.*&token=t%2B1");
+        assert_eq!(q.subjects, vec!["events.a.>", "events.b.*"]);
+        assert_eq!(q.token.as_deref(), Some("t+1"));
+    }
+
+    #[test]
+    fn finds_bearer_and_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; relay_token=xyz"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        assert_eq!(cookie(&h, "relay_token"), Some("xyz"));
+        assert_eq!(cookie(&h, "missing"), None);
+    }
+}
