@@ -223,6 +223,18 @@ mod tests {
     }
 
     #[test]
+    fn deadline_is_exp_plus_leeway() {
+        let v = Verifier::new(
+            &KeySource::Secret(b"s3cret".to_vec()),
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(v.deadline(1000), UNIX_EPOCH + Duration::from_secs(1005));
+    }
+
+    #[test]
     fn secrets_are_not_debug_printed() {
         let s = format!("{:?}", KeySource::Secret(b"hunter2".to_vec()));
         assert!(!s.contains("hunter2"));

@@ -6,6 +6,9 @@
 //! `matches`, `contains` and `overlaps` are on hot paths: they walk both token
 //! streams in lockstep and never allocate. They assume their inputs were
 //! validated; on invalid input they return some answer but never panic.
+//!
+//! Over 400 lines only because the property tests (against a brute-force
+//! model) live beside the functions they check.
 
 /// Sanity cap against abusive input (e.g. a pattern taken from a JWT claim).
 const MAX_LEN: usize = 1024;

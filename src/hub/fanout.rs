@@ -35,6 +35,10 @@ impl<U: Upstream> Dispatcher<U> {
     /// Offers deliveries (sorted by sequence) to the clients of their
     /// topics, or holds them while a catch-up runs.
     pub(super) fn deliver_now(&mut self, items: &[Delivery]) {
+        // Held or not, the stream has reached these sequences.
+        if let Some(last) = items.last() {
+            self.note_seen(last.seq);
+        }
         if let Some(c) = &mut self.catch_up {
             c.held.extend_from_slice(items);
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
@@ -48,13 +52,11 @@ impl<U: Upstream> Dispatcher<U> {
         }
         let mut delivered = 0u64;
         let mut evicted = 0usize;
-        let mut max_seq = 0;
         for d in items {
             let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
             };
             topic.last_seq = topic.last_seq.max(d.seq);
-            max_seq = max_seq.max(d.seq);
             self.window.push(d.topic, d.seq, &d.frame);
             for (_, q) in &topic.clients {
                 match q.offer(d.seq, &d.frame) {
@@ -67,7 +69,6 @@ impl<U: Upstream> Dispatcher<U> {
                 }
             }
         }
-        self.note_seen(max_seq);
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
         if evicted > 0 {

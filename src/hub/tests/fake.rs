@@ -1,0 +1,271 @@
+//! A fake [`Upstream`]: a stream in memory whose live feed is one channel
+//! per subscription, filled in publish order as NATS fills async-nats'
+//! channels; and helpers that read a client's queue as its body would.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::ClientQueue;
+use crate::hub::{Hub, HubConfig, Joined, LiveMessage, Upstream};
+use crate::metrics::Metrics;
+use crate::nats::{CatchUpTopic, CaughtUp, HistoryError, LinkEvent, Stored};
+use crate::subject;
+
+/// A stream in memory with live subscriptions.
+#[derive(Clone, Default)]
+pub(super) struct Fake {
+    state: Arc<Mutex<FakeState>>,
+    /// When set, catch-ups wait for a permit: live events published
+    /// meanwhile must be held.
+    pub(super) catch_up_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
+}
+
+#[derive(Default)]
+pub(super) struct FakeState {
+    /// (seq, subject, payload); seq = index + 1.
+    pub(super) stored: Vec<(u64, String, Bytes)>,
+    subs: Vec<(String, mpsc::UnboundedSender<LiveMessage>)>,
+    pub(super) reads: usize,
+    pub(super) catch_ups: usize,
+    pub(super) fail_subscribe: bool,
+}
+
+pub(super) struct FakeSub(mpsc::UnboundedReceiver<LiveMessage>);
+
+impl Stream for FakeSub {
+    type Item = LiveMessage;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn message(seq: u64, subject: &str, payload: &Bytes) -> LiveMessage {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Sequence", seq.to_string().as_str());
+    async_nats::Message {
+        subject: format!("relay.{subject}").into(),
+        reply: None,
+        payload: payload.clone(),
+        headers: Some(headers),
+        status: None,
+        description: None,
+        length: 0,
+    }
+}
+
+impl Fake {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// Stores an event and delivers it live to every matching subscription.
+    pub(super) fn publish(&self, subject: &str) -> u64 {
+        let seq = self.store(subject);
+        let st = self.lock();
+        let payload = st.stored[seq as usize - 1].2.clone();
+        for (pattern, tx) in &st.subs {
+            if subject::matches(pattern, subject) {
+                let _ = tx.send(message(seq, subject, &payload));
+            }
+        }
+        seq
+    }
+
+    /// Stores an event that live delivery misses (NATS was away).
+    pub(super) fn store(&self, subject: &str) -> u64 {
+        let mut st = self.lock();
+        let seq = st.stored.len() as u64 + 1;
+        st.stored
+            .push((seq, subject.to_string(), Bytes::from(format!("e{seq}"))));
+        seq
+    }
+
+    pub(super) fn last(&self) -> u64 {
+        self.lock().stored.len() as u64
+    }
+
+    /// Live subscriptions the hub still holds, on `pattern`.
+    pub(super) fn subscriptions(&self, pattern: &str) -> usize {
+        self.lock()
+            .subs
+            .iter()
+            .filter(|(p, tx)| p == pattern && !tx.is_closed())
+            .count()
+    }
+
+    pub(super) fn stored_after(&self, pattern: &str, after: u64, to: u64) -> Vec<Stored> {
+        self.lock()
+            .stored
+            .iter()
+            .filter(|(s, subj, _)| *s > after && *s <= to && subject::matches(pattern, subj))
+            .map(|(s, _, p)| (*s, crate::sse::encode_event(*s, None, p)))
+            .collect()
+    }
+}
+
+impl Upstream for Fake {
+    type Live = FakeSub;
+
+    async fn subscribe(&self, pattern: &str) -> Result<(FakeSub, Option<u64>), String> {
+        let mut st = self.lock();
+        if st.fail_subscribe {
+            return Err("refused".into());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        st.subs.push((pattern.to_string(), tx));
+        Ok((FakeSub(rx), Some(st.stored.len() as u64)))
+    }
+
+    async fn last_sequence(&self) -> Result<u64, HistoryError> {
+        Ok(self.last())
+    }
+
+    async fn read(&self, pattern: &str, after: u64, to: u64) -> Result<Vec<Stored>, HistoryError> {
+        self.lock().reads += 1;
+        Ok(self.stored_after(pattern, after, to))
+    }
+
+    async fn catch_up<K: Copy + Send + Sync + 'static>(
+        &self,
+        topics: Vec<CatchUpTopic<K>>,
+        limit: u64,
+    ) -> CaughtUp<K> {
+        let gate = self.catch_up_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        self.lock().catch_ups += 1;
+        let last = self.last();
+        let mut out = CaughtUp {
+            frames: Vec::new(),
+            truncated: Vec::new(),
+        };
+        for t in topics {
+            if t.after >= last {
+                continue;
+            }
+            if limit > 0 && last - t.after > limit {
+                out.truncated.push(t.key);
+                continue;
+            }
+            for (s, f) in self.stored_after(&t.pattern, t.after, last) {
+                out.frames.push((s, t.key, f));
+            }
+        }
+        out
+    }
+}
+
+pub(super) struct Setup {
+    pub(super) fake: Fake,
+    pub(super) hub: Arc<Hub>,
+    pub(super) link: broadcast::Sender<LinkEvent>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) shutdown: CancellationToken,
+}
+
+pub(super) fn config() -> HubConfig {
+    HubConfig {
+        heartbeat: Duration::from_secs(15),
+        client_queue: 1024,
+        retry_ms: 2000,
+        replay_cache_bytes: 1 << 20,
+        replay_limit: 100_000,
+    }
+}
+
+pub(super) fn start(cfg: HubConfig) -> Setup {
+    let fake = Fake::default();
+    let (link, rx) = broadcast::channel(16);
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    let hub = Hub::start(fake.clone(), cfg, metrics.clone(), rx, shutdown.clone());
+    Setup {
+        fake,
+        hub,
+        link,
+        metrics,
+        shutdown,
+    }
+}
+
+pub(super) fn in_an_hour() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
+}
+
+impl Setup {
+    pub(super) async fn join(&self, patterns: &[&str], resume: Option<u64>) -> Joined {
+        let patterns = patterns.iter().map(|p| p.to_string()).collect();
+        self.hub
+            .join(patterns, in_an_hour(), resume)
+            .await
+            .expect("join")
+    }
+}
+
+/// Lets the dispatcher (and the tasks it started) run until `cond` holds,
+/// without moving the paused clock. Bounded.
+pub(super) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// What a client has received so far, frame by frame.
+#[derive(Debug, Default)]
+pub(super) struct Received {
+    pub(super) ids: Vec<u64>,
+    pub(super) comments: usize,
+    pub(super) controls: Vec<String>,
+    pub(super) retries: usize,
+    pub(super) ended: bool,
+}
+
+/// Drains everything queued for a client (as its body would).
+pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        match q.poll_chunk(&mut cx) {
+            Poll::Ready(Some(chunk)) => {
+                let text = std::str::from_utf8(&chunk).unwrap().to_string();
+                for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
+                    if let Some(id) = frame.strip_prefix("id: ") {
+                        into.ids.push(id.lines().next().unwrap().parse().unwrap());
+                    } else if frame == ":" {
+                        into.comments += 1;
+                    } else if frame.starts_with("retry: ") {
+                        into.retries += 1;
+                    } else if let Some(ev) = frame.strip_prefix("event: ") {
+                        into.controls.push(ev.lines().next().unwrap().to_string());
+                    } else {
+                        panic!("unexpected frame {frame:?}");
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                into.ended = true;
+                return;
+            }
+            Poll::Pending => return,
+        }
+    }
+}
+
+pub(super) fn received(q: &ClientQueue) -> Received {
+    let mut r = Received::default();
+    drain(q, &mut r);
+    r
+}

@@ -1,0 +1,379 @@
+//! The hub's invariants, one test each, driven by a fake upstream
+//! ([`fake`]) under paused tokio time: timers fire when a test advances the
+//! clock, never on their own.
+
+mod fake;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+
+use super::{Backfill, HubConfig};
+use crate::client::Departure;
+use crate::nats::LinkEvent;
+use fake::{Received, config, drain, in_an_hour, received, start, until};
+
+#[tokio::test(start_paused = true)]
+async fn one_subscription_per_pattern_dropped_with_its_last_client() {
+    let s = start(config());
+    let a = s.join(&["events.a.*"], None).await;
+    let b = s.join(&["events.a.*"], None).await;
+    let c = s.join(&["events.b"], None).await;
+    assert_eq!(s.fake.subscriptions("events.a.*"), 1);
+    assert_eq!(s.fake.subscriptions("events.b"), 1);
+    s.hub.depart(a.id);
+    until("a leaves", || s.metrics.connections.get() == 2).await;
+    assert_eq!(s.fake.subscriptions("events.a.*"), 1, "b still reads it");
+    s.hub.depart(b.id);
+    until("the last client's subscription is dropped", || {
+        s.fake.subscriptions("events.a.*") == 0
+    })
+    .await;
+    assert_eq!(s.fake.subscriptions("events.b"), 1);
+    s.hub.depart(c.id);
+    until("events.b dropped", || s.fake.subscriptions("events.b") == 0).await;
+    // A new client subscribes afresh.
+    let _d = s.join(&["events.a.*"], None).await;
+    assert_eq!(s.fake.subscriptions("events.a.*"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn global_order_across_subscriptions() {
+    let s = start(config());
+    let j = s
+        .join(&["events.a.*", "events.b.*", "events.c"], None)
+        .await;
+    let subjects = ["events.a.1", "events.b.7", "events.c", "events.a.2"];
+    // Published back to back: the dispatcher sees large batches spread over
+    // three channels, the case a per-channel reader would get wrong.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut want = Vec::new();
+    for _ in 0..600 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        want.push(s.fake.publish(subjects[(x % 4) as usize]));
+    }
+    let mut got = Received::default();
+    until("every event delivered", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() == want.len()
+    })
+    .await;
+    assert_eq!(got.ids, want, "every event once, in stream order");
+}
+
+#[tokio::test(start_paused = true)]
+async fn once_per_client_on_overlapping_patterns() {
+    let s = start(config());
+    let j = s.join(&["events.a.*", "events.>"], None).await;
+    let want: Vec<u64> = ["events.a.1", "events.b", "events.a.2", "events.a.3"]
+        .iter()
+        .map(|subj| s.fake.publish(subj))
+        .collect();
+    let mut got = Received::default();
+    until("four events", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 4
+    })
+    .await;
+    assert_eq!(got.ids, want);
+}
+
+#[tokio::test(start_paused = true)]
+async fn splice_from_memory_has_no_gap_and_no_duplicate() {
+    let s = start(config());
+    let first = s.join(&["events.a"], None).await;
+    for _ in 0..20 {
+        s.fake.publish("events.a");
+    }
+    until("the window holds 20", || s.hub.max_seen() == 20).await;
+    let resumed = s.join(&["events.a"], Some(12)).await;
+    assert_eq!(resumed.backfill, Backfill::Done, "served from the window");
+    for _ in 0..5 {
+        s.fake.publish("events.a");
+    }
+    let mut got = Received::default();
+    until("13..=25", || {
+        drain(&resumed.queue, &mut got);
+        got.ids.len() >= 13
+    })
+    .await;
+    assert_eq!(got.ids, (13..=25).collect::<Vec<_>>());
+    assert_eq!(s.fake.lock().reads, 0, "no JetStream read");
+    drop(first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn splice_from_the_stream_releases_held_live_frames_after_the_replay() {
+    // No window: every resume is read from the stream by the session.
+    let s = start(HubConfig {
+        replay_cache_bytes: 0,
+        ..config()
+    });
+    for _ in 0..10 {
+        s.fake.store("events.a");
+    }
+    let j = s.join(&["events.a"], Some(4)).await;
+    let Backfill::FromStream { after } = j.backfill else {
+        panic!("expected a stream backfill, got {:?}", j.backfill)
+    };
+    assert_eq!(after, 4);
+    // Live events arrive while the session reads history: they are held.
+    for _ in 0..3 {
+        s.fake.publish("events.a");
+    }
+    until("the live events reached the hub", || s.hub.max_seen() == 13).await;
+    assert!(received(&j.queue).ids.is_empty(), "live frames are held");
+    // The session's replay reads up to the stream's end, overlapping the
+    // held frames (12, 13 were stored before it read).
+    for (seq, frame) in s.fake.stored_after("events.a", after, 13) {
+        assert!(j.queue.replay(seq, &frame));
+    }
+    j.queue.release();
+    assert_eq!(received(&j.queue).ids, (5..=13).collect::<Vec<_>>());
+    s.fake.publish("events.a");
+    let mut got = Received::default();
+    until("live after the seam", || {
+        drain(&j.queue, &mut got);
+        !got.ids.is_empty()
+    })
+    .await;
+    assert_eq!(got.ids, [14]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_eviction_sends_old_resumes_to_the_stream() {
+    // Room for about ten small frames.
+    let s = start(HubConfig {
+        replay_cache_bytes: 10 * 80,
+        ..config()
+    });
+    let _keep = s.join(&["events.a"], None).await;
+    for _ in 0..40 {
+        s.fake.publish("events.a");
+    }
+    until("40 delivered", || s.hub.max_seen() == 40).await;
+    let recent = s.join(&["events.a"], Some(38)).await;
+    assert_eq!(recent.backfill, Backfill::Done);
+    assert_eq!(received(&recent.queue).ids, [39, 40]);
+    let old = s.join(&["events.a"], Some(2)).await;
+    assert_eq!(
+        old.backfill,
+        Backfill::FromStream { after: 2 },
+        "evicted frames are not served from memory"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_window_is_filled_once_for_concurrent_resumes() {
+    let s = start(config());
+    for _ in 0..50 {
+        s.fake.store("events.a");
+    }
+    // The first client subscribes: the window is whole from 50 on only.
+    let _keep = s.join(&["events.a"], None).await;
+    let joins: Vec<_> = (0..20)
+        .map(|_| {
+            let hub = s.hub.clone();
+            tokio::spawn(async move {
+                hub.join(vec!["events.a".into()], in_an_hour(), Some(40))
+                    .await
+                    .expect("join")
+            })
+        })
+        .collect();
+    for j in joins {
+        let j = j.await.unwrap();
+        assert_eq!(j.backfill, Backfill::Done);
+        assert_eq!(received(&j.queue).ids, (41..=50).collect::<Vec<_>>());
+    }
+    assert_eq!(s.fake.lock().reads, 1, "one read for twenty resumes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_merges_held_and_caught_up_frames() {
+    let s = start(config());
+    let j = s.join(&["events.a", "events.b"], None).await;
+    s.fake.publish("events.a"); // 1
+    let mut got = Received::default();
+    until("first event", || {
+        drain(&j.queue, &mut got);
+        got.ids == [1]
+    })
+    .await;
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.catch_up_gate.lock().unwrap() = Some(gate.clone());
+    s.link.send(LinkEvent::Disconnected).unwrap();
+    // Stored while the relay was away: live never sees these.
+    s.fake.store("events.b"); // 2
+    s.fake.store("events.a"); // 3
+    s.link.send(LinkEvent::Connected).unwrap();
+    until("catch-up started", || s.metrics.catchups.get() == 1).await;
+    // Live resumes during the catch-up: held until it lands.
+    s.fake.publish("events.a"); // 4
+    s.fake.publish("events.b"); // 5
+    until("live reached the hub", || s.hub.max_seen() == 5).await;
+    drain(&j.queue, &mut got);
+    assert_eq!(got.ids, [1], "live frames wait for the catch-up");
+    gate.add_permits(1);
+    until("caught up", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() == 5
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3, 4, 5], "no loss, no duplicate, in order");
+    s.fake.publish("events.b");
+    until("live again", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() == 6
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_over_the_limit_ends_its_streams() {
+    let s = start(HubConfig {
+        replay_limit: 3,
+        ..config()
+    });
+    let j = s.join(&["events.a"], None).await;
+    s.link.send(LinkEvent::Disconnected).unwrap();
+    for _ in 0..5 {
+        s.fake.store("events.a");
+    }
+    s.link.send(LinkEvent::Connected).unwrap();
+    let mut got = Received::default();
+    until("the stream ends to resume on its own", || {
+        drain(&j.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert!(got.ids.is_empty());
+    assert_eq!(got.retries, 2, "opening retry and the closing one");
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_go_only_to_idle_queues() {
+    let s = start(config());
+    let idle = s.join(&["events.idle"], None).await;
+    let busy = s.join(&["events.busy"], None).await;
+    let mut idle_got = received(&idle.queue);
+    received(&busy.queue);
+    // Busy has an event waiting in its queue when the tick comes.
+    s.fake.publish("events.busy");
+    until("busy has a frame queued", || s.hub.max_seen() == 1).await;
+    tokio::time::advance(Duration::from_secs(14)).await;
+    drain(&idle.queue, &mut idle_got);
+    assert_eq!(idle_got.comments, 0, "no heartbeat before the interval");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    until("the tick", || {
+        drain(&idle.queue, &mut idle_got);
+        idle_got.comments == 1
+    })
+    .await;
+    let busy_got = received(&busy.queue);
+    assert_eq!(busy_got.ids, [1]);
+    assert_eq!(
+        busy_got.comments, 0,
+        "a queue with frames pending gets no heartbeat"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_ends_the_stream_at_its_deadline() {
+    let s = start(config());
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let j = s
+        .hub
+        .join(vec!["events.a".into()], deadline, None)
+        .await
+        .unwrap();
+    let other = s.join(&["events.a"], None).await;
+    let mut got = received(&j.queue);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    drain(&j.queue, &mut got);
+    assert!(!got.ended, "still open a second before");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    until("expired", || {
+        drain(&j.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert_eq!(got.controls, ["relay.expired"]);
+    assert!(
+        !received(&other.queue).ended,
+        "only the expired client ends"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_client_is_dropped_without_slowing_others() {
+    let s = start(HubConfig {
+        client_queue: 8,
+        ..config()
+    });
+    let slow = s.join(&["events.a"], None).await;
+    let fast = s.join(&["events.a"], None).await;
+    let mut fast_got = Received::default();
+    for round in 0..10 {
+        for _ in 0..5 {
+            s.fake.publish("events.a");
+        }
+        until("the round reaches the fast client", || {
+            drain(&fast.queue, &mut fast_got);
+            fast_got.ids.len() == 5 * (round + 1)
+        })
+        .await;
+    }
+    assert_eq!(fast_got.ids, (1..=50).collect::<Vec<_>>());
+    let slow_got = received(&slow.queue);
+    assert!(slow_got.ended, "the slow client's stream ended");
+    assert!(slow_got.ids.is_empty(), "its backlog was dropped, not sent");
+    let text = s.metrics.render();
+    assert!(
+        text.contains(r#"relay_disconnects_total{reason="evicted: slow"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_subscription_fails_its_joins_and_the_next_join_retries() {
+    let s = start(config());
+    s.fake.lock().fail_subscribe = true;
+    let failed = s
+        .hub
+        .join(vec!["events.a".into()], in_an_hour(), None)
+        .await;
+    assert!(failed.is_err());
+    s.fake.lock().fail_subscribe = false;
+    let j = s.join(&["events.a"], None).await;
+    s.fake.publish("events.a");
+    let mut got = Received::default();
+    until("delivered", || {
+        drain(&j.queue, &mut got);
+        got.ids == [1]
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_every_stream_with_a_retry_hint() {
+    let s = start(config());
+    let a = s.join(&["events.a"], None).await;
+    let b = s.join(&["events.b"], None).await;
+    s.shutdown.cancel();
+    for q in [&a.queue, &b.queue] {
+        let mut got = Received::default();
+        until("ended", || {
+            drain(q, &mut got);
+            got.ended
+        })
+        .await;
+        assert_eq!(got.retries, 2, "the opening retry and the closing one");
+    }
+    let ids: BTreeSet<_> = [a.id, b.id].into_iter().collect();
+    assert_eq!(ids.len(), 2);
+}
