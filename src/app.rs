@@ -17,26 +17,26 @@ use crate::metrics::Metrics;
 use crate::nats::{History, Link, Scope};
 
 pub struct App {
-    pub cfg: Arc<Config>,
-    pub verifier: Verifier,
-    pub metrics: Arc<Metrics>,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) verifier: Verifier,
+    pub(crate) metrics: Arc<Metrics>,
     /// Set once NATS answered and the stream's scope is known.
-    pub live: OnceLock<Live>,
-    pub link: OnceLock<Arc<Link>>,
-    pub draining: AtomicBool,
+    pub(crate) live: OnceLock<Live>,
+    pub(crate) link: OnceLock<Arc<Link>>,
+    pub(crate) draining: AtomicBool,
     /// Connections and the tasks they start (JetStream replays): the drain
     /// waits for all of them.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
     /// Routes installed from outside (`sse-relay dev`).
-    pub extension: Option<Arc<dyn Extension>>,
+    pub(crate) extension: Option<Arc<dyn Extension>>,
 }
 
 /// The NATS-backed half of the shard, available once the stream is loaded.
 pub struct Live {
-    pub hub: Arc<Hub>,
+    pub(crate) hub: Arc<Hub>,
     pub scope: Arc<Scope>,
     pub nats: async_nats::Client,
-    pub history: History,
+    pub(crate) history: History,
 }
 
 /// Routes added to the relay from outside, e.g. dev mode's demo page and
@@ -59,7 +59,7 @@ pub trait Extension: Send + Sync + 'static {
 
 impl App {
     /// Ready for streams: NATS connected, the stream loaded, not draining.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
             && self.live.get().is_some()
             && self.link.get().is_some_and(|l| l.is_connected())

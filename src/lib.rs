@@ -4,14 +4,14 @@
 //!
 //! - [`config`]  one typed `Config` from flags/env, validated before binding
 //! - [`shards`]  `--workers`: one single-threaded shard per core on a shared port
-//! - [`server`]  one shard: accept loop, NATS start-up, graceful drain: [`run`]
+//! - `server`    one shard: accept loop, NATS start-up, graceful drain: [`run`]
 //! - [`app`]     a shard's shared state; the [`app::Extension`] hook for extra routes
-//! - `http`      lean HTTP/1.1 loop, routing, CORS; errors -> statuses ([`http::ApiError`])
+//! - `http`      lean HTTP/1.1 loop, routing, CORS; errors -> statuses ([`ApiError`])
 //! - `session`   one stream: authorize, resume point, join, backfill, live
 //! - [`auth`]    JWT verification -> `Claims`
 //! - [`subject`] NATS subject patterns: validation, matching, containment
-//! - [`hub`]     per-shard shared subscriptions, frame-once fan-out, heartbeats, expiry
-//! - [`nats`]    the NATS connection, the stream's scope, JetStream reads
+//! - `hub`       per-shard shared subscriptions, frame-once fan-out, heartbeats, expiry
+//! - `nats`      the NATS connection, the stream's scope, JetStream reads
 //! - [`client`]  one client's bounded queue and the response body draining it
 //! - [`sse`]     the SSE wire format
 //! - [`metrics`] Prometheus names
@@ -36,14 +36,16 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dev;
-pub mod http;
-pub mod hub;
+mod http;
+mod hub;
 pub mod metrics;
-pub mod nats;
-pub mod server;
+mod nats;
+mod server;
 mod session;
 pub mod shards;
 pub mod sse;
 pub mod subject;
 
+pub use http::{ApiError, MAX_EXTENSION_BODY};
+pub use nats::{EVENT_HEADER, Scope, default_stream_config};
 pub use server::{RunError, Shard, bind, run};

@@ -36,7 +36,7 @@ impl Bench {
             .await
             .map_err(|e| format!("connect to {}: {e}", nats.url))?;
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(sse_relay::nats::default_stream_config("EVENTS"))
+        js.get_or_create_stream(sse_relay::default_stream_config("EVENTS"))
             .await
             .map_err(|e| format!("create stream: {e}"))?;
         let token = sse_relay::auth::sign_hs256(

@@ -58,10 +58,10 @@ mod topics;
 mod upstream;
 mod window;
 
-pub use upstream::{LiveMessage, Upstream};
+pub(crate) use upstream::{LiveMessage, Upstream};
 
 #[derive(Debug, Clone)]
-pub struct HubConfig {
+pub(crate) struct HubConfig {
     pub heartbeat: Duration,
     pub client_queue: usize,
     pub retry_ms: u64,
@@ -71,7 +71,7 @@ pub struct HubConfig {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum JoinError {
+pub(crate) enum JoinError {
     #[error("the relay could not subscribe to NATS: {0}")]
     Subscribe(String),
     #[error("the relay is shutting down")]
@@ -80,7 +80,7 @@ pub enum JoinError {
 
 /// How a resuming client's history is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backfill {
+pub(crate) enum Backfill {
     /// Nothing to replay (a fresh stream), or already replayed from memory:
     /// the queue is live.
     Done,
@@ -91,14 +91,14 @@ pub enum Backfill {
 
 /// A client that joined: its id, the queue its response body drains, and
 /// what is left of its resume.
-pub struct Joined {
+pub(crate) struct Joined {
     pub id: ClientId,
     pub queue: Arc<ClientQueue>,
     pub backfill: Backfill,
 }
 
 /// Handle to the dispatcher task; cheap to share within a shard.
-pub struct Hub {
+pub(crate) struct Hub {
     cmds: mpsc::UnboundedSender<Cmd>,
     next_id: AtomicU64,
     cfg: HubConfig,
@@ -139,7 +139,7 @@ impl Departure for Hub {
 impl Hub {
     /// Starts the dispatcher task on the current runtime; it ends every
     /// stream when `shutdown` fires.
-    pub fn start<U: Upstream>(
+    pub(crate) fn start<U: Upstream>(
         upstream: U,
         cfg: HubConfig,
         metrics: Arc<Metrics>,
@@ -171,14 +171,14 @@ impl Hub {
 
     /// Highest sequence this shard knows the stream has reached (0 before
     /// the first subscription).
-    pub fn max_seen(&self) -> u64 {
+    pub(crate) fn max_seen(&self) -> u64 {
         self.max_seen.load(Ordering::Acquire)
     }
 
     /// The stream's last sequence, as far as needed to judge whether `id`
     /// exists: what this shard has seen when `id` is at or below it, else
     /// the stream's answer, asked once for all concurrent callers.
-    pub async fn last_sequence_reaching(&self, id: u64) -> Result<u64, HistoryError> {
+    pub(crate) async fn last_sequence_reaching(&self, id: u64) -> Result<u64, HistoryError> {
         if id <= self.max_seen() {
             return Ok(self.max_seen());
         }
@@ -197,7 +197,7 @@ impl Hub {
     /// before this returns when the window holds them; otherwise the queue
     /// holds live frames and [`Backfill::FromStream`] tells the caller to
     /// replay from JetStream and then release it.
-    pub async fn join(
+    pub(crate) async fn join(
         &self,
         patterns: Vec<String>,
         deadline: SystemTime,

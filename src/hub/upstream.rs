@@ -11,9 +11,9 @@ use crate::nats::{CatchUpTopic, CaughtUp, HistoryError, Stored};
 
 /// A live message: async-nats' type, so the hot path converts nothing.
 /// The stream sequence is in its `Nats-Sequence` header (RePublish).
-pub type LiveMessage = async_nats::Message;
+pub(crate) type LiveMessage = async_nats::Message;
 
-pub trait Upstream: Clone + Send + Sync + 'static {
+pub(crate) trait Upstream: Clone + Send + Sync + 'static {
     type Live: Stream<Item = LiveMessage> + Unpin + Send + 'static;
 
     /// Subscribes to the live copies of `pattern`'s events and resolves once

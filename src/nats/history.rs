@@ -25,17 +25,17 @@ const CATCH_UP_MAX_DELAY: Duration = Duration::from_secs(2);
 const CATCH_UP_PARALLEL: usize = 16;
 
 /// A stored event: its stream sequence and its SSE frame.
-pub type Stored = (u64, Bytes);
+pub(crate) type Stored = (u64, Bytes);
 
 /// The stream's first and last sequence at the time of asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
+pub(crate) struct Bounds {
     pub first: u64,
     pub last: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum HistoryError {
+pub(crate) enum HistoryError {
     #[error("JetStream: {0}")]
     Nats(String),
     #[error("no stored message within {0:?}")]
@@ -51,7 +51,7 @@ fn nats_err(e: impl std::fmt::Display) -> HistoryError {
 /// What reads need to reach the stream. The one owner of stream-info
 /// requests (`bounds`), so each is counted once.
 #[derive(Clone)]
-pub struct History {
+pub(crate) struct History {
     js: jetstream::Context,
     stream: String,
     metrics: Arc<Metrics>,
@@ -60,7 +60,7 @@ pub struct History {
 /// Where a resume's replay starts, and the gap it must report first (events
 /// removed by stream limits, or beyond the replay limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResumePlan {
+pub(crate) struct ResumePlan {
     /// First sequence to replay; nothing to replay when above `last`.
     pub start: u64,
     pub last: u64,
@@ -71,7 +71,7 @@ pub struct ResumePlan {
 impl ResumePlan {
     /// Plans a replay of events after `after` within `bounds`, at most
     /// `limit` events (0: no limit).
-    pub fn new(after: u64, bounds: Bounds, limit: u64) -> ResumePlan {
+    pub(crate) fn new(after: u64, bounds: Bounds, limit: u64) -> ResumePlan {
         let mut start = (after + 1).max(bounds.first.max(1));
         if limit > 0 && bounds.last >= start && bounds.last - start + 1 > limit {
             start = bounds.last - limit + 1;
@@ -86,7 +86,7 @@ impl ResumePlan {
 }
 
 impl History {
-    pub fn new(js: jetstream::Context, stream: String, metrics: Arc<Metrics>) -> History {
+    pub(crate) fn new(js: jetstream::Context, stream: String, metrics: Arc<Metrics>) -> History {
         History {
             js,
             stream,
@@ -95,7 +95,7 @@ impl History {
     }
 
     /// The stream's first and last sequence (one JetStream request).
-    pub async fn bounds(&self) -> Result<Bounds, HistoryError> {
+    pub(crate) async fn bounds(&self) -> Result<Bounds, HistoryError> {
         self.metrics.jetstream_requests.inc();
         let s = self.js.get_stream(&self.stream).await.map_err(nats_err)?;
         let st = &s.cached_info().state;
@@ -107,7 +107,7 @@ impl History {
 
     /// Opens a read of the stored events matching `patterns` with sequence
     /// in `start..=end`, in order.
-    pub async fn range(
+    pub(crate) async fn range(
         &self,
         patterns: &[String],
         start: u64,
@@ -118,7 +118,7 @@ impl History {
 
     /// Every event of `pattern` in `(after, to]`, in order, or `Gone` when
     /// stream limits removed part of it (a window fill must be whole).
-    pub async fn read(
+    pub(crate) async fn read(
         &self,
         pattern: &str,
         after: u64,
@@ -137,7 +137,7 @@ impl History {
     /// succeeds: during a leader election JetStream answers nothing for
     /// seconds, and giving up would lose events. Topics whose backlog
     /// exceeds `limit` are returned as truncated instead.
-    pub async fn catch_up<K: Copy + Send + 'static>(
+    pub(crate) async fn catch_up<K: Copy + Send + 'static>(
         &self,
         nats: &async_nats::Client,
         topics: &[CatchUpTopic<K>],
@@ -206,7 +206,7 @@ impl History {
 
 /// One shared subscription to catch up: events of `pattern` after `after`.
 #[derive(Debug, Clone)]
-pub struct CatchUpTopic<K> {
+pub(crate) struct CatchUpTopic<K> {
     pub key: K,
     pub pattern: String,
     pub after: u64,
@@ -215,14 +215,14 @@ pub struct CatchUpTopic<K> {
 /// What a catch-up read: frames tagged with their topic (unsorted), and the
 /// topics whose backlog was over the limit.
 #[derive(Debug)]
-pub struct CaughtUp<K> {
+pub(crate) struct CaughtUp<K> {
     pub frames: Vec<(u64, K, Bytes)>,
     pub truncated: Vec<K>,
 }
 
 /// Stored events matching some patterns with sequence in `start..=end`, in
 /// order, read through an ephemeral ordered consumer.
-pub struct RangeReader {
+pub(crate) struct RangeReader {
     messages: Option<consumer::pull::Ordered>,
     end: u64,
     done: bool,
@@ -274,7 +274,7 @@ impl RangeReader {
     }
 
     /// The next event, or None when the range is exhausted.
-    pub async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
         if self.done {
             return Ok(None);
         }
@@ -304,7 +304,7 @@ impl RangeReader {
     }
 
     /// Every remaining event, in order.
-    pub async fn collect(mut self) -> Result<Vec<Stored>, HistoryError> {
+    pub(crate) async fn collect(mut self) -> Result<Vec<Stored>, HistoryError> {
         let mut out = Vec::new();
         while let Some(f) = self.next().await? {
             out.push(f);

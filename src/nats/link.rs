@@ -15,7 +15,7 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Connection state shared with routes (readiness) and the hub (catch-up).
 #[derive(Debug)]
-pub struct Link {
+pub(crate) struct Link {
     connected: AtomicBool,
     /// Wakes whoever waits for the first (or next) connection.
     up: tokio::sync::Notify,
@@ -24,7 +24,7 @@ pub struct Link {
 
 /// What happened to the connection, for whoever keeps the live path whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkEvent {
+pub(crate) enum LinkEvent {
     Connected,
     /// Whatever NATS sends until the next `Connected` is lost to live.
     Disconnected,
@@ -36,17 +36,17 @@ pub enum LinkEvent {
 }
 
 impl Link {
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<LinkEvent> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<LinkEvent> {
         self.events.subscribe()
     }
 
     /// Forwards the stream's leader-election advisories as
     /// [`LinkEvent::StreamLeaderElected`], for as long as the client lives.
-    pub async fn watch_leader(self: &Arc<Self>, client: &async_nats::Client, stream: &str) {
+    pub(crate) async fn watch_leader(self: &Arc<Self>, client: &async_nats::Client, stream: &str) {
         use futures_util::StreamExt;
         let subject = format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}");
         let mut advisories = match client.subscribe(subject).await {
@@ -65,7 +65,7 @@ impl Link {
     }
 
     /// Resolves once the connection is up.
-    pub async fn connected(&self) {
+    pub(crate) async fn connected(&self) {
         loop {
             let notified = self.up.notified();
             if self.is_connected() {
@@ -79,7 +79,7 @@ impl Link {
 /// Connects in the background: returns at once, and the client keeps trying
 /// (and reconnecting) for as long as the process runs.
 /// `shard` names the connection (`sse-relay/0`) in the server's monitoring.
-pub async fn connect(
+pub(crate) async fn connect(
     cfg: &Config,
     shard: usize,
 ) -> Result<(async_nats::Client, Arc<Link>), String> {

@@ -1,5 +1,5 @@
-//! The relay's NATS side: the connection ([`link`]), the stream's
-//! [`Scope`], JetStream reads ([`History`]) and the hub's [`NatsUpstream`].
+//! The relay's NATS side: the connection (`link`), the stream's
+//! [`Scope`], JetStream reads (`History`) and the hub's `NatsUpstream`.
 //! Also the one place a NATS message becomes an SSE frame.
 
 mod history;
@@ -9,19 +9,18 @@ mod upstream;
 
 use bytes::Bytes;
 
-pub use history::{
-    Bounds, CatchUpTopic, CaughtUp, History, HistoryError, RangeReader, ResumePlan, Stored,
-};
-pub use link::{Link, LinkEvent, connect};
-pub use scope::{Scope, StreamError, default_stream_config, load_scope};
-pub use upstream::NatsUpstream;
+pub(crate) use history::{CatchUpTopic, CaughtUp, History, HistoryError, ResumePlan, Stored};
+pub(crate) use link::{Link, LinkEvent, connect};
+pub use scope::{Scope, default_stream_config};
+pub(crate) use scope::{StreamError, load_scope};
+pub(crate) use upstream::NatsUpstream;
 
 /// The header a publisher sets to name the SSE event (`event:` line).
 pub const EVENT_HEADER: &str = "Sse-Event";
 
 /// Encodes a stored or republished message as its SSE frame: `id:` is the
 /// stream sequence, `event:` the `Sse-Event` header when set.
-pub fn event_frame(seq: u64, msg: &async_nats::Message) -> Bytes {
+pub(crate) fn event_frame(seq: u64, msg: &async_nats::Message) -> Bytes {
     let event = msg
         .headers
         .as_ref()
@@ -33,7 +32,7 @@ pub fn event_frame(seq: u64, msg: &async_nats::Message) -> Bytes {
 
 /// The stream sequence RePublish puts in `Nats-Sequence`. A message
 /// without it was not republished by the stream and has no resumable id.
-pub fn republished_sequence(msg: &async_nats::Message) -> Option<u64> {
+pub(crate) fn republished_sequence(msg: &async_nats::Message) -> Option<u64> {
     let seq = msg
         .headers
         .as_ref()?

@@ -105,7 +105,7 @@ pub fn default_stream_config(name: &str) -> stream::Config {
 }
 
 /// Reads (or creates) the stream and returns its [`Scope`].
-pub async fn load_scope(
+pub(crate) async fn load_scope(
     js: &jetstream::Context,
     name: &str,
     create: bool,

@@ -9,14 +9,14 @@ use super::{CatchUpTopic, CaughtUp, History, HistoryError, Scope, Stored};
 use crate::hub::Upstream;
 
 #[derive(Clone)]
-pub struct NatsUpstream {
+pub(crate) struct NatsUpstream {
     client: async_nats::Client,
     scope: Arc<Scope>,
     history: History,
 }
 
 impl NatsUpstream {
-    pub fn new(client: async_nats::Client, scope: Arc<Scope>, history: History) -> Self {
+    pub(crate) fn new(client: async_nats::Client, scope: Arc<Scope>, history: History) -> Self {
         NatsUpstream {
             client,
             scope,
