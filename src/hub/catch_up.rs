@@ -8,7 +8,6 @@ use super::dispatcher::{CatchUp, Delivery, Dispatcher, Done};
 use super::topics::TopicKey;
 use crate::client::EndReason;
 use crate::nats::{CatchUpTopic, CaughtUp};
-use crate::sse;
 
 impl<U: Upstream> Dispatcher<U> {
     /// Holds live delivery and re-reads every subscription's events from
@@ -73,17 +72,11 @@ impl<U: Upstream> Dispatcher<U> {
         }
         // Topics whose backlog exceeded the replay limit cannot be caught up
         // in memory: their clients resume on their own (with a gap notice).
-        let tail = sse::encode_retry(self.cfg.retry_ms);
-        let mut ended = 0;
-        for &key in &truncated {
-            if let Some(topic) = self.topics.get(key) {
-                for (_, q) in &topic.clients {
-                    q.close(EndReason::Resync, Some(tail.clone()));
-                    ended += 1;
-                }
-            }
-        }
-        self.count_ends(EndReason::Resync, ended);
+        let queues = truncated
+            .iter()
+            .filter_map(|&key| self.topics.get(key))
+            .flat_map(|topic| topic.clients.iter().map(|(_, q)| q));
+        self.end_streams(queues, EndReason::Resync);
         items.extend(catch_up.held);
         items.sort_by_key(|d| d.seq);
         tracing::info!(events = items.len(), "caught up");

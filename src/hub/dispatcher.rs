@@ -15,7 +15,7 @@ use super::merge::MergeSet;
 use super::topics::{Clients, TopicKey, Topics};
 use super::window::Window;
 use super::{Cmd, HubConfig, Upstream};
-use crate::client::EndReason;
+use crate::client::{ClientQueue, EndReason};
 use crate::metrics::{Metrics, Reason};
 use crate::nats::{CaughtUp, LinkEvent, Stored};
 use crate::sse;
@@ -72,6 +72,9 @@ pub(super) struct Dispatcher<U: Upstream> {
     pub(super) topics: Topics,
     pub(super) merge: MergeSet<U::Live, TopicKey>,
     pub(super) clients: Clients,
+    /// `retry: <ms>`: the last frame of every stream the hub ends, so the
+    /// browser comes back (to this shard or another) after the delay.
+    retry: Bytes,
 }
 
 impl<U: Upstream> Dispatcher<U> {
@@ -85,6 +88,7 @@ impl<U: Upstream> Dispatcher<U> {
         Dispatcher {
             upstream,
             window: Window::new(cfg.replay_cache_bytes),
+            retry: sse::encode_retry(cfg.retry_ms),
             cfg,
             metrics,
             max_seen,
@@ -192,10 +196,24 @@ impl<U: Upstream> Dispatcher<U> {
                 () = &mut expiry, if armed.is_some() => self.expire(),
             }
         }
-        let tail = sse::encode_retry(self.cfg.retry_ms);
-        let n = self.clients.close_all(EndReason::Shutdown, &tail);
-        self.count_ends(EndReason::Shutdown, n);
+        let n = self.end_streams(self.clients.queues(), EndReason::Shutdown);
         tracing::info!(clients = n, "hub stopped: streams ended");
+    }
+
+    /// Ends `queues`' streams after a `retry:` hint (the clients resume by
+    /// Last-Event-ID), counted under `reason`.
+    pub(super) fn end_streams<'a>(
+        &self,
+        queues: impl Iterator<Item = &'a Arc<ClientQueue>>,
+        reason: EndReason,
+    ) -> usize {
+        let mut n = 0;
+        for q in queues {
+            q.close(reason, Some(self.retry.clone()));
+            n += 1;
+        }
+        self.count_ends(reason, n);
+        n
     }
 
     pub(super) fn count_ends(&self, reason: EndReason, n: usize) {

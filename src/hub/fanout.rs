@@ -8,7 +8,6 @@ use super::topics::TopicKey;
 use super::{LiveMessage, Upstream};
 use crate::client::{EndReason, Offer};
 use crate::nats::{event_frame, republished_sequence};
-use crate::sse;
 
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
@@ -44,9 +43,7 @@ impl<U: Upstream> Dispatcher<U> {
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");
                 self.catch_up = None;
-                let tail = sse::encode_retry(self.cfg.retry_ms);
-                let n = self.clients.close_all(EndReason::Resync, &tail);
-                self.count_ends(EndReason::Resync, n);
+                self.end_streams(self.clients.queues(), EndReason::Resync);
             }
             return;
         }

@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use super::dispatcher::{Dispatcher, Done};
 use super::{Backfill, JoinError, JoinRequest, Upstream};
 use crate::client::{ClientId, ClientQueue, EndReason};
-use crate::sse;
 
 /// How long subscribing (SUB + flush round trip) may take before a join fails.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -161,14 +160,6 @@ impl Clients {
             }
         }
         n
-    }
-
-    /// Ends every stream with `tail`.
-    pub(super) fn close_all(&self, reason: EndReason, tail: &Bytes) -> usize {
-        for q in self.queues() {
-            q.close(reason, Some(tail.clone()));
-        }
-        self.map.len()
     }
 }
 
@@ -341,9 +332,8 @@ impl<U: Upstream> Dispatcher<U> {
         topic.slot = None;
         self.metrics.subscriptions.dec();
         self.window.stop(key);
-        let tail = sse::encode_retry(self.cfg.retry_ms);
-        for (_, q) in &topic.clients {
-            q.close(EndReason::Resync, Some(tail.clone()));
+        if let Some(topic) = self.topics.get(key) {
+            self.end_streams(topic.clients.iter().map(|(_, q)| q), EndReason::Resync);
         }
     }
 }
