@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sse_relay::app::Extension;
 use sse_relay::config::{Cli, Command, Config, EXIT_CONFIG, ServeArgs};
-use sse_relay::dev::{DEMO_SUBJECT, DevNats, DevRoutes};
+use sse_relay::dev::{DEMO_SUBJECT, DevRoutes, NatsServer, NatsServerOptions};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -114,9 +114,9 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
     let secret = format!("dev-{:x}", std::process::id() as u64 * 0x9E37_79B9 + 0x7F4A);
     let (nats, url) = match &args.nats_url {
         Some(url) => (None, url.clone()),
-        None => match DevNats::start() {
+        None => match NatsServer::start(NatsServerOptions::default()) {
             Ok(n) => {
-                let url = n.url.clone();
+                let url = n.url();
                 (Some(n), url)
             }
             Err(e) => {

@@ -2,6 +2,7 @@
 //! processes from /proc: RSS, CPU ticks. Every child is registered so the
 //! watchdog can kill it, and killed on drop.
 
+use sse_relay::dev::{NatsServer, NatsServerOptions};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -101,42 +102,35 @@ pub(crate) fn pin_self(cpu: usize) -> Result<(), String> {
     }
 }
 
-/// `nats-server -js` on a free port with a temporary store.
+/// `nats-server -js` on a port of its own with a temporary store (pinned
+/// to `cpu` when asked), known to the watchdog while it runs.
 pub(crate) struct Nats {
-    pub(crate) proc: Proc,
+    pub(crate) server: NatsServer,
     pub(crate) url: String,
 }
 
 impl Nats {
-    pub(crate) fn start(dir: &Path, cpu: Option<usize>) -> Result<Nats, String> {
-        let port = free_port()?;
-        let store = dir.join("js");
-        let log = fs::File::create(dir.join("nats.log")).map_err(|e| e.to_string())?;
-        let mut cmd = command(Path::new("nats-server"), cpu);
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let proc = Proc::spawn(cmd, "nats-server (is it on PATH?)")?;
-        wait_port(port, Duration::from_secs(10))?;
-        Ok(Nats {
-            proc,
-            url: format!("nats://127.0.0.1:{port}"),
-        })
+    pub(crate) fn start(cpu: Option<usize>) -> Result<Nats, String> {
+        let server = NatsServer::start(NatsServerOptions {
+            wrapper: cpu
+                .map(|c| vec!["taskset".to_string(), "-c".to_string(), c.to_string()])
+                .unwrap_or_default(),
+            ..NatsServerOptions::default()
+        })?;
+        if let Some(pid) = server.pid() {
+            register(pid);
+        }
+        let url = server.url();
+        Ok(Nats { server, url })
     }
 }
 
-/// Waits until something accepts on 127.0.0.1:`port`.
-pub(crate) fn wait_port(port: u16, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server.pid() {
+            unregister(pid);
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    Err(format!("nothing listens on port {port} after {limit:?}"))
 }
 
 /// The relay binary, built in release mode.

