@@ -37,7 +37,7 @@ pub enum AuthError {
     Expired,
     #[error("the token's signature or algorithm is not accepted")]
     BadSignature,
-    #[error("the token's claims are not accepted (exp, aud or iss)")]
+    #[error("the token's claims are not accepted (exp, nbf, aud, iss, or a critical header)")]
     BadClaims,
 }
 
@@ -102,6 +102,8 @@ impl Verifier {
         let mut validation = Validation::new_for_family(family);
         validation.leeway = leeway.as_secs();
         validation.set_required_spec_claims(&["exp"]);
+        // A token not valid yet is refused like an expired one.
+        validation.validate_nbf = true;
         match audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
@@ -121,6 +123,10 @@ impl Verifier {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        if token.len() > MAX_TOKEN {
+            return Err(AuthError::Malformed);
+        }
+        reject_critical_extensions(token)?;
         jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
@@ -146,9 +152,38 @@ impl Verifier {
 
     /// The instant at which a token with `exp` stops being accepted: `exp`
     /// plus the leeway, the same moment a new connection would get 401.
+    /// Saturates: an `exp` centuries away cannot overflow the clock.
     pub fn deadline(&self, exp: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(exp) + self.leeway
+        let far = UNIX_EPOCH + Duration::from_secs(FAR_FUTURE_SECS);
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
+            .and_then(|t| t.checked_add(self.leeway))
+            .map_or(far, |t| t.min(far))
     }
+}
+
+/// Largest token accepted; a JWT with a few dozen subjects is well under.
+const MAX_TOKEN: usize = 16 * 1024;
+
+/// Deadlines are capped at the year ~2500: far enough to never matter,
+/// near enough for every clock type to represent.
+const FAR_FUTURE_SECS: u64 = 16_725_225_600;
+
+/// RFC 7515 §4.1.11: a JWS whose `crit` header names extensions the
+/// recipient does not understand must be rejected. This relay understands
+/// none, so any `crit` is refused.
+fn reject_critical_extensions(token: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| AuthError::Malformed)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    if header.get("crit").is_some() {
+        return Err(AuthError::BadClaims);
+    }
+    Ok(())
 }
 
 /// Signs an HS256 development token (`sse-relay token`).
@@ -220,6 +255,75 @@ mod tests {
             v.verify(none).unwrap_err(),
             AuthError::BadSignature | AuthError::Malformed
         ));
+    }
+
+    fn hs256(header: serde_json::Value, claims: serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+        let sig = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &EncodingKey::from_secret(b"s3cret"),
+            Algorithm::HS256,
+        )
+        .unwrap();
+        format!("{signing_input}.{sig}")
+    }
+
+    fn in_an_hour() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let claims =
+            serde_json::json!({"exp": in_an_hour(), "nbf": in_an_hour() - 60, "subjects": []});
+        let t = hs256(serde_json::json!({"alg": "HS256", "typ": "JWT"}), claims);
+        assert_eq!(verifier().verify(&t).unwrap_err(), AuthError::BadClaims);
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_refused() {
+        let claims = serde_json::json!({"exp": in_an_hour(), "subjects": []});
+        let plain = hs256(serde_json::json!({"alg": "HS256"}), claims.clone());
+        assert!(
+            verifier().verify(&plain).is_ok(),
+            "the same token without crit passes"
+        );
+        let crit = hs256(
+            serde_json::json!({"alg": "HS256", "crit": ["exp-ext"], "exp-ext": 1}),
+            claims,
+        );
+        assert_eq!(verifier().verify(&crit).unwrap_err(), AuthError::BadClaims);
+    }
+
+    #[test]
+    fn a_far_exp_saturates_instead_of_overflowing() {
+        let v = verifier();
+        let d = v.deadline(u64::MAX);
+        assert!(d > SystemTime::now() + Duration::from_secs(100 * 365 * 86400));
+        assert_eq!(d, v.deadline(u64::MAX - 1), "capped");
+        let claims = serde_json::json!({"exp": u64::MAX, "subjects": []});
+        let t = hs256(serde_json::json!({"alg": "HS256"}), claims);
+        assert_eq!(v.verify(&t).unwrap().exp, u64::MAX);
+    }
+
+    #[test]
+    fn oversized_and_garbage_tokens_are_malformed() {
+        let v = verifier();
+        assert_eq!(
+            v.verify(&"a".repeat(MAX_TOKEN + 1)).unwrap_err(),
+            AuthError::Malformed
+        );
+        for t in ["\0.\0.\0", "..", "e30.e30.", "%%%.e30.x", "\u{FFFD}"] {
+            assert!(v.verify(t).is_err(), "{t:?}");
+        }
     }
 
     #[test]

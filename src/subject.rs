@@ -5,7 +5,9 @@
 //! (exactly one token) and `>` (one or more tokens, only as the last token).
 //! `matches`, `contains` and `overlaps` are on hot paths: they walk both token
 //! streams in lockstep and never allocate. They assume their inputs were
-//! validated; on invalid input they return some answer but never panic.
+//! validated; on invalid input they return some answer but never panic, and
+//! `contains` fails closed: a malformed outer pattern (a grant from a token)
+//! contains nothing.
 //!
 //! Over 400 lines only because the property tests (against a brute-force
 //! model) live beside the functions they check.
@@ -22,10 +24,14 @@ pub enum SubjectError {
     #[error("subject {0:?} contains an empty token (leading, trailing or doubled '.')")]
     EmptyToken(String),
     #[error(
-        "token {0:?} is invalid: tokens must not contain whitespace, and '*' or '>' \
-         must stand alone as a whole token (and are not allowed in concrete subjects)"
+        "token {0:?} is invalid: tokens must not contain whitespace or control characters, \
+         and '*' or '>' must stand alone as a whole token (and are not allowed in concrete subjects)"
     )]
     InvalidToken(String),
+    #[error(
+        "subject {0:?} is not valid text (it held bytes that are not UTF-8, or U+FFFD); percent-encode subjects as UTF-8"
+    )]
+    NotText(String),
     #[error("pattern {0:?} uses '>' before its last token; '>' may only be the last token")]
     FullWildcardNotLast(String),
     #[error("subject is longer than {MAX_LEN} bytes")]
@@ -50,13 +56,20 @@ fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
     if s.len() > MAX_LEN {
         return Err(SubjectError::TooLong);
     }
+    // What a decoder put in place of bytes that were not UTF-8: the client
+    // did not ask for this subject (NATS refuses it too).
+    if s.contains('\u{FFFD}') {
+        return Err(SubjectError::NotText(s.to_owned()));
+    }
     let mut tokens = s.split('.').peekable();
     while let Some(tok) = tokens.next() {
         if tok.is_empty() {
             return Err(SubjectError::EmptyToken(s.to_owned()));
         }
         let is_wildcard = tok == "*" || tok == ">";
-        let bad_char = |c: char| matches!(c, ' ' | '\t' | '\r' | '\n' | '*' | '>');
+        // Whitespace as NATS forbids it, and every other control character
+        // (NUL, form feed, escapes): none can be delivered or logged safely.
+        let bad_char = |c: char| c == ' ' || c.is_control() || c == '*' || c == '>';
         if (is_wildcard && !wildcards) || (!is_wildcard && tok.contains(bad_char)) {
             return Err(SubjectError::InvalidToken(tok.to_owned()));
         }
@@ -82,8 +95,10 @@ pub fn contains(outer: &str, inner: &str) -> bool {
         match (o.next(), i.next()) {
             (None, None) => return true,
             // Inner has at least one token left, so whatever it still
-            // matches is a non-empty remainder, which `>` absorbs.
-            (Some(">"), Some(_)) => return true,
+            // matches is a non-empty remainder, which `>` absorbs: if `>`
+            // is outer's last token. Anything after it makes outer
+            // malformed, and a malformed grant grants nothing.
+            (Some(">"), Some(_)) => return o.next().is_none(),
             // Inner `>` spans unboundedly many tokens; nothing but `>` covers
             // that (the previous arm already handled outer `>`).
             (Some(_), Some(">")) => return false,
@@ -211,6 +226,11 @@ mod tests {
             ("**", InvalidToken("**".into())),
             ("a.>.b", FullWildcardNotLast("a.>.b".into())),
             (">.>", FullWildcardNotLast(">.>".into())),
+            ("a.b\0c", InvalidToken("b\0c".into())),
+            ("a.\x0cb", InvalidToken("\x0cb".into())),
+            ("a.\x1b[31m", InvalidToken("\x1b[31m".into())),
+            ("a.b\u{7f}", InvalidToken("b\u{7f}".into())),
+            ("a.\u{FFFD}", NotText("a.\u{FFFD}".into())),
         ];
         for (p, err) in cases {
             assert_eq!(validate_pattern(p).as_ref(), Err(err), "{p:?}");
@@ -253,6 +273,10 @@ mod tests {
         let no = [("orders.*", "orders.>"), ("a.b.c", "a.*.c"), ("a.>", "a"), ("a.b.>", "a.>"),
                   ("*.*", "*.>"), ("a.*", "a.*.b"), ("a", "*"), ("*", "a.b")];
         table(contains, &yes, &no);
+        // Malformed grants grant nothing.
+        let malformed = [("events.>.x", "events.b.c.d"), ("events.>.", "events.b.c"),
+                         ("events.>.>", "events.a.b"), (">.a", "x.a")];
+        table(contains, &[], &malformed);
     }
 
     #[test]
@@ -340,6 +364,13 @@ mod tests {
         })
     }
 
+    /// Any string over the subject alphabet plus separators and wildcards in
+    /// any position: mostly malformed patterns, as a hostile token may carry.
+    fn any_grant() -> impl Strategy<Value = String> {
+        let ch = prop::sample::select(vec!["a", "b", ".", "*", ">", "", " "]);
+        prop::collection::vec(ch, 0..=8).prop_map(|c| c.concat())
+    }
+
     fn subject() -> impl Strategy<Value = String> {
         let tok = prop::sample::select(vec!["a", "b", "c"]);
         prop::collection::vec(tok, 1..=6).prop_map(|t| t.join("."))
@@ -369,6 +400,16 @@ mod tests {
         fn contains_agrees_with_brute_force(outer in pattern(), inner in pattern()) {
             let brute = ALL_SUBJECTS.iter().all(|s| !matches(&inner, s) || matches(&outer, s));
             prop_assert_eq!(contains(&outer, &inner), brute);
+        }
+
+        #[test]
+        fn malformed_grants_contain_nothing(outer in any_grant(), inner in pattern()) {
+            if validate_pattern(&outer).is_err() {
+                prop_assert!(!contains(&outer, &inner), "{:?} contains {:?}", outer, inner);
+            } else {
+                let brute = ALL_SUBJECTS.iter().all(|s| !matches(&inner, s) || matches(&outer, s));
+                prop_assert_eq!(contains(&outer, &inner), brute);
+            }
         }
 
         #[test]

@@ -109,8 +109,17 @@ pub(crate) struct Hub {
     /// Asks the stream for its last sequence (one request for any number of
     /// concurrent callers: a storm on a shard that has just started).
     last_sequence: Box<dyn Fn() -> LastSequence + Send + Sync>,
-    asking: tokio::sync::Mutex<()>,
+    /// Asks started so far; a caller is answered by any ask that started
+    /// after it arrived.
+    asks_started: AtomicU64,
+    /// The number and end of the last ask that completed (held while asking).
+    asked: tokio::sync::Mutex<(u64, Option<Instant>)>,
 }
+
+/// At most one "what is your last sequence" per interval: ids above
+/// everything the shard has seen (a client coming from another shard or
+/// region, or a bogus id) wait for the next ask instead of each making one.
+const ASK_INTERVAL: Duration = Duration::from_secs(1);
 
 type LastSequence = std::pin::Pin<Box<dyn Future<Output = Result<u64, HistoryError>> + Send>>;
 
@@ -165,7 +174,8 @@ impl Hub {
                 let u = upstream.clone();
                 Box::pin(async move { u.last_sequence().await })
             }),
-            asking: tokio::sync::Mutex::new(()),
+            asks_started: AtomicU64::new(0),
+            asked: tokio::sync::Mutex::new((0, None)),
         })
     }
 
@@ -177,17 +187,26 @@ impl Hub {
 
     /// The stream's last sequence, as far as needed to judge whether `id`
     /// exists: what this shard has seen when `id` is at or below it, else
-    /// the stream's answer, asked once for all concurrent callers.
+    /// the stream's answer from an ask that started after this call did.
+    /// Asks are shared by every caller waiting and made at most once per
+    /// [`ASK_INTERVAL`], so unknown ids cannot multiply JetStream requests.
     pub(crate) async fn last_sequence_reaching(&self, id: u64) -> Result<u64, HistoryError> {
         if id <= self.max_seen() {
             return Ok(self.max_seen());
         }
-        let _single_flight = self.asking.lock().await;
-        if id <= self.max_seen() {
+        let arrived = self.asks_started.load(Ordering::Acquire);
+        let mut asked = self.asked.lock().await;
+        let (completed, at) = *asked;
+        if id <= self.max_seen() || completed > arrived {
             return Ok(self.max_seen());
         }
-        let last = (self.last_sequence)().await?;
-        self.max_seen.fetch_max(last, Ordering::AcqRel);
+        if let Some(at) = at {
+            tokio::time::sleep_until(at + ASK_INTERVAL).await;
+        }
+        let number = self.asks_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let last = (self.last_sequence)().await;
+        *asked = (number, Some(Instant::now()));
+        self.max_seen.fetch_max(last?, Ordering::AcqRel);
         Ok(self.max_seen())
     }
 

@@ -32,6 +32,7 @@ pub(super) struct FakeState {
     pub(super) stored: Vec<(u64, String, Bytes)>,
     subs: Vec<(String, mpsc::UnboundedSender<LiveMessage>)>,
     pub(super) reads: usize,
+    pub(super) last_sequence_asks: usize,
     pub(super) catch_ups: usize,
     pub(super) fail_subscribe: bool,
 }
@@ -126,6 +127,7 @@ impl Upstream for Fake {
     }
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {
+        self.lock().last_sequence_asks += 1;
         Ok(self.last())
     }
 

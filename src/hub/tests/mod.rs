@@ -377,3 +377,51 @@ async fn shutdown_ends_every_stream_with_a_retry_hint() {
     let ids: BTreeSet<_> = [a.id, b.id].into_iter().collect();
     assert_eq!(ids.len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn unknown_resume_ids_cost_one_stream_request_per_interval() {
+    let s = start(config());
+    for _ in 0..10 {
+        s.fake.store("events.a");
+    }
+    let asks = || s.fake.lock().last_sequence_asks;
+    let check_all = |ids: Vec<u64>| {
+        let checks: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let hub = s.hub.clone();
+                tokio::spawn(async move { hub.last_sequence_reaching(id).await.unwrap() })
+            })
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for c in checks {
+                out.push(c.await.unwrap());
+            }
+            out
+        }
+    };
+    // Concurrent callers share one request.
+    assert!(
+        check_all((0..50).map(|i| 5 + i % 3).collect())
+            .await
+            .iter()
+            .all(|l| *l == 10)
+    );
+    assert_eq!(asks(), 1);
+    // Known ids ask nothing.
+    assert_eq!(s.hub.last_sequence_reaching(10).await.unwrap(), 10);
+    assert_eq!(asks(), 1);
+    // A flood of ids above the end, right after an ask: they wait for the
+    // next interval and share one ask, which also finds an event stored
+    // meanwhile (an id a client may have got from another shard).
+    s.fake.store("events.a");
+    let start = tokio::time::Instant::now();
+    let got = check_all((0..200).map(|i| 11 + i % 2).collect()).await;
+    assert!(got.iter().all(|l| *l == 11), "{got:?}");
+    assert_eq!(asks(), 2);
+    assert!(
+        start.elapsed() <= Duration::from_secs(1),
+        "waited at most one interval"
+    );
+}
