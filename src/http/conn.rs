@@ -32,29 +32,41 @@ use crate::client::SseBody;
 
 /// Largest request head accepted (431 beyond).
 const MAX_HEAD: usize = 16 * 1024;
-/// Time a new connection has to send its request head.
+/// Time a request head may take from its first byte (and a new connection
+/// from its accept) to its end.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time an idle keep-alive connection is kept for its next request.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a request with a body (extension routes only) has to be read and
+/// answered.
+const BODY_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one connection until it closes, the peer goes, or shutdown.
 pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationToken) {
     let mut pending: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
-        let wait = if first {
-            HEAD_TIMEOUT
-        } else {
-            KEEP_ALIVE_TIMEOUT
-        };
-        first = false;
         // Boxed, like routing below: the timers and parser state of this
         // phase would otherwise size the task for the stream's whole life.
-        let head = match Box::pin(next_head(&mut stream, &mut pending, wait, &cancel)).await {
+        let head = match Box::pin(next_head(&mut stream, &mut pending, first, &cancel)).await {
             Some(head) => head,
             None => return,
         };
-        if head.has_body {
+        first = false;
+        let mut keep_alive = head.keep_alive;
+        if head.has_body && !super::routes::takes_body(&app, head.req.uri().path()) {
+            // Only extension routes read bodies: a stream cannot be moved
+            // onto the body path by adding a body header. GET and HEAD take
+            // no body anywhere; other methods get their usual answer (405,
+            // 404) here, unread body and all, and the connection closes.
+            let get = matches!(*head.req.method(), hyper::Method::GET | hyper::Method::HEAD);
+            if get {
+                let reply = bad_request(400, "body_not_allowed", BODY_NOT_ALLOWED);
+                let _ = stream.write_all(&reply).await;
+                return;
+            }
+            keep_alive = false;
+        } else if head.has_body {
             // Rare (dev publish): let hyper read the body, one request only.
             let io = Rewind {
                 pre: Bytes::from(std::mem::take(&mut pending)),
@@ -67,7 +79,7 @@ pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: Cancella
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-            let _ = Box::pin(conn).await;
+            let _ = tokio::time::timeout(BODY_REQUEST_TIMEOUT, Box::pin(conn)).await;
             return;
         }
         if pending.is_empty() {
@@ -76,7 +88,6 @@ pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: Cancella
         }
         let version = head.req.version();
         let head_only = head.req.method() == hyper::Method::HEAD;
-        let keep_alive = head.keep_alive;
         // Boxed: the routing future is large and lives only until the
         // response starts; unboxed it would size this task for its life.
         let res = Box::pin(super::handle(app.clone(), head.req)).await;
@@ -102,23 +113,60 @@ pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: Cancella
 
 /// Waits for the next request head; None when the connection should close
 /// (EOF, timeout, shutdown, or a malformed head, which is answered here).
+/// The first request of a connection has [`HEAD_TIMEOUT`] from the accept;
+/// a later one may idle [`KEEP_ALIVE_TIMEOUT`] before its first byte, then
+/// has [`HEAD_TIMEOUT`] too.
 async fn next_head(
     stream: &mut TcpStream,
     pending: &mut Vec<u8>,
-    wait: Duration,
+    first: bool,
     cancel: &CancellationToken,
 ) -> Option<Head> {
-    let reply: &[u8] = tokio::select! {
-        h = tokio::time::timeout(wait, read_head(stream, pending)) => match h {
-            Ok(Ok(Some(head))) => return Some(head),
-            Ok(Ok(None)) | Err(_) | Ok(Err(HeadError::Io)) => return None,
-            Ok(Err(HeadError::TooLarge)) => b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            Ok(Err(HeadError::Malformed)) => b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    let read = async {
+        if !first && pending.is_empty() {
+            match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, stream.read_buf(pending)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(HeadError::Io),
+            }
+        }
+        match tokio::time::timeout(HEAD_TIMEOUT, read_head(stream, pending)).await {
+            Ok(Ok(Some(head))) => Ok(head),
+            Ok(Ok(None)) | Err(_) => Err(HeadError::Io),
+            Ok(Err(e)) => Err(e),
+        }
+    };
+    let error = tokio::select! {
+        h = read => match h {
+            Ok(head) => return Some(head),
+            Err(e) => e,
         },
         () = cancel.cancelled() => return None,
     };
-    let _ = stream.write_all(reply).await;
+    let reply = match error {
+        HeadError::Io => return None,
+        HeadError::TooLarge => bad_request(431, "too_large", "the request head is over 16 KiB"),
+        HeadError::Malformed(why) => bad_request(400, "bad_request", why),
+    };
+    let _ = stream.write_all(&reply).await;
     None
+}
+
+/// Why a body on a request that takes none is refused.
+const BODY_NOT_ALLOWED: &str = "this request takes no body; send none";
+
+/// A JSON error answer that closes the connection.
+fn bad_request(status: u16, code: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({"error": code, "message": message}).to_string();
+    let reason = if status == 431 {
+        "Request Header Fields Too Large"
+    } else {
+        "Bad Request"
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 struct Head {
@@ -127,10 +175,12 @@ struct Head {
     keep_alive: bool,
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum HeadError {
     Io,
     TooLarge,
-    Malformed,
+    /// Answered with 400 and this sentence.
+    Malformed(&'static str),
 }
 
 /// Reads one request head. `pending` holds bytes already read; on return
@@ -156,7 +206,7 @@ async fn read_head(
                 }
                 Ok(httparse::Status::Partial) => {}
                 Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-                Err(_) => return Err(HeadError::Malformed),
+                Err(_) => return Err(HeadError::Malformed(why_malformed(pending))),
             }
         }
         if pending.capacity() - pending.len() < 512 {
@@ -170,47 +220,112 @@ async fn read_head(
     }
 }
 
+/// What to tell a client whose request line httparse refused. The usual
+/// cause is a query typed into a shell: `subject=events.orders.>` with the
+/// `>` not percent-encoded.
+fn why_malformed(raw: &[u8]) -> &'static str {
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.iter().any(|&b| {
+        matches!(
+            b,
+            b'>' | b'<' | b'"' | b'{' | b'}' | b'|' | b'\\' | b'^' | b'`'
+        )
+    }) {
+        "the request target holds characters that must be percent-encoded: write `>` as %3E (subject=events.orders.%3E)"
+    } else {
+        "the request is not valid HTTP/1.1"
+    }
+}
+
+/// Checks the framing rules of RFC 9112 this loop relies on and builds the
+/// request. A head that breaks them is refused: 400, connection closed.
 fn build(p: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
+    use HeadError::Malformed;
     let version = match p.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
+    let path = p.path.unwrap_or("/");
+    let uri: hyper::Uri = path
+        .parse()
+        .map_err(|_| Malformed(why_malformed(path.as_bytes())))?;
     let mut builder = Request::builder()
         .method(p.method.unwrap_or("GET"))
-        .uri(p.path.unwrap_or("/"))
+        .uri(uri)
         .version(version);
-    let mut has_body = false;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut hosts = 0;
     let mut close = version == Version::HTTP_10;
-    let headers = builder.headers_mut().ok_or(HeadError::Malformed)?;
+    let headers = builder
+        .headers_mut()
+        .ok_or(Malformed("the request line is not valid"))?;
     for h in p.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Malformed)?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed)?;
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Malformed("a header name is not valid"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| Malformed("a header value is not valid"))?;
         if name == header::CONTENT_LENGTH {
-            has_body |= value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                != Some(0);
+            // §6.3: 1*DIGIT only (no sign, no list); repeats must agree.
+            let n =
+                parse_content_length(h.value).ok_or(Malformed("Content-Length is not valid"))?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(Malformed(
+                    "Content-Length is given twice with different values",
+                ));
+            }
+            content_length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
-            has_body = true;
+            // §6.1: chunked must be the final coding of a request.
+            if version == Version::HTTP_10 || chunked {
+                return Err(Malformed("Transfer-Encoding is not valid here"));
+            }
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Malformed("Transfer-Encoding must end with chunked"));
+            }
+            chunked = true;
+        } else if name == header::HOST {
+            hosts += 1;
         } else if name == header::CONNECTION {
-            let v = value.to_str().unwrap_or_default().to_ascii_lowercase();
-            if v.contains("close") {
-                close = true;
-            } else if v.contains("keep-alive") {
-                close = false;
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
             }
         }
         headers.append(name, value);
     }
+    // §6.3: both framings at once is how requests are smuggled.
+    if chunked && content_length.is_some() {
+        return Err(Malformed("Content-Length and Transfer-Encoding together"));
+    }
+    // §3.2: exactly one Host on HTTP/1.1, at most one on HTTP/1.0.
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return Err(Malformed(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
     let req = builder
         .body(Empty::new())
-        .map_err(|_| HeadError::Malformed)?;
+        .map_err(|_| Malformed("the request line is not valid"))?;
     Ok(Head {
         req,
-        has_body,
+        has_body: chunked || content_length.is_some_and(|n| n > 0),
         keep_alive: !close,
     })
+}
+
+/// `1*DIGIT` as RFC 9110 §8.6 defines Content-Length (Rust's parser would
+/// also take a leading `+`).
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// A response turned into bytes: the head (and the whole body when it is
@@ -312,10 +427,12 @@ async fn stream_body(stream: &mut TcpStream, body: &mut SseBody, chunked: bool) 
                 r?;
                 let mut scratch = [0u8; 64];
                 match stream.try_read(&mut scratch) {
+                    // EOF: the client left.
                     Ok(0) => return Ok(()),
-                    // Bytes after the request (a pipelined request) are not
-                    // served on a stream; keep waiting for events.
-                    Ok(_) => {}
+                    // A stream's request side may send nothing more: a
+                    // client that does (a pipelined request, an upload of
+                    // garbage) is closed rather than read forever.
+                    Ok(_) => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
@@ -427,6 +544,119 @@ mod tests {
             std::mem::size_of::<crate::client::ClientQueue>()
         );
         assert!(size <= 1024, "connection future grew to {size} bytes");
+    }
+
+    /// Parses a whole request head as the loop does.
+    fn head(raw: &str) -> Result<Head, HeadError> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(raw.as_bytes()) {
+            Ok(httparse::Status::Complete(_)) => build(&parsed),
+            _ => Err(HeadError::Malformed(why_malformed(raw.as_bytes()))),
+        }
+    }
+
+    fn get(extra: &str) -> Result<Head, HeadError> {
+        head(&format!("GET /events HTTP/1.1\r\nHost: x\r\n{extra}\r\n"))
+    }
+
+    #[test]
+    fn content_length_is_digits_only_and_agrees_with_itself() {
+        for bad in [
+            "+0",
+            "-1",
+            "0x10",
+            " ",
+            "1, 1",
+            "1 1",
+            "18446744073709551616",
+        ] {
+            let h = get(&format!("Content-Length: {bad}\r\n"));
+            assert!(matches!(h, Err(HeadError::Malformed(_))), "{bad:?}");
+        }
+        let twice = get("Content-Length: 1\r\nContent-Length: 2\r\n");
+        assert!(matches!(twice, Err(HeadError::Malformed(_))));
+        assert!(
+            get("Content-Length: 3\r\nContent-Length: 3\r\n")
+                .unwrap()
+                .has_body
+        );
+        assert!(!get("Content-Length: 0\r\n").unwrap().has_body);
+        assert!(!get("Content-Length: 00\r\n").unwrap().has_body);
+        assert!(get("Content-Length: 5\r\n").unwrap().has_body);
+    }
+
+    #[test]
+    fn transfer_encoding_must_be_chunked_last_and_alone() {
+        assert!(get("Transfer-Encoding: chunked\r\n").unwrap().has_body);
+        assert!(
+            get("Transfer-Encoding: gzip, chunked\r\n")
+                .unwrap()
+                .has_body
+        );
+        for bad in [
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+            "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert!(matches!(get(bad), Err(HeadError::Malformed(_))), "{bad:?}");
+        }
+        let old = head("POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(old, Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn exactly_one_host_on_http_1_1() {
+        let none = head("GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(none, Err(HeadError::Malformed(_))));
+        let two = get("Host: y\r\n");
+        assert!(matches!(two, Err(HeadError::Malformed(_))));
+        assert!(head("GET / HTTP/1.0\r\n\r\n").is_ok(), "optional on 1.0");
+    }
+
+    #[test]
+    fn connection_is_a_list_of_tokens() {
+        assert!(get("").unwrap().keep_alive);
+        assert!(!get("Connection: close\r\n").unwrap().keep_alive);
+        assert!(!get("Connection: keep-alive, Close\r\n").unwrap().keep_alive);
+        assert!(
+            get("Connection: closed\r\n").unwrap().keep_alive,
+            "not the close token"
+        );
+        assert!(get("Connection: upgrade-close-x\r\n").unwrap().keep_alive);
+        let old = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap();
+        assert!(old.keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive);
+    }
+
+    #[test]
+    fn an_unencoded_wildcard_gets_a_sentence() {
+        let h = head("GET /events?subject=events.orders.> HTTP/1.1\r\nHost: x\r\n\r\n");
+        let Err(HeadError::Malformed(why)) = h else {
+            panic!("expected a refusal")
+        };
+        assert!(why.contains("%3E"), "{why}");
+        let reply = String::from_utf8(bad_request(400, "bad_request", why)).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        let body = reply.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "bad_request");
+        assert!(reply.contains(&format!("content-length: {}\r\n", body.len())));
+    }
+
+    #[test]
+    fn the_body_refusal_is_well_formed() {
+        let reply = bad_request(400, "body_not_allowed", BODY_NOT_ALLOWED);
+        let reply = std::str::from_utf8(&reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{reply}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "body_not_allowed");
     }
 
     #[test]

@@ -16,6 +16,14 @@ use crate::client::SseBody;
 /// Largest request body an extension route accepts.
 pub const MAX_EXTENSION_BODY: usize = 1024 * 1024;
 
+/// Whether a request to `path` may carry a body: only extension routes
+/// read one.
+pub(crate) fn takes_body(app: &App, path: &str) -> bool {
+    app.extension
+        .as_ref()
+        .is_some_and(|x| x.allows(path).is_some())
+}
+
 /// Answers one request. Never fails: every refusal is a response.
 pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<SseBody>
 where
