@@ -1,14 +1,12 @@
 //! Process lifecycle: startup checks, config errors, readiness, NATS
 //! outages, graceful shutdown, and the `token` subcommand.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,11 +1,9 @@
 //! Streaming behaviour of `GET /events` against a real nats-server.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -261,22 +259,25 @@ async fn arbitrary_payloads_round_trip() {
     .await
 }
 
+/// `subject=` filters delivery to matching subjects, whether the `*` is
+/// sent literally or percent-encoded as `%2A` (the query helper sends it
+/// literally).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_param_filters_delivery() {
     within(TEST_LIMIT, "subject_param_filters_delivery", async {
         let nats = NatsServer::start().await;
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.>"], 300);
-        // `*` sent literally here (the other tests send %2A / %3E).
         let auth = bearer(&tok);
-        let c = SseClient::connect(
-            relay.addr(),
+        let mut clients = Vec::new();
+        for path in [
             "/events?subject=events.orders.*",
-            &[("Authorization", &auth)],
-        )
-        .await;
-        assert_eq!(c.status, 200, "{:?}", c.headers);
-        let mut c = c;
+            "/events?subject=events.orders.%2A",
+        ] {
+            let c = SseClient::connect(relay.addr(), path, &[("Authorization", &auth)]).await;
+            assert_eq!(c.status, 200, "{path}: {:?}", c.headers);
+            clients.push((path, c));
+        }
         nats.wait_relay_subs(&["events.orders.*"], WAIT).await;
 
         let client = nats.client().await;
@@ -289,13 +290,15 @@ async fn subject_param_filters_delivery() {
             client.publish(s, Bytes::from(p)).await.unwrap();
         }
         client.flush().await.unwrap();
-        let a = c.expect_data_event(WAIT, "first order").await;
-        let b = c.expect_data_event(WAIT, "second order").await;
-        assert_eq!(
-            (a.data.as_str(), b.data.as_str()),
-            ("o1", "o2"),
-            "only events.orders.* must be delivered"
-        );
+        for (path, c) in &mut clients {
+            let a = c.expect_data_event(WAIT, "first order").await;
+            let b = c.expect_data_event(WAIT, "second order").await;
+            assert_eq!(
+                (a.data.as_str(), b.data.as_str()),
+                ("o1", "o2"),
+                "{path}: only events.orders.* must be delivered"
+            );
+        }
     })
     .await
 }
@@ -340,7 +343,7 @@ async fn query_token_authorizes() {
         let nats = NatsServer::start().await;
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.q.>"], 300);
-        let path = format!("/events?subject={}&token={tok}", urlencode("events.q.>"));
+        let path = with_query("/events", &[("subject", "events.q.>"), ("token", &tok)]);
         let mut c = SseClient::connect(relay.addr(), &path, &[]).await;
         assert_eq!(c.status, 200, "{:?}", c.headers);
         nats.wait_relay_subs(&["events.q.>"], WAIT).await;
@@ -391,7 +394,7 @@ async fn bearer_header_wins_over_query_token() {
         let bad = token("some-other-secret-entirely-000000", &["events.a.>"], 300);
 
         // Valid header + invalid query token: the header is used.
-        let path = format!("/events?subject={}&token={bad}", urlencode("events.a.>"));
+        let path = with_query("/events", &[("subject", "events.a.>"), ("token", &bad)]);
         let c =
             SseClient::connect(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
         assert_eq!(
@@ -401,12 +404,12 @@ async fn bearer_header_wins_over_query_token() {
         drop(c);
 
         // Invalid header + valid query token: still the header, so 401.
-        let path = format!("/events?subject={}&token={good_a}", urlencode("events.a.>"));
+        let path = with_query("/events", &[("subject", "events.a.>"), ("token", &good_a)]);
         let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&bad))]).await;
         assert_401(&r, "bad Bearer with a good query token");
 
         // Header grants a, query grants b, request b: the header decides (403).
-        let path = format!("/events?subject={}&token={good_b}", urlencode("events.b.>"));
+        let path = with_query("/events", &[("subject", "events.b.>"), ("token", &good_b)]);
         let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
         assert_json_error(&r, 403, "Bearer grants only events.a.>");
     })
