@@ -271,12 +271,13 @@ async fn wait_progress(rx: &mut watch::Receiver<usize>, at_least: usize, limit: 
 // single server
 // ---------------------------------------------------------------------------
 
-/// 1. The relay is SIGKILLed mid-stream and a new relay process takes over
-///    (on a new port) while a publisher keeps publishing (~200/s for 3 s);
-///    clients reconnect with their last id and end with every acked event
-///    exactly once, in order.
+/// The relay is SIGKILLed mid-stream and a new relay process takes over
+/// (on a new port) while a publisher keeps publishing (~200/s for 3 s);
+/// clients reconnect with their last id and end with every acked event
+/// exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sigkill_and_restart_clients_resume_without_loss() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(45),
         "relay_sigkill_and_restart_clients_resume_without_loss",
@@ -421,10 +422,11 @@ async fn nats_restart(
     }
 }
 
-/// 2. Clients on overlapping patterns stay connected through a nats-server
-///    SIGKILL and restart and miss nothing.
+/// Clients on overlapping patterns stay connected through a nats-server
+/// SIGKILL and restart and miss nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_sigkill_and_restart_clients_stay_connected_and_miss_nothing() {
+    let _load = load_group(module_path!()).await;
     const SUBJECTS: &[&str] = &[
         "events.n.a.1",
         "events.n.b.x",
@@ -450,10 +452,12 @@ async fn nats_sigkill_and_restart_clients_stay_connected_and_miss_nothing() {
     .await
 }
 
-/// 2b. Like 2, with 24 clients each on its own subject: after the restart
-///     every shared subscription catches up (several are read at once).
+/// nats-server SIGKILLed and restarted under 24 clients each on its own
+/// subject (and one on all): after the restart every shared subscription
+/// catches up (several are read at once) and no client misses anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_catches_up_many_subscriptions() {
+    let _load = load_group(module_path!()).await;
     let subjects: &'static [&'static str] = Box::leak(
         (0..24)
             .map(|i| &*Box::leak(format!("events.p.{i}").into_boxed_str()))
@@ -731,11 +735,12 @@ async fn cluster_node_loss(victim: Victim, load: Load, kill_after: usize, flood:
     drop(s.relay);
 }
 
-/// 3a. Kill the node the relay is connected to (the stream leader is on
-///     another node): the relay reconnects to a surviving node and catches
-///     up.
+/// Kill the node the relay is connected to (the stream leader is on
+/// another node): the relay reconnects to a surviving node and catches
+/// up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_kill_node_the_relay_is_connected_to() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(55),
         "cluster_kill_node_the_relay_is_connected_to",
@@ -752,13 +757,14 @@ async fn cluster_kill_node_the_relay_is_connected_to() {
     .await
 }
 
-/// 3b. Kill the stream leader while the relay is connected to another node,
-///     with acked publishes (~200/s) and a core-publish flood (~10,000/s)
-///     going on: events the old leader stored but never republished must
-///     still reach the clients. (Whether a run hit that case is printed by
-///     the witness; on this machine the loads used here did not provoke it.)
+/// Kill the stream leader while the relay is connected to another node,
+/// with acked publishes (~200/s) and a core-publish flood (~10,000/s)
+/// going on: events the old leader stored but never republished must
+/// still reach the clients. (Whether a run hit that case is printed by
+/// the witness; on this machine the loads used here did not provoke it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_kill_stream_leader() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(55),
         "cluster_kill_stream_leader",
@@ -775,13 +781,14 @@ async fn cluster_kill_stream_leader() {
     .await
 }
 
-/// 3c. Kill a node that is both the relay's and the stream leader, in the
-///     middle of a publish burst (32 publishes in flight, as fast as acks
-///     come back); un-acked publishes are retried with the same Nats-Msg-Id.
-///     A core-publish flood runs alongside. Every stored event (each acked
-///     one among them) must arrive once.
+/// Kill a node that is both the relay's and the stream leader, in the
+/// middle of a publish burst (32 publishes in flight, as fast as acks
+/// come back); un-acked publishes are retried with the same Nats-Msg-Id.
+/// A core-publish flood runs alongside. Every stored event (each acked
+/// one among them) must arrive once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_kill_leader_and_relay_node_during_burst() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(55),
         "cluster_kill_leader_and_relay_node_during_burst",

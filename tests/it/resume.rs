@@ -121,8 +121,8 @@ fn assert_gap(ev: &SseEvent, last: u64, first: u64, what: &str) {
 
 // ---------------------------------------------------------------------------
 
-/// Beyond the brief's list (design decision 1/3): `Last-Event-ID` resumes
-/// after that sequence.
+/// `Last-Event-ID` resumes after that sequence: the stored events after it,
+/// then live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_resumes_after_that_sequence() {
     within(
@@ -225,7 +225,7 @@ async fn disconnect_then_resume(root: &'static str, by_header: bool) {
     expect_live_next(&mut c, &js, &subject("1"), "live-2", "second live event").await;
 }
 
-/// 1. Resume by the `Last-Event-ID` header (what a reconnecting browser sends).
+/// Resume by the `Last-Event-ID` header (what a reconnecting browser sends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_resume_replays_exactly_the_missed_events_then_live() {
     within(
@@ -236,8 +236,8 @@ async fn header_resume_replays_exactly_the_missed_events_then_live() {
     .await
 }
 
-/// 2a. The same with the query parameter `last_event_id` (what a client
-///     that cannot set headers uses).
+/// Resume by the query parameter `last_event_id` (what a client that
+/// cannot set headers uses): exactly the missed events, then live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_param_resume_replays_exactly_the_missed_events_then_live() {
     within(
@@ -248,8 +248,8 @@ async fn query_param_resume_replays_exactly_the_missed_events_then_live() {
     .await
 }
 
-/// 2b. Header and query both given: the header wins (the query points
-///     earlier, so events between the two ids must not be replayed).
+/// Header and query both given: the header wins (the query points
+/// earlier, so events between the two ids must not be replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_header_wins_over_query_param() {
     within(
@@ -288,8 +288,8 @@ async fn last_event_id_header_wins_over_query_param() {
     .await
 }
 
-/// 3. Ids that are not non-negative integers, or beyond the stream's last
-///    sequence, are refused with 400 + JSON, by header and by query.
+/// Ids that are not non-negative integers, or beyond the stream's last
+/// sequence, are refused with 400 + JSON, by header and by query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_last_event_id_is_400() {
     within(TEST_LIMIT, "bad_last_event_id_is_400", async {
@@ -345,9 +345,9 @@ async fn bad_last_event_id_is_400() {
     .await
 }
 
-/// 3b. The valid edges: `0` and an empty header mean "from the beginning of
-///     what is stored"; the stream's last sequence itself is a valid id
-///     (nothing to replay, live continues).
+/// The valid edges: `0` and an empty header mean "from the beginning of
+/// what is stored"; the stream's last sequence itself is a valid id
+/// (nothing to replay, live continues).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_empty_and_last_sequence_are_valid_resume_points() {
     within(
@@ -427,8 +427,8 @@ async fn zero_empty_and_last_sequence_are_valid_resume_points() {
     .await
 }
 
-/// 4. Part of the history is gone (the stream keeps 10 messages): the relay
-///    says so with `relay.gap` (no id), then replays what is left.
+/// Part of the history is gone (the stream keeps 10 messages): the relay
+/// says so with `relay.gap` (no id), then replays what is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_into_removed_history_sends_gap_then_what_is_left() {
     within(
@@ -483,9 +483,9 @@ async fn resume_into_removed_history_sends_gap_then_what_is_left() {
     .await
 }
 
-/// 5. `--replay-limit 10`: a resume that missed 50 gets `relay.gap` and the
-///    newest 10, from JetStream and again with the subscription (and its
-///    memory window) kept alive by another client.
+/// `--replay-limit 10`: a resume that missed 50 gets `relay.gap` and the
+/// newest 10, from JetStream and again with the subscription (and its
+/// memory window) kept alive by another client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_limit_caps_a_resume_with_a_gap() {
     within(TEST_LIMIT, "replay_limit_caps_a_resume_with_a_gap", async {
@@ -535,9 +535,9 @@ async fn replay_limit_caps_a_resume_with_a_gap() {
     .await
 }
 
-/// 6. A client on two wildcard patterns, with unrelated subjects
-///    interleaved in the stream: the resume replays only its events, in
-///    increasing id order.
+/// A client on two wildcard patterns, with unrelated subjects
+/// interleaved in the stream: the resume replays only its events, in
+/// increasing id order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_on_two_wildcards_replays_only_matching_events_in_order() {
     within(
@@ -604,13 +604,14 @@ async fn resume_on_two_wildcards_replays_only_matching_events_in_order() {
     .await
 }
 
-/// 7. A client dropped as slow (`--client-queue 16`, 4 KiB receive buffer,
-///    reads nothing while 2,000 x 1 KiB events are published, topped up past
-///    the kernel's send-buffer bound) resumes from the last id it actually
-///    received and, combining both connections, has every event exactly
-///    once.
+/// A client dropped as slow (`--client-queue 16`, 4 KiB receive buffer,
+/// reads nothing while 2,000 x 1 KiB events are published, topped up past
+/// the kernel's send-buffer bound) resumes from the last id it actually
+/// received and, combining both connections, has every event exactly
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_dropped_then_resumes_without_loss() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(45),
         "slow_client_dropped_then_resumes_without_loss",
@@ -705,11 +706,12 @@ async fn slow_client_dropped_then_resumes_without_loss() {
     .await
 }
 
-/// 8. Reconnect storm: while one client keeps `events.storm` subscribed,
-///    500 clients resume at once from (last - 100). Each gets exactly the
-///    100 missed events, all from the memory window.
+/// Reconnect storm: while one client keeps `events.storm` subscribed,
+/// 500 clients resume at once from (last - 100). Each gets exactly the
+/// 100 missed events, all from the memory window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_storm_is_served_from_memory() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "reconnect_storm_is_served_from_memory",
@@ -856,6 +858,7 @@ const FUZZ_SEED: u64 = 0x5EED_F00D_2026_0001;
 /// events matching its subjects, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_reconnects_lose_and_duplicate_nothing() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "randomized_reconnects_lose_and_duplicate_nothing",
@@ -946,6 +949,7 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
 /// others wait for it, instead of each opening a JetStream consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_window_storm_reads_jetstream_once() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "cold_window_storm_reads_jetstream_once",
@@ -1034,6 +1038,7 @@ fn relay_rss_kib(pid: u32) -> u64 {
 /// client gets everything, and the stalled one's resume returns the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(55),
         "stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory",

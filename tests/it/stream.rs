@@ -74,15 +74,11 @@ async fn core_publish_is_delivered_with_stream_sequence_id() {
             let tok = token(SECRET, &["events.orders.>"], 300);
             let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
-            let client = nats.client().await;
-            client
-                .publish(
-                    "events.orders.1",
-                    Bytes::from_static(br#"{"status":"shipped"}"#),
-                )
-                .await
-                .unwrap();
-            client.flush().await.unwrap();
+            nats.publish_core([(
+                "events.orders.1",
+                Bytes::from_static(br#"{"status":"shipped"}"#),
+            )])
+            .await;
 
             let ev = c.expect_data_event(WAIT, "core publish").await;
             assert_eq!(ev.data, r#"{"status":"shipped"}"#);
@@ -91,7 +87,7 @@ async fn core_publish_is_delivered_with_stream_sequence_id() {
                 "no Sse-Event header, so no event field: {ev:?}"
             );
 
-            let js = async_nats::jetstream::new(client);
+            let js = async_nats::jetstream::new(nats.client().await);
             let mut stream = js.get_stream("EVENTS").await.expect("stream EVENTS exists");
             let last = stream.info().await.unwrap().state.last_sequence;
             assert_eq!(ev.seq(), last, "id must be the JetStream stream sequence");
@@ -191,14 +187,8 @@ async fn multi_line_payloads_round_trip() {
             ("\n\nx", "\n\nx"),
             ("data: fake\n\nid: 999", "data: fake\n\nid: 999"),
         ];
-        let client = nats.client().await;
-        for (p, _) in &cases {
-            client
-                .publish("events.text.1", Bytes::from(p.to_string()))
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
+        nats.publish_core(cases.iter().map(|(p, _)| ("events.text.1", p.to_string())))
+            .await;
 
         let mut last = 0;
         for (p, want) in &cases {
@@ -237,14 +227,8 @@ async fn arbitrary_payloads_round_trip() {
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.prop.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.prop.>"]).await;
-        let client = nats.client().await;
-        for p in &payloads {
-            client
-                .publish("events.prop.x", Bytes::from(p.clone()))
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
+        nats.publish_core(payloads.iter().map(|p| ("events.prop.x", p.clone())))
+            .await;
         let evs = c
             .collect_data_events(payloads.len(), WAIT, "generated payloads")
             .await;
@@ -280,16 +264,13 @@ async fn subject_param_filters_delivery() {
         }
         nats.wait_relay_subs(&["events.orders.*"], WAIT).await;
 
-        let client = nats.client().await;
-        for (s, p) in [
+        nats.publish_core([
             ("events.users.1", "u1"),
             ("events.orders.1", "o1"),
             ("events.orders.1.deep", "deep"),
             ("events.orders.2", "o2"),
-        ] {
-            client.publish(s, Bytes::from(p)).await.unwrap();
-        }
-        client.flush().await.unwrap();
+        ])
+        .await;
         for (path, c) in &mut clients {
             let a = c.expect_data_event(WAIT, "first order").await;
             let b = c.expect_data_event(WAIT, "second order").await;
@@ -319,15 +300,12 @@ async fn no_subject_param_streams_all_token_subjects() {
             nats.wait_relay_subs(&["events.x.>", "events.y.*"], WAIT)
                 .await;
 
-            let client = nats.client().await;
-            for (s, p) in [
+            nats.publish_core([
                 ("events.x.1.2", "x"),
                 ("events.z.1", "z-not-granted"),
                 ("events.y.1", "y"),
-            ] {
-                client.publish(s, Bytes::from(p)).await.unwrap();
-            }
-            client.flush().await.unwrap();
+            ])
+            .await;
             let a = c.expect_data_event(WAIT, "x event").await;
             let b = c.expect_data_event(WAIT, "y event").await;
             assert_eq!((a.data.as_str(), b.data.as_str()), ("x", "y"));
@@ -347,12 +325,7 @@ async fn query_token_authorizes() {
         let mut c = SseClient::connect(relay.addr(), &path, &[]).await;
         assert_eq!(c.status, 200, "{:?}", c.headers);
         nats.wait_relay_subs(&["events.q.>"], WAIT).await;
-        let client = nats.client().await;
-        client
-            .publish("events.q.1", Bytes::from("q"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        nats.publish_core([("events.q.1", "q")]).await;
         assert_eq!(c.expect_data_event(WAIT, "query token").await.data, "q");
     })
     .await
@@ -373,12 +346,7 @@ async fn cookie_token_authorizes() {
         .await;
         assert_eq!(c.status, 200, "cookie auth: {:?}", c.headers);
         nats.wait_relay_subs(&["events.c.>"], WAIT).await;
-        let client = nats.client().await;
-        client
-            .publish("events.c.1", Bytes::from("c"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        nats.publish_core([("events.c.1", "c")]).await;
         assert_eq!(c.expect_data_event(WAIT, "cookie token").await.data, "c");
     })
     .await
@@ -496,12 +464,7 @@ async fn one_subscription_shared_by_twenty_clients() {
                 "20 clients on one pattern must share ONE subscription; subscriptions: {subs:?}"
             );
 
-            let client = nats.client().await;
-            client
-                .publish("events.shared.1", Bytes::from("hello all"))
-                .await
-                .unwrap();
-            client.flush().await.unwrap();
+            nats.publish_core([("events.shared.1", "hello all")]).await;
             for (i, c) in clients.iter_mut().enumerate() {
                 let ev = c.expect_data_event(WAIT, &format!("client {i}")).await;
                 assert_eq!(ev.data, "hello all");
@@ -534,6 +497,7 @@ fn spawn_collector(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_subjects_keep_order_and_increasing_ids() {
+    let _load = load_group(module_path!()).await;
     within(
         TEST_LIMIT,
         "interleaved_subjects_keep_order_and_increasing_ids",
@@ -588,6 +552,7 @@ async fn interleaved_subjects_keep_order_and_increasing_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_is_dropped_fast_client_gets_everything() {
+    let _load = load_group(module_path!()).await;
     within(TEST_LIMIT, "slow_client_is_dropped_fast_client_gets_everything", async {
         const N: usize = 3000;
         let nats = NatsServer::start().await;

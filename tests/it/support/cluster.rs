@@ -1,116 +1,45 @@
 //! A JetStream cluster of nats-server processes on loopback, built from
 //! the `nats/cluster/n1.conf` template with free ports and temporary
-//! stores: start, kill and restart nodes, find the stream leader and move
+//! stores: start it, kill nodes, find the stream leader and move
 //! it, find the node a client is connected to.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::net::TcpStream;
 
-use super::{POLL, free_port, nats_server_bin, poll_until, tail, try_request};
+use super::{NatsProcess, free_port, poll_until, tail, try_request};
 
 /// One node of a [`NatsCluster`].
 pub struct ClusterNode {
     /// `server_name` (`n1`, `n2`, ...).
     pub name: String,
-    pub port: u16,
-    pub cluster_port: u16,
-    pub monitor_port: u16,
-    conf: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
+    process: NatsProcess,
 }
 
 impl ClusterNode {
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.process.url()
     }
 
     pub fn monitor_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.monitor_port)
+        self.process.monitor_addr()
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.process.is_running()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| e.to_string())?;
-        let child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&self.conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", nats_server_bin()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// Waits until the client port accepts and the monitor answers
-    /// `/healthz?js-enabled-only=true` with 200.
-    async fn wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        let addr = format!("127.0.0.1:{}", self.port);
-        let maddr = self.monitor_addr();
-        let mut last = String::from("nothing yet");
-        loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "{} exited with {st}; log:\n{}",
-                        self.name,
-                        tail(&self.log(), 4000)
-                    ));
-                }
-            }
-            if TcpStream::connect(&addr).await.is_ok() {
-                match try_request(
-                    &maddr,
-                    "GET",
-                    "/healthz?js-enabled-only=true",
-                    &[],
-                    None,
-                    Duration::from_secs(1),
-                )
-                .await
-                {
-                    Ok(r) if r.status == 200 => return Ok(()),
-                    Ok(r) => last = format!("status {} {:?}", r.status, r.body),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} not healthy within {limit:?} (last: {last}); log:\n{}",
-                    self.name,
-                    tail(&self.log(), 4000)
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    /// Waits until the node's JetStream is enabled and healthy.
+    async fn wait_healthy(&mut self) -> Result<(), String> {
+        let health = "/healthz?js-enabled-only=true";
+        self.process
+            .wait_healthy(health, Duration::from_secs(15))
+            .await
     }
 }
 
@@ -133,40 +62,37 @@ impl NatsCluster {
         let template = std::fs::read_to_string(&template_path)
             .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut nodes: Vec<ClusterNode> = (1..=n)
-            .map(|i| ClusterNode {
-                name: format!("n{i}"),
-                port: free_port(),
-                cluster_port: free_port(),
-                monitor_port: free_port(),
-                conf: dir.path().join(format!("n{i}.conf")),
-                log: dir.path().join(format!("n{i}.log")),
-                child: None,
-            })
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
             .collect();
-        let routes: Vec<String> = nodes
+        let routes: Vec<String> = ports
             .iter()
-            .map(|nd| format!("    nats://127.0.0.1:{}", nd.cluster_port))
+            .map(|(_, _, cluster_port)| format!("    nats://127.0.0.1:{cluster_port}"))
             .collect();
-        for nd in &nodes {
-            let store = dir.path().join(&nd.name);
+        let mut nodes = Vec::with_capacity(n);
+        for (i, (port, monitor_port, cluster_port)) in ports.into_iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.path().join(&name);
             let conf = cluster_conf_from_template(
                 &template,
-                &nd.name,
-                nd.port,
-                nd.monitor_port,
-                nd.cluster_port,
+                &name,
+                port,
+                monitor_port,
+                cluster_port,
                 &store.to_string_lossy(),
                 &routes.join("\n"),
             );
-            std::fs::write(&nd.conf, conf).expect("write node config");
-        }
-        for nd in nodes.iter_mut() {
-            nd.spawn().unwrap_or_else(|e| panic!("{e}"));
+            let conf_path = dir.path().join(format!("{name}.conf"));
+            std::fs::write(&conf_path, conf).expect("write node config");
+            let args = vec!["-c".into(), conf_path.into()];
+            let log = dir.path().join(format!("{name}.log"));
+            let mut process = NatsProcess::new(&name, port, monitor_port, args, log);
+            process.spawn().unwrap_or_else(|e| panic!("{e}"));
+            nodes.push(ClusterNode { name, process });
         }
         let mut c = NatsCluster { nodes, _dir: dir };
-        for i in 0..n {
-            if let Err(e) = c.nodes[i].wait_healthy(Duration::from_secs(15)).await {
+        for node in c.nodes.iter_mut() {
+            if let Err(e) = node.wait_healthy().await {
                 panic!("cluster node did not start: {e}");
             }
         }
@@ -277,13 +203,7 @@ impl NatsCluster {
         limit: Duration,
     ) -> usize {
         poll_until(limit, &format!("a leader for stream {stream}"), || async {
-            let info = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut s = js.get_stream(stream).await.ok()?;
-                let i = s.info().await.ok()?;
-                i.cluster.as_ref()?.leader.clone()
-            })
-            .await
-            .ok()??;
+            let info = stream_leader_name(js, stream).await?;
             let idx = self.index_of(&info)?;
             self.nodes[idx].is_running().then_some(idx)
         })
@@ -357,13 +277,7 @@ impl NatsCluster {
             let old = leader;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             poll_until(left, "a new stream leader after a step-down", || async {
-                let l = tokio::time::timeout(Duration::from_secs(2), async {
-                    let mut s = js.get_stream(stream).await.ok()?;
-                    let i = s.info().await.ok()?;
-                    i.cluster.as_ref()?.leader.clone()
-                })
-                .await
-                .ok()??;
+                let l = stream_leader_name(js, stream).await?;
                 let idx = self.index_of(&l)?;
                 (idx != old).then_some(())
             })
@@ -416,7 +330,7 @@ impl NatsCluster {
 
     /// SIGKILLs node `i`.
     pub fn kill(&mut self, i: usize) {
-        self.nodes[i].kill();
+        self.nodes[i].process.kill();
     }
 
     /// Every node's log tail, for failure messages.
@@ -432,12 +346,26 @@ impl NatsCluster {
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         for n in self.nodes.iter_mut() {
-            n.kill();
+            n.process.kill();
         }
         if std::thread::panicking() {
             eprintln!("--- nats cluster logs (tail) ---\n{}", self.logs());
         }
     }
+}
+
+/// The `server_name` of the node leading `stream`, if one is elected and
+/// the stream info comes within 2 s.
+async fn stream_leader_name(js: &async_nats::jetstream::Context, stream: &str) -> Option<String> {
+    let info = async {
+        let mut s = js.get_stream(stream).await.ok()?;
+        let i = s.info().await.ok()?;
+        i.cluster.as_ref()?.leader.clone()
+    };
+    tokio::time::timeout(Duration::from_secs(2), info)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Turns the `nats/cluster/n1.conf` template into node `name`'s config:

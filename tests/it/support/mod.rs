@@ -3,6 +3,8 @@
 //! reading, and the bounded waits every test is built from.
 //!
 //! - `nats`: one nats-server, the `EVENTS` stream, JetStream publishing.
+//! - `nats_process`: one nats-server child process and the wait until it
+//!   serves.
 //! - `cluster`: a JetStream cluster of nats-server processes on loopback.
 //! - `relay`: the relay binary as a child process.
 //! - `http`: one-shot requests (hyper's client) and error-body assertions.
@@ -20,6 +22,7 @@ mod cluster;
 mod http;
 mod metrics;
 mod nats;
+mod nats_process;
 mod reader;
 mod relay;
 mod sse;
@@ -29,6 +32,7 @@ pub use cluster::*;
 pub use http::*;
 pub use metrics::*;
 pub use nats::*;
+pub use nats_process::*;
 pub use reader::*;
 pub use relay::*;
 pub use sse::*;
@@ -98,6 +102,68 @@ pub async fn join_task<T>(what: &str, h: tokio::task::JoinHandle<T>) -> T {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("{what}: task failed: {e}"),
+    }
+}
+
+/// Tests that load both cores for seconds and assert on counts or timing
+/// under that load (storms, floods, cluster failover) hold a guard of their
+/// module's load group: tests of one group run beside each other, but never
+/// beside another group's, whose load their bounds were not set for. Take
+/// it before [`within`], so that waiting for another group does not count
+/// against the test's own limit.
+pub async fn load_group(group: &'static str) -> LoadGroupGuard {
+    let wait = async {
+        loop {
+            let released = LOAD_GROUP_RELEASED.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between is seen.
+            released.as_mut().enable();
+            if join_load_group(group) {
+                return LoadGroupGuard;
+            }
+            released.await;
+        }
+    };
+    let limit = Duration::from_secs(300);
+    match tokio::time::timeout(limit, wait).await {
+        Ok(guard) => guard,
+        Err(_) => panic!("load group {group}: another group held the machine for {limit:?}"),
+    }
+}
+
+/// Joins `group` if it is the one running, or if none is.
+fn join_load_group(group: &'static str) -> bool {
+    let mut held = LOAD_GROUP.lock().unwrap_or_else(|e| e.into_inner());
+    match *held {
+        None => {
+            *held = Some((group, 1));
+            true
+        }
+        Some((g, ref mut n)) if g == group => {
+            *n += 1;
+            true
+        }
+        Some(_) => false,
+    }
+}
+
+/// The load group running now and how many of its tests hold a guard.
+static LOAD_GROUP: Mutex<Option<(&str, usize)>> = Mutex::new(None);
+static LOAD_GROUP_RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Membership of a load group; see [`load_group`].
+pub struct LoadGroupGuard;
+
+impl Drop for LoadGroupGuard {
+    fn drop(&mut self) {
+        let mut held = LOAD_GROUP.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, n)) = held.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                *held = None;
+                LOAD_GROUP_RELEASED.notify_waiters();
+            }
+        }
     }
 }
 

@@ -2,26 +2,20 @@
 //! JetStream side of the tests: the `EVENTS` stream config, publishing with
 //! acknowledgement, and reading a stream back.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
-use tokio::net::TcpStream;
 
-use super::{POLL, free_port, http_get, try_request};
+use super::{NatsProcess, POLL, free_port, http_get};
 
-/// `nats-server` binary: `$NATS_SERVER_BIN` or `nats-server` from PATH.
-pub fn nats_server_bin() -> String {
-    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
-}
+/// Bound for a nats-server to start serving.
+const START_LIMIT: Duration = Duration::from_secs(10);
 
-/// A nats-server child with JetStream on, its own ports and store dir.
+/// A nats-server with JetStream on, its own ports and store dir.
 pub struct NatsServer {
-    child: Option<Child>,
-    pub port: u16,
-    pub monitor_port: u16,
-    dir: TempDir,
+    process: NatsProcess,
+    /// The store and the log; removed on drop.
+    _dir: TempDir,
 }
 
 impl NatsServer {
@@ -31,14 +25,8 @@ impl NatsServer {
     pub async fn start() -> NatsServer {
         let mut last_err = String::new();
         for _ in 0..3 {
-            let mut s = NatsServer {
-                child: None,
-                port: free_port(),
-                monitor_port: free_port(),
-                dir: tempfile::tempdir().expect("tempdir"),
-            };
-            match s.launch().await {
-                Ok(()) => return s,
+            match Self::start_on_ports(free_port(), free_port()).await {
+                Ok(s) => return s,
                 Err(e) => last_err = e,
             }
         }
@@ -47,101 +35,42 @@ impl NatsServer {
 
     /// Starts on the given client port (e.g. one a relay already dials).
     pub async fn start_on(port: u16) -> NatsServer {
-        let mut s = NatsServer {
-            child: None,
-            port,
-            monitor_port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        if let Err(e) = s.launch().await {
-            panic!("nats-server did not start on port {port}: {e}");
-        }
-        s
+        Self::start_on_ports(port, free_port())
+            .await
+            .unwrap_or_else(|e| panic!("nats-server did not start on port {port}: {e}"))
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("nats-server.log")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    async fn launch(&mut self) -> Result<(), String> {
-        let store = self.dir.path().join("jetstream");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| e.to_string())?;
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-m")
-            .arg(self.monitor_port.to_string())
-            .arg("-sd")
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", nats_server_bin()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = format!("127.0.0.1:{}", self.port);
-        let maddr = self.monitor_addr();
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .unwrap()
-                .try_wait()
-                .map_err(|e| e.to_string())?
-            {
-                self.child = None;
-                return Err(format!(
-                    "nats-server exited with {status}; log:\n{}",
-                    self.log()
-                ));
-            }
-            let tcp_ok = TcpStream::connect(&addr).await.is_ok();
-            if tcp_ok {
-                if let Ok(r) =
-                    try_request(&maddr, "GET", "/healthz", &[], None, Duration::from_secs(1)).await
-                {
-                    if r.status == 200 {
-                        return Ok(());
-                    }
-                }
-            }
-            if Instant::now() >= deadline {
-                self.stop();
-                return Err(format!("not healthy within 10 s; log:\n{}", self.log()));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+    async fn start_on_ports(port: u16, monitor_port: u16) -> Result<NatsServer, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = [
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string().into(),
+            "-m".into(),
+            monitor_port.to_string().into(),
+            "-sd".into(),
+            dir.path().join("jetstream").into(),
+        ];
+        let log = dir.path().join("nats-server.log");
+        let mut process = NatsProcess::new("nats-server", port, monitor_port, args.into(), log);
+        process.start("/healthz", START_LIMIT).await?;
+        Ok(NatsServer { process, _dir: dir })
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn monitor_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.monitor_port)
+        self.process.url()
     }
 
     /// Kills the server and waits for it.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills the server and starts it again on the same ports and store.
     pub async fn restart(&mut self) {
-        self.stop();
-        if let Err(e) = self.launch().await {
+        if let Err(e) = self.process.start("/healthz", START_LIMIT).await {
             panic!("nats-server did not restart: {e}");
         }
     }
@@ -154,10 +83,33 @@ impl NatsServer {
             .expect("connect to nats")
     }
 
+    /// Core NATS publishes of `(subject, payload)`, in order, then a flush:
+    /// the stream stores them as `nats pub` would, without acks.
+    pub async fn publish_core<S, P>(&self, messages: impl IntoIterator<Item = (S, P)>)
+    where
+        S: AsRef<str>,
+        P: Into<bytes::Bytes>,
+    {
+        let client = self.client().await;
+        for (subject, payload) in messages {
+            let subject = subject.as_ref().to_string();
+            client
+                .publish(subject, payload.into())
+                .await
+                .expect("core publish");
+        }
+        client.flush().await.expect("flush");
+    }
+
     /// Subjects of every subscription of every connection, from
     /// `/connz?subs=1`.
     pub async fn connz_subs(&self) -> Vec<String> {
-        let r = http_get(&self.monitor_addr(), "/connz?subs=1&limit=100000", &[]).await;
+        let r = http_get(
+            &self.process.monitor_addr(),
+            "/connz?subs=1&limit=100000",
+            &[],
+        )
+        .await;
         assert_eq!(r.status, 200, "GET /connz?subs=1: {}", r.body);
         let v = r.json();
         let mut subs = Vec::new();
@@ -206,12 +158,6 @@ impl NatsServer {
         panic!(
             "the relay never subscribed to {wanted:?} on NATS within {limit:?}; subscriptions seen: {last:?}"
         );
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -49,8 +49,9 @@ pub struct ReaderReport {
     /// Streams the relay ended (or that broke) while the reader still
     /// wanted events.
     pub ended_by_relay: usize,
-    /// Connection attempts that failed (relay down).
+    /// Connection attempts that failed (relay down), and the last failure.
     pub refused: usize,
+    pub last_refusal: Option<String>,
     /// Streams the reader hung up right after the response head.
     pub immediate_hang_ups: usize,
 }
@@ -106,6 +107,7 @@ impl ResumingReader {
             connections: 0,
             ended_by_relay: 0,
             refused: 0,
+            last_refusal: None,
             immediate_hang_ups: 0,
         };
         let path = events_path(&self.patterns);
@@ -125,8 +127,9 @@ impl ResumingReader {
                 .await
             {
                 Ok(c) => c,
-                Err(_) => {
+                Err(e) => {
                     rep.refused += 1;
+                    rep.last_refusal = Some(e);
                     tokio::time::sleep(RECONNECT_PACING).await;
                     continue;
                 }
@@ -275,12 +278,13 @@ impl Readers {
         for (t, expected) in self.tasks.into_iter().zip(expected) {
             let mut rep = join_task("reader", t).await;
             eprintln!(
-                "{}: {} events, {} connections, {} ended by the relay, {} refused attempts, {} immediate hang-ups",
+                "{}: {} events, {} connections, {} ended by the relay, {} refused attempts (last: {:?}), {} immediate hang-ups",
                 rep.name,
                 rep.events.len(),
                 rep.connections,
                 rep.ended_by_relay,
                 rep.refused,
+                rep.last_refusal,
                 rep.immediate_hang_ups
             );
             rep.expected = expected;
