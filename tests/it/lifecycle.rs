@@ -1,14 +1,11 @@
 //! Process lifecycle: startup checks, config errors, readiness, NATS
 //! outages, graceful shutdown, and the `token` subcommand.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use crate::support::*;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -222,12 +219,7 @@ async fn transient_refusals_while_nats_is_unreachable_then_recovers() {
             let nats = NatsServer::start_on(nats_port).await;
             relay.wait_ready(Duration::from_secs(20)).await;
             let mut c = relay.open_stream(&nats, &tok, &["events.t.>"]).await;
-            let client = nats.client().await;
-            client
-                .publish("events.t.1", Bytes::from("back"))
-                .await
-                .unwrap();
-            client.flush().await.unwrap();
+            nats.publish_core([("events.t.1", "back")]).await;
             assert_eq!(
                 c.expect_data_event(WAIT, "after recovery").await.data,
                 "back"
@@ -359,8 +351,8 @@ async fn token_subcommand_prints_a_jwt_the_relay_accepts() {
     .await
 }
 
-/// Beyond the brief's list (design decision 5): a stream stays open across
-/// a NATS restart and carries events published afterwards.
+/// A stream stays open across a NATS restart and carries events
+/// published afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_survives_nats_restart() {
     within(TEST_LIMIT, "stream_survives_nats_restart", async {
@@ -372,12 +364,7 @@ async fn stream_survives_nats_restart() {
         nats.restart().await;
         nats.wait_relay_subs(&["events.r.>"], Duration::from_secs(15))
             .await;
-        let client = nats.client().await;
-        client
-            .publish("events.r.1", Bytes::from("after restart"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        nats.publish_core([("events.r.1", "after restart")]).await;
         let ev = c.expect_data_event(WAIT, "event after NATS restart").await;
         assert_eq!(ev.data, "after restart");
         assert!(!c.is_closed());

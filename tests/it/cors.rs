@@ -1,8 +1,6 @@
 //! CORS: headers on every answer to an allowed origin, refusals included.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 const APP: &str = "https://app.example";
 const OTHER: &str = "https://other.example";

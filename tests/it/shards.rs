@@ -1,13 +1,11 @@
 //! `--workers`: one process runs several shards on one port, each with its
 //! own NATS connection, and clients on any shard get every event.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use serde_json::Value;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -100,11 +98,11 @@ async fn two_workers_spread_clients_and_deliver_every_event() {
                 );
             }
             assert_eq!(
-                relay.metric("relay_connections").await,
+                relay.metric("relay_connections", &[]).await,
                 (SOLO + 16) as f64,
                 "the connections gauge sums every shard"
             );
-            assert_eq!(relay.metric("relay_nats_connected").await, 2.0);
+            assert_eq!(relay.metric("relay_nats_connected", &[]).await, 2.0);
 
             let js = async_nats::jetstream::new(nats.client().await);
             let mut want_solo = Vec::new();

@@ -1,11 +1,9 @@
 //! Streaming behaviour of `GET /events` against a real nats-server.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -76,15 +74,11 @@ async fn core_publish_is_delivered_with_stream_sequence_id() {
             let tok = token(SECRET, &["events.orders.>"], 300);
             let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
-            let client = nats.client().await;
-            client
-                .publish(
-                    "events.orders.1",
-                    Bytes::from_static(br#"{"status":"shipped"}"#),
-                )
-                .await
-                .unwrap();
-            client.flush().await.unwrap();
+            nats.publish_core([(
+                "events.orders.1",
+                Bytes::from_static(br#"{"status":"shipped"}"#),
+            )])
+            .await;
 
             let ev = c.expect_data_event(WAIT, "core publish").await;
             assert_eq!(ev.data, r#"{"status":"shipped"}"#);
@@ -93,7 +87,7 @@ async fn core_publish_is_delivered_with_stream_sequence_id() {
                 "no Sse-Event header, so no event field: {ev:?}"
             );
 
-            let js = async_nats::jetstream::new(client);
+            let js = async_nats::jetstream::new(nats.client().await);
             let mut stream = js.get_stream("EVENTS").await.expect("stream EVENTS exists");
             let last = stream.info().await.unwrap().state.last_sequence;
             assert_eq!(ev.seq(), last, "id must be the JetStream stream sequence");
@@ -193,14 +187,8 @@ async fn multi_line_payloads_round_trip() {
             ("\n\nx", "\n\nx"),
             ("data: fake\n\nid: 999", "data: fake\n\nid: 999"),
         ];
-        let client = nats.client().await;
-        for (p, _) in &cases {
-            client
-                .publish("events.text.1", Bytes::from(p.to_string()))
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
+        nats.publish_core(cases.iter().map(|(p, _)| ("events.text.1", p.to_string())))
+            .await;
 
         let mut last = 0;
         for (p, want) in &cases {
@@ -239,14 +227,8 @@ async fn arbitrary_payloads_round_trip() {
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.prop.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.prop.>"]).await;
-        let client = nats.client().await;
-        for p in &payloads {
-            client
-                .publish("events.prop.x", Bytes::from(p.clone()))
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
+        nats.publish_core(payloads.iter().map(|p| ("events.prop.x", p.clone())))
+            .await;
         let evs = c
             .collect_data_events(payloads.len(), WAIT, "generated payloads")
             .await;
@@ -261,41 +243,43 @@ async fn arbitrary_payloads_round_trip() {
     .await
 }
 
+/// `subject=` filters delivery to matching subjects, whether the `*` is
+/// sent literally or percent-encoded as `%2A` (the query helper sends it
+/// literally).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_param_filters_delivery() {
     within(TEST_LIMIT, "subject_param_filters_delivery", async {
         let nats = NatsServer::start().await;
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.>"], 300);
-        // `*` sent literally here (the other tests send %2A / %3E).
         let auth = bearer(&tok);
-        let c = SseClient::connect(
-            relay.addr(),
+        let mut clients = Vec::new();
+        for path in [
             "/events?subject=events.orders.*",
-            &[("Authorization", &auth)],
-        )
-        .await;
-        assert_eq!(c.status, 200, "{:?}", c.headers);
-        let mut c = c;
+            "/events?subject=events.orders.%2A",
+        ] {
+            let c = SseClient::connect(relay.addr(), path, &[("Authorization", &auth)]).await;
+            assert_eq!(c.status, 200, "{path}: {:?}", c.headers);
+            clients.push((path, c));
+        }
         nats.wait_relay_subs(&["events.orders.*"], WAIT).await;
 
-        let client = nats.client().await;
-        for (s, p) in [
+        nats.publish_core([
             ("events.users.1", "u1"),
             ("events.orders.1", "o1"),
             ("events.orders.1.deep", "deep"),
             ("events.orders.2", "o2"),
-        ] {
-            client.publish(s, Bytes::from(p)).await.unwrap();
+        ])
+        .await;
+        for (path, c) in &mut clients {
+            let a = c.expect_data_event(WAIT, "first order").await;
+            let b = c.expect_data_event(WAIT, "second order").await;
+            assert_eq!(
+                (a.data.as_str(), b.data.as_str()),
+                ("o1", "o2"),
+                "{path}: only events.orders.* must be delivered"
+            );
         }
-        client.flush().await.unwrap();
-        let a = c.expect_data_event(WAIT, "first order").await;
-        let b = c.expect_data_event(WAIT, "second order").await;
-        assert_eq!(
-            (a.data.as_str(), b.data.as_str()),
-            ("o1", "o2"),
-            "only events.orders.* must be delivered"
-        );
     })
     .await
 }
@@ -316,15 +300,12 @@ async fn no_subject_param_streams_all_token_subjects() {
             nats.wait_relay_subs(&["events.x.>", "events.y.*"], WAIT)
                 .await;
 
-            let client = nats.client().await;
-            for (s, p) in [
+            nats.publish_core([
                 ("events.x.1.2", "x"),
                 ("events.z.1", "z-not-granted"),
                 ("events.y.1", "y"),
-            ] {
-                client.publish(s, Bytes::from(p)).await.unwrap();
-            }
-            client.flush().await.unwrap();
+            ])
+            .await;
             let a = c.expect_data_event(WAIT, "x event").await;
             let b = c.expect_data_event(WAIT, "y event").await;
             assert_eq!((a.data.as_str(), b.data.as_str()), ("x", "y"));
@@ -340,16 +321,11 @@ async fn query_token_authorizes() {
         let nats = NatsServer::start().await;
         let relay = Relay::start(&nats.url(), &[], &[]).await;
         let tok = token(SECRET, &["events.q.>"], 300);
-        let path = format!("/events?subject={}&token={tok}", urlencode("events.q.>"));
+        let path = with_query("/events", &[("subject", "events.q.>"), ("token", &tok)]);
         let mut c = SseClient::connect(relay.addr(), &path, &[]).await;
         assert_eq!(c.status, 200, "{:?}", c.headers);
         nats.wait_relay_subs(&["events.q.>"], WAIT).await;
-        let client = nats.client().await;
-        client
-            .publish("events.q.1", Bytes::from("q"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        nats.publish_core([("events.q.1", "q")]).await;
         assert_eq!(c.expect_data_event(WAIT, "query token").await.data, "q");
     })
     .await
@@ -370,12 +346,7 @@ async fn cookie_token_authorizes() {
         .await;
         assert_eq!(c.status, 200, "cookie auth: {:?}", c.headers);
         nats.wait_relay_subs(&["events.c.>"], WAIT).await;
-        let client = nats.client().await;
-        client
-            .publish("events.c.1", Bytes::from("c"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+        nats.publish_core([("events.c.1", "c")]).await;
         assert_eq!(c.expect_data_event(WAIT, "cookie token").await.data, "c");
     })
     .await
@@ -391,7 +362,7 @@ async fn bearer_header_wins_over_query_token() {
         let bad = token("some-other-secret-entirely-000000", &["events.a.>"], 300);
 
         // Valid header + invalid query token: the header is used.
-        let path = format!("/events?subject={}&token={bad}", urlencode("events.a.>"));
+        let path = with_query("/events", &[("subject", "events.a.>"), ("token", &bad)]);
         let c =
             SseClient::connect(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
         assert_eq!(
@@ -401,12 +372,12 @@ async fn bearer_header_wins_over_query_token() {
         drop(c);
 
         // Invalid header + valid query token: still the header, so 401.
-        let path = format!("/events?subject={}&token={good_a}", urlencode("events.a.>"));
+        let path = with_query("/events", &[("subject", "events.a.>"), ("token", &good_a)]);
         let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&bad))]).await;
         assert_401(&r, "bad Bearer with a good query token");
 
         // Header grants a, query grants b, request b: the header decides (403).
-        let path = format!("/events?subject={}&token={good_b}", urlencode("events.b.>"));
+        let path = with_query("/events", &[("subject", "events.b.>"), ("token", &good_b)]);
         let r = http_get(relay.addr(), &path, &[("Authorization", &bearer(&good_a))]).await;
         assert_json_error(&r, 403, "Bearer grants only events.a.>");
     })
@@ -493,12 +464,7 @@ async fn one_subscription_shared_by_twenty_clients() {
                 "20 clients on one pattern must share ONE subscription; subscriptions: {subs:?}"
             );
 
-            let client = nats.client().await;
-            client
-                .publish("events.shared.1", Bytes::from("hello all"))
-                .await
-                .unwrap();
-            client.flush().await.unwrap();
+            nats.publish_core([("events.shared.1", "hello all")]).await;
             for (i, c) in clients.iter_mut().enumerate() {
                 let ev = c.expect_data_event(WAIT, &format!("client {i}")).await;
                 assert_eq!(ev.data, "hello all");
@@ -531,6 +497,7 @@ fn spawn_collector(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_subjects_keep_order_and_increasing_ids() {
+    let _load = load_group(module_path!()).await;
     within(
         TEST_LIMIT,
         "interleaved_subjects_keep_order_and_increasing_ids",
@@ -585,6 +552,7 @@ async fn interleaved_subjects_keep_order_and_increasing_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_is_dropped_fast_client_gets_everything() {
+    let _load = load_group(module_path!()).await;
     within(TEST_LIMIT, "slow_client_is_dropped_fast_client_gets_everything", async {
         const N: usize = 3000;
         let nats = NatsServer::start().await;

@@ -1,10 +1,8 @@
 //! Error answers of the relay: statuses, JSON bodies, WWW-Authenticate.
 
-mod support;
-
+use crate::support::*;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
-use support::*;
 
 async fn setup() -> (NatsServer, Relay) {
     let nats = NatsServer::start().await;

@@ -3,22 +3,19 @@
 //! `relay.gap` control event, `--replay-limit`, the in-memory replay window,
 //! and a seeded randomized reconnect test.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// `path` plus `last_event_id=<id>` (percent-encoded).
-fn with_last_event_id(path: &str, id: &str) -> String {
-    let sep = if path.contains('?') { '&' } else { '?' };
-    format!("{path}{sep}last_event_id={}", urlencode(id))
-}
+/// Labels of `relay_resumes_total` by where a resume was served from.
+const FROM_MEMORY: &[(&str, &str)] = &[("source", "memory")];
+const FROM_JETSTREAM: &[(&str, &str)] = &[("source", "jetstream")];
 
 /// `(id, data)` of data events, asserting none of them is a control event.
 fn ids_data(what: &str, evs: &[SseEvent]) -> Vec<(u64, String)> {
@@ -101,19 +98,6 @@ async fn expect_live_next(
     (seq, payload.to_string())
 }
 
-/// Reads data events until the stream ends or `limit` passes.
-async fn read_until_closed(c: &mut SseClient, limit: Duration) -> Vec<SseEvent> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut evs = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match c.next_data_event(left).await {
-            Some(ev) => evs.push(ev),
-            None => return evs,
-        }
-    }
-}
-
 /// Asserts that `ev` is `event: relay.gap` without an id and with
 /// `{"last_event_id": last, "first_available": first}`.
 fn assert_gap(ev: &SseEvent, last: u64, first: u64, what: &str) {
@@ -137,47 +121,8 @@ fn assert_gap(ev: &SseEvent, last: u64, first: u64, what: &str) {
 
 // ---------------------------------------------------------------------------
 
-#[test]
-fn metric_parser_reads_labelled_and_plain_samples() {
-    let text = "# HELP relay_resumes Resumes served.\n\
-                # TYPE relay_resumes counter\n\
-                relay_resumes_total{source=\"memory\"} 12\n\
-                relay_resumes_total{source=\"jetstream\"} 3\n\
-                # TYPE relay_jetstream_requests counter\n\
-                relay_jetstream_requests_total 7\n\
-                # TYPE relay_gaps counter\n\
-                # TYPE relay_x gauge\n\
-                relay_x{b=\"2\",a=\"q\\\"uote\"} 1.5\n\
-                # EOF\n";
-    assert_eq!(
-        metric_value(text, "relay_resumes_total{source=\"memory\"}"),
-        Ok(12.0)
-    );
-    assert_eq!(
-        metric_value(text, "relay_resumes_total{source=\"jetstream\"}"),
-        Ok(3.0)
-    );
-    assert_eq!(
-        metric_value(text, "relay_jetstream_requests_total"),
-        Ok(7.0)
-    );
-    // No such sample (yet): 0, as for a counter never incremented.
-    assert_eq!(metric_value(text, "relay_gaps_total"), Ok(0.0));
-    assert_eq!(
-        metric_value(text, "relay_resumes_total{source=\"other\"}"),
-        Ok(0.0)
-    );
-    assert_eq!(metric_value(text, "relay_resumes_total"), Ok(0.0));
-    // Label order does not matter; escapes are understood.
-    assert_eq!(
-        metric_value(text, "relay_x{a=\"q\\\"uote\",b=\"2\"}"),
-        Ok(1.5)
-    );
-    assert!(metric_value(text, "relay_x{a=\"unterminated}").is_err());
-}
-
-/// Beyond the brief's list (design decision 1/3): `Last-Event-ID` resumes
-/// after that sequence.
+/// `Last-Event-ID` resumes after that sequence: the stored events after it,
+/// then live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_resumes_after_that_sequence() {
     within(
@@ -257,7 +202,7 @@ async fn disconnect_then_resume(root: &'static str, by_header: bool) {
         )
         .await
     } else {
-        let path = with_last_event_id(&path, &last);
+        let path = with_query(&path, &[("last_event_id", &last)]);
         SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await
     };
     assert_eq!(
@@ -280,7 +225,7 @@ async fn disconnect_then_resume(root: &'static str, by_header: bool) {
     expect_live_next(&mut c, &js, &subject("1"), "live-2", "second live event").await;
 }
 
-/// 1. Resume by the `Last-Event-ID` header (what a reconnecting browser sends).
+/// Resume by the `Last-Event-ID` header (what a reconnecting browser sends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_resume_replays_exactly_the_missed_events_then_live() {
     within(
@@ -291,8 +236,8 @@ async fn header_resume_replays_exactly_the_missed_events_then_live() {
     .await
 }
 
-/// 2a. The same with the query parameter `last_event_id` (what a client
-///     that cannot set headers uses).
+/// Resume by the query parameter `last_event_id` (what a client that
+/// cannot set headers uses): exactly the missed events, then live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_param_resume_replays_exactly_the_missed_events_then_live() {
     within(
@@ -303,8 +248,8 @@ async fn query_param_resume_replays_exactly_the_missed_events_then_live() {
     .await
 }
 
-/// 2b. Header and query both given: the header wins (the query points
-///     earlier, so events between the two ids must not be replayed).
+/// Header and query both given: the header wins (the query points
+/// earlier, so events between the two ids must not be replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_header_wins_over_query_param() {
     within(
@@ -321,7 +266,7 @@ async fn last_event_id_header_wins_over_query_param() {
 
             let query_id = all[1].0.to_string(); // earlier
             let header_id = all[5].0.to_string(); // later: this one counts
-            let path = with_last_event_id(&events_path(&[pattern]), &query_id);
+            let path = with_query(&events_path(&[pattern]), &[("last_event_id", &query_id)]);
             let mut c = SseClient::connect(
                 relay.addr(),
                 &path,
@@ -343,8 +288,8 @@ async fn last_event_id_header_wins_over_query_param() {
     .await
 }
 
-/// 3. Ids that are not non-negative integers, or beyond the stream's last
-///    sequence, are refused with 400 + JSON, by header and by query.
+/// Ids that are not non-negative integers, or beyond the stream's last
+/// sequence, are refused with 400 + JSON, by header and by query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_last_event_id_is_400() {
     within(TEST_LIMIT, "bad_last_event_id_is_400", async {
@@ -387,7 +332,7 @@ async fn bad_last_event_id_is_400() {
                     &format!("Last-Event-ID: {id:?} (Accept: {accept})"),
                 );
             }
-            let qpath = with_last_event_id(&path, id);
+            let qpath = with_query(&path, &[("last_event_id", id)]);
             let r = relay
                 .get(
                     &qpath,
@@ -400,9 +345,9 @@ async fn bad_last_event_id_is_400() {
     .await
 }
 
-/// 3b. The valid edges: `0` and an empty header mean "from the beginning of
-///     what is stored"; the stream's last sequence itself is a valid id
-///     (nothing to replay, live continues).
+/// The valid edges: `0` and an empty header mean "from the beginning of
+/// what is stored"; the stream's last sequence itself is a valid id
+/// (nothing to replay, live continues).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_empty_and_last_sequence_are_valid_resume_points() {
     within(
@@ -432,7 +377,11 @@ async fn zero_empty_and_last_sequence_are_valid_resume_points() {
                     vec![("Last-Event-ID", "")],
                     path.clone(),
                 ),
-                ("last_event_id=0", vec![], with_last_event_id(&path, "0")),
+                (
+                    "last_event_id=0",
+                    vec![],
+                    with_query(&path, &[("last_event_id", "0")]),
+                ),
             ] {
                 let mut h: Vec<(&str, &str)> = vec![("Authorization", &auth)];
                 h.extend(headers);
@@ -478,8 +427,8 @@ async fn zero_empty_and_last_sequence_are_valid_resume_points() {
     .await
 }
 
-/// 4. Part of the history is gone (the stream keeps 10 messages): the relay
-///    says so with `relay.gap` (no id), then replays what is left.
+/// Part of the history is gone (the stream keeps 10 messages): the relay
+/// says so with `relay.gap` (no id), then replays what is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_into_removed_history_sends_gap_then_what_is_left() {
     within(
@@ -534,9 +483,9 @@ async fn resume_into_removed_history_sends_gap_then_what_is_left() {
     .await
 }
 
-/// 5. `--replay-limit 10`: a resume that missed 50 gets `relay.gap` and the
-///    newest 10, from JetStream and again with the subscription (and its
-///    memory window) kept alive by another client.
+/// `--replay-limit 10`: a resume that missed 50 gets `relay.gap` and the
+/// newest 10, from JetStream and again with the subscription (and its
+/// memory window) kept alive by another client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_limit_caps_a_resume_with_a_gap() {
     within(TEST_LIMIT, "replay_limit_caps_a_resume_with_a_gap", async {
@@ -586,9 +535,9 @@ async fn replay_limit_caps_a_resume_with_a_gap() {
     .await
 }
 
-/// 6. A client on two wildcard patterns, with unrelated subjects
-///    interleaved in the stream: the resume replays only its events, in
-///    increasing id order.
+/// A client on two wildcard patterns, with unrelated subjects
+/// interleaved in the stream: the resume replays only its events, in
+/// increasing id order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_on_two_wildcards_replays_only_matching_events_in_order() {
     within(
@@ -655,13 +604,14 @@ async fn resume_on_two_wildcards_replays_only_matching_events_in_order() {
     .await
 }
 
-/// 7. A client dropped as slow (`--client-queue 16`, 4 KiB receive buffer,
-///    reads nothing while 2,000 x 1 KiB events are published, topped up past
-///    the kernel's send-buffer bound) resumes from the last id it actually
-///    received and, combining both connections, has every event exactly
-///    once.
+/// A client dropped as slow (`--client-queue 16`, 4 KiB receive buffer,
+/// reads nothing while 2,000 x 1 KiB events are published, topped up past
+/// the kernel's send-buffer bound) resumes from the last id it actually
+/// received and, combining both connections, has every event exactly
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_dropped_then_resumes_without_loss() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(45),
         "slow_client_dropped_then_resumes_without_loss",
@@ -710,7 +660,7 @@ async fn slow_client_dropped_then_resumes_without_loss() {
             published.extend(publish_all(&js, &items).await);
             let total = published.len();
 
-            let first = read_until_closed(&mut slow, Duration::from_secs(15)).await;
+            let first = slow.data_events_until_closed(Duration::from_secs(15)).await;
             assert!(
                 slow.is_closed(),
                 "test premise: the relay should have dropped the slow client (--client-queue 16), but its stream is still open after {} events",
@@ -756,11 +706,12 @@ async fn slow_client_dropped_then_resumes_without_loss() {
     .await
 }
 
-/// 8. Reconnect storm: while one client keeps `events.storm` subscribed,
-///    500 clients resume at once from (last - 100). Each gets exactly the
-///    100 missed events, all from the memory window.
+/// Reconnect storm: while one client keeps `events.storm` subscribed,
+/// 500 clients resume at once from (last - 100). Each gets exactly the
+/// 100 missed events, all from the memory window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_storm_is_served_from_memory() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "reconnect_storm_is_served_from_memory",
@@ -800,9 +751,9 @@ async fn reconnect_storm_is_served_from_memory() {
             let from = published[99].0;
             let want = Arc::new(published[100..].to_vec());
 
-            let mem0 = relay.metric("relay_resumes_total{source=\"memory\"}").await;
-            let jsr0 = relay.metric("relay_resumes_total{source=\"jetstream\"}").await;
-            let req0 = relay.metric("relay_jetstream_requests_total").await;
+            let mem0 = relay.metric("relay_resumes_total", FROM_MEMORY).await;
+            let jsr0 = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
+            let req0 = relay.metric("relay_jetstream_requests_total", &[]).await;
 
             // At most 100 connection attempts in flight at a time.
             let gate = Arc::new(tokio::sync::Semaphore::new(100));
@@ -869,14 +820,14 @@ async fn reconnect_storm_is_served_from_memory() {
             let mut mem = mem0;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while tokio::time::Instant::now() < deadline {
-                mem = relay.metric("relay_resumes_total{source=\"memory\"}").await;
+                mem = relay.metric("relay_resumes_total", FROM_MEMORY).await;
                 if mem >= want_mem {
                     break;
                 }
                 tokio::time::sleep(POLL).await;
             }
-            let jsr = relay.metric("relay_resumes_total{source=\"jetstream\"}").await;
-            let req = relay.metric("relay_jetstream_requests_total").await;
+            let jsr = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
+            let req = relay.metric("relay_jetstream_requests_total", &[]).await;
             eprintln!(
                 "storm of {clients}: resumes from memory +{}, from jetstream +{}, jetstream requests +{}",
                 mem - mem0,
@@ -898,146 +849,16 @@ async fn reconnect_storm_is_served_from_memory() {
     .await
 }
 
-// ---------------------------------------------------------------------------
-// 9. randomized reconnects
-// ---------------------------------------------------------------------------
-
-/// xorshift64: tiny and deterministic, enough to pick drop points.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        XorShift(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    /// Uniform-ish in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Fixed seed; `RESUME_FUZZ_SEED=<n>` replays another run.
 const FUZZ_SEED: u64 = 0x5EED_F00D_2026_0001;
 
-struct FuzzReport {
-    events: Vec<(u64, String)>,
-    connections: usize,
-    immediate_drops: usize,
-    ended_by_relay: usize,
-}
-
-/// One randomized client: connects with `Last-Event-ID: <last received>`
-/// (0 at first: everything stored), reads a random number of events
-/// (sometimes none: it hangs up right after the response head, in the middle
-/// of the replay), hangs up, and again, until it has reached `stop` (the last
-/// id published on its subjects, known once the publisher is done) or the
-/// deadline passes.
-async fn fuzz_client(
-    idx: usize,
-    patterns: Vec<&'static str>,
-    addr: String,
-    auth: String,
-    seed: u64,
-    mut stop: tokio::sync::watch::Receiver<Option<u64>>,
-    deadline: tokio::time::Instant,
-) -> FuzzReport {
-    let mut rng = XorShift::new(seed ^ (idx as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let path = events_path(&patterns);
-    let mut rep = FuzzReport {
-        events: Vec::new(),
-        connections: 0,
-        immediate_drops: 0,
-        ended_by_relay: 0,
-    };
-    let mut last = 0u64;
-    let done = |last: u64, stop: &tokio::sync::watch::Receiver<Option<u64>>| {
-        stop.borrow().is_some_and(|s| last >= s)
-    };
-    // Bounded: at most 20,000 connections (each one reads or hangs up).
-    for _ in 0..20_000 {
-        if done(last, &stop) || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        let last_s = last.to_string();
-        let mut c = SseClient::connect(
-            &addr,
-            &path,
-            &[("Authorization", &auth), ("Last-Event-ID", &last_s)],
-        )
-        .await;
-        assert_eq!(
-            c.status,
-            200,
-            "client {idx}: resume from {last} refused: {:?} {:?}",
-            c.headers,
-            c.body_text()
-        );
-        rep.connections += 1;
-        let budget = match rng.below(10) {
-            0 | 1 => 0,
-            2 => 1 + rng.below(3),
-            _ => 1 + rng.below(80),
-        };
-        if budget == 0 {
-            rep.immediate_drops += 1;
-            continue; // hang up right after the head
-        }
-        let mut n = 0;
-        while n < budget {
-            if done(last, &stop) || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            let ev = tokio::select! {
-                ev = c.next_data_event(Duration::from_millis(250)) => ev,
-                // Re-check `done` as soon as the target is known.
-                _ = stop.changed() => continue,
-            };
-            match ev {
-                Some(ev) => {
-                    assert_ne!(
-                        ev.event.as_deref(),
-                        Some("relay.gap"),
-                        "client {idx}: unexpected relay.gap (nothing was removed from the stream): {ev:?}"
-                    );
-                    let seq = ev.seq();
-                    assert!(
-                        seq > last,
-                        "client {idx} (connection #{}, resumed from {last_s}): id {seq} is not above the last received {last}",
-                        rep.connections
-                    );
-                    let subject = ev.data.split_once(':').map_or("", |(_, s)| s);
-                    assert!(
-                        matches_any(&patterns, subject),
-                        "client {idx} on {patterns:?} got an event on {subject}: {ev:?}"
-                    );
-                    last = seq;
-                    rep.events.push((seq, ev.data));
-                    n += 1;
-                }
-                None if c.is_closed() => {
-                    rep.ended_by_relay += 1;
-                    break;
-                }
-                None => {}
-            }
-        }
-    }
-    rep
-}
-
-/// 9. Four clients on overlapping wildcards keep hanging up at random
-///    moments (also mid-replay) and resuming from their last id while 3,000
-///    events are published over random subjects; each ends with exactly the
-///    published events matching its subjects, in order, once.
+/// Four clients on overlapping wildcards keep hanging up at random moments
+/// (also mid-replay) and resuming from their last id while 3,000 events are
+/// published over random subjects; each ends with exactly the published
+/// events matching its subjects, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_reconnects_lose_and_duplicate_nothing() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "randomized_reconnects_lose_and_duplicate_nothing",
@@ -1056,7 +877,6 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
             let relay = Relay::start(&nats.url(), &[], &[]).await;
             let js = async_nats::jetstream::new(nats.client().await);
             let tok = token(SECRET, &["events.>"], 300);
-            let auth = bearer(&tok);
 
             const SUBJECTS: [&str; 7] = [
                 "events.r.a.x",
@@ -1067,41 +887,35 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
                 "events.r.a.x.deep",
                 "events.q.a.x",
             ];
-            let clients: Vec<Vec<&'static str>> = vec![
-                vec!["events.r.>"],
-                vec!["events.r.a.*"],
-                vec!["events.r.*.x"],
-                vec!["events.r.a.x", "events.r.b.*"],
-            ];
-
-            let mut stops = Vec::new();
-            let mut tasks = Vec::new();
-            for (i, patterns) in clients.iter().enumerate() {
-                let (tx, rx) = tokio::sync::watch::channel(None);
-                stops.push(tx);
-                tasks.push(tokio::spawn(fuzz_client(
-                    i,
-                    patterns.clone(),
-                    relay.addr().to_string(),
-                    auth.clone(),
-                    seed,
-                    rx,
+            let (_addr_tx, addr) = tokio::sync::watch::channel(relay.addr().to_string());
+            let readers = Readers::spawn(
+                &[
+                    vec!["events.r.>"],
+                    vec!["events.r.a.*"],
+                    vec!["events.r.*.x"],
+                    vec!["events.r.a.x", "events.r.b.*"],
+                ],
+                &ReaderConfig {
+                    auth: bearer(&tok),
+                    addr,
+                    reconnect: true,
+                    hang_up_seed: Some(seed),
                     deadline,
-                )));
-            }
+                },
+            );
 
             // Publisher: bursts of 1..=40 pipelined publishes every 15 ms
             // (about 1,300 events/s), subjects picked at random.
-            let mut rng = XorShift::new(seed);
-            let mut published: Vec<(u64, String, String)> = Vec::with_capacity(N);
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut published: Vec<StoredEvent> = Vec::with_capacity(N);
             let mut tick = tokio::time::interval(Duration::from_millis(15));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while published.len() < N {
                 tick.tick().await;
-                let burst = (1 + rng.below(40) as usize).min(N - published.len());
+                let burst = rng.random_range(1..=40).min(N - published.len());
                 let items: Vec<(String, Bytes)> = (0..burst)
                     .map(|k| {
-                        let s = SUBJECTS[rng.below(SUBJECTS.len() as u64) as usize];
+                        let s = SUBJECTS[rng.random_range(0..SUBJECTS.len())];
                         (
                             s.to_string(),
                             Bytes::from(format!("{}:{s}", published.len() + k)),
@@ -1109,42 +923,18 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
                     })
                     .collect();
                 for ((seq, payload), (subject, _)) in publish_all(&js, &items).await.into_iter().zip(&items) {
-                    published.push((seq, subject.clone(), payload));
+                    published.push(StoredEvent { seq, subject: subject.clone(), payload });
                 }
             }
             eprintln!("published {N} events");
 
-            let expected: Vec<Vec<(u64, String)>> = clients
-                .iter()
-                .map(|p| {
-                    published
-                        .iter()
-                        .filter(|(_, s, _)| matches_any(p, s))
-                        .map(|(seq, _, d)| (*seq, d.clone()))
-                        .collect()
-                })
-                .collect();
-            for (tx, want) in stops.iter().zip(&expected) {
-                let _ = tx.send(Some(want.last().map_or(0, |(s, _)| *s)));
-            }
-            for (i, t) in tasks.into_iter().enumerate() {
-                let rep = join_task("fuzz client", t).await;
-                eprintln!(
-                    "client {i} {:?}: {} events over {} connections ({} hung up right after the head, {} ended by the relay)",
-                    clients[i],
-                    rep.events.len(),
-                    rep.connections,
-                    rep.immediate_drops,
-                    rep.ended_by_relay
-                );
-                assert_same_events(
-                    &format!("client {i} on {:?} (seed {seed})", clients[i]),
-                    &rep.events,
-                    &expected[i],
-                );
+            for rep in readers.finish(&published).await {
+                rep.assert_complete();
+                assert_eq!(rep.refused, 0, "{}: the relay refused connections", rep.name);
                 assert!(
                     rep.connections >= 10,
-                    "client {i}: only {} connections; the test should exercise many resumes",
+                    "{}: only {} connections; the test should exercise many resumes",
+                    rep.name,
                     rep.connections
                 );
             }
@@ -1159,6 +949,7 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
 /// others wait for it, instead of each opening a JetStream consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_window_storm_reads_jetstream_once() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(50),
         "cold_window_storm_reads_jetstream_once",
@@ -1178,11 +969,9 @@ async fn cold_window_storm_reads_jetstream_once() {
             let from = published[99].0;
             let want = Arc::new(published[100..].to_vec());
 
-            let mem0 = relay.metric("relay_resumes_total{source=\"memory\"}").await;
-            let jsr0 = relay
-                .metric("relay_resumes_total{source=\"jetstream\"}")
-                .await;
-            let req0 = relay.metric("relay_jetstream_requests_total").await;
+            let mem0 = relay.metric("relay_resumes_total", FROM_MEMORY).await;
+            let jsr0 = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
+            let req0 = relay.metric("relay_jetstream_requests_total", &[]).await;
 
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..clients {
@@ -1213,12 +1002,9 @@ async fn cold_window_storm_reads_jetstream_once() {
                     std::panic::resume_unwind(e.into_panic());
                 }
             }
-            let mem = relay.metric("relay_resumes_total{source=\"memory\"}").await - mem0;
-            let jsr = relay
-                .metric("relay_resumes_total{source=\"jetstream\"}")
-                .await
-                - jsr0;
-            let req = relay.metric("relay_jetstream_requests_total").await - req0;
+            let mem = relay.metric("relay_resumes_total", FROM_MEMORY).await - mem0;
+            let jsr = relay.metric("relay_resumes_total", FROM_JETSTREAM).await - jsr0;
+            let req = relay.metric("relay_jetstream_requests_total", &[]).await - req0;
             assert_eq!(
                 (mem, jsr),
                 (clients as f64, 0.0),
@@ -1252,6 +1038,7 @@ fn relay_rss_kib(pid: u32) -> u64 {
 /// client gets everything, and the stalled one's resume returns the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory() {
+    let _load = load_group(module_path!()).await;
     within(
         Duration::from_secs(55),
         "stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory",
@@ -1321,7 +1108,9 @@ async fn stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory() {
                 peak - rss0
             );
 
-            let first = read_until_closed(&mut stalled, Duration::from_secs(15)).await;
+            let first = stalled
+                .data_events_until_closed(Duration::from_secs(15))
+                .await;
             assert!(
                 stalled.is_closed(),
                 "the stalled client must have been dropped"

@@ -1,0 +1,18 @@
+//! The integration tests, one binary: each module tests one area of the
+//! relay against real `nats-server` and `sse-relay` processes, and
+//! `support` holds what they share.
+
+// A test binary exports nothing: `pub` in `support` means "for the test
+// modules", which is all this lint would have to say.
+#![allow(unreachable_pub)]
+
+mod support;
+
+mod cors;
+mod errors;
+mod failover;
+mod harness;
+mod lifecycle;
+mod resume;
+mod shards;
+mod stream;

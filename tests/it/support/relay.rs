@@ -1,0 +1,369 @@
+//! The relay binary (`CARGO_BIN_EXE_sse-relay`) as a child process: run
+//! to completion (`run_relay`) or serving on a fresh port (`Relay`, killed
+//! on drop, its stderr printed when a test fails).
+
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{
+    NatsServer, POLL, Response, SECRET, SseClient, bearer, events_path, free_port, http_get, tail,
+    try_request,
+};
+
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sse-relay")
+}
+
+/// Environment variables the relay reads; removed from every child so the
+/// developer's shell cannot leak config into a test.
+const RELAY_ENV: &[&str] = &[
+    "NATS_URL",
+    "RELAY_LISTEN",
+    "RELAY_STREAM",
+    "RELAY_CREATE_STREAM",
+    "RELAY_JWT_SECRET",
+    "RELAY_JWT_PUBLIC_KEY",
+    "RELAY_JWT_AUDIENCE",
+    "RELAY_JWT_ISSUER",
+    "RELAY_JWT_LEEWAY",
+    "RELAY_HEARTBEAT",
+    "RELAY_RETRY_MS",
+    "RELAY_CLIENT_QUEUE",
+    "RELAY_CORS_ORIGINS",
+    "RELAY_REPLAY_CACHE_BYTES",
+    "RELAY_REPLAY_LIMIT",
+    "RELAY_DRAIN_TIMEOUT",
+    "RELAY_REUSE_PORT",
+    "RELAY_WORKERS",
+    "NATS_CREDS",
+];
+
+fn relay_command(args: &[String], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(args);
+    for k in RELAY_ENV {
+        cmd.env_remove(k);
+    }
+    cmd.env("RUST_LOG", "info").env("RUST_BACKTRACE", "1");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs the relay binary to completion (e.g. `token`, or a `serve` that
+/// must fail), killing it if it runs longer than `limit`.
+pub async fn run_relay(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut cmd = tokio::process::Command::from(relay_command(&args, envs));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match tokio::time::timeout(limit, cmd.output()).await {
+        Ok(out) => out.expect("run sse-relay"),
+        Err(_) => panic!(
+            "`sse-relay {}` did not exit within {limit:?}",
+            args.join(" ")
+        ),
+    }
+}
+
+/// An `sse-relay serve` child process on a fresh port.
+pub struct Relay {
+    child: Option<Child>,
+    addr: String,
+    dir: TempDir,
+    exit: Option<ExitStatus>,
+}
+
+impl Relay {
+    /// Default flags: `--nats-url URL --jwt-secret SECRET --create-stream
+    /// --workers 1`. One shard unless a test asks for more: most tests hold
+    /// per-shard behaviour (one subscription per pattern, one window).
+    pub fn default_args(nats_url: &str) -> Vec<String> {
+        [
+            "--nats-url",
+            nats_url,
+            "--jwt-secret",
+            SECRET,
+            "--create-stream",
+            "--workers",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Spawns `serve --listen 127.0.0.1:PORT` + default flags + `extra`,
+    /// without waiting for readiness.
+    pub fn spawn(nats_url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Relay {
+        let mut args = Self::default_args(nats_url);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_serve(args, envs)
+    }
+
+    /// Spawns `serve --listen 127.0.0.1:PORT <args>` (no other flags).
+    pub fn spawn_serve(args: Vec<String>, envs: &[(&str, &str)]) -> Relay {
+        let port = free_port();
+        let mut full = vec![
+            "serve".to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+        ];
+        full.extend(args);
+        Self::spawn_exact(&full, envs, port)
+    }
+
+    /// Spawns the binary with exactly `args`; `port` is where it is
+    /// expected to listen (e.g. set via RELAY_LISTEN in `envs`).
+    pub fn spawn_exact(args: &[String], envs: &[(&str, &str)], port: u16) -> Relay {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("relay.log")).expect("log file");
+        let child = relay_command(args, envs)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn sse-relay");
+        Relay {
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+            exit: None,
+        }
+    }
+
+    /// Spawns with the default flags + `extra` and waits (15 s) until
+    /// `GET /readyz` is 200.
+    pub async fn start(nats_url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Relay {
+        for attempt in 0..3 {
+            let mut r = Self::spawn(nats_url, extra, envs);
+            match r.try_wait_ready(Duration::from_secs(15)).await {
+                Ok(()) => return r,
+                Err(e) => {
+                    let log = r.log();
+                    if attempt < 2 && log.to_ascii_lowercase().contains("in use") {
+                        continue; // port race: try a fresh port
+                    }
+                    panic!(
+                        "relay not ready: {e}\n--- relay stderr ---\n{}",
+                        tail(&log, 8000)
+                    );
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    /// Spawns `serve` with `--nats-url URL --jwt-secret SECRET` + `extra`
+    /// (no `--create-stream`: the stream must already exist) and waits
+    /// (15 s) until `/readyz` is 200.
+    pub async fn start_existing_stream(nats_url: &str, extra: &[&str]) -> Relay {
+        let mut args: Vec<String> = ["--nats-url", nats_url, "--jwt-secret", SECRET]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut r = Self::spawn_serve(args, &[]);
+        r.wait_ready(Duration::from_secs(15)).await;
+        r
+    }
+
+    /// Waits (bounded) until `GET /readyz` answers 200; Err if the process
+    /// exits or the deadline passes.
+    pub async fn try_wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let mut last: String;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return Err(format!("sse-relay exited with {st} before /readyz was 200"));
+            }
+            match try_request(
+                &self.addr,
+                "GET",
+                "/readyz",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => last = format!("status {} body {:?}", r.status, r.body),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("/readyz not 200 within {limit:?} (last: {last})"));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        if let Err(e) = self.try_wait_ready(limit).await {
+            panic!("{e}\n--- relay stderr ---\n{}", tail(&self.log(), 8000));
+        }
+    }
+
+    /// Waits (bounded) until the relay accepts HTTP (any answer to /healthz).
+    pub async fn wait_listening(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.try_exit() {
+                panic!(
+                    "sse-relay exited with {st}; stderr:\n{}",
+                    tail(&self.log(), 8000)
+                );
+            }
+            if try_request(
+                &self.addr,
+                "GET",
+                "/healthz",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .is_ok()
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "relay did not accept HTTP within {limit:?}; stderr:\n{}",
+                    tail(&self.log(), 8000)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("relay already reaped")
+    }
+
+    /// The relay's output (stderr and stdout) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.pid().to_string();
+        let st = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -TERM {pid} failed");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            if let Ok(st) = c.wait() {
+                self.exit = Some(st);
+            }
+        }
+    }
+
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        if let Some(st) = self.exit {
+            return Some(st);
+        }
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.exit = Some(st);
+                self.child = None;
+                Some(st)
+            }
+            _ => None,
+        }
+    }
+
+    /// Polls for the process' exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http_get(&self.addr, path, headers).await
+    }
+
+    /// Opens `/events` for `subjects` with a Bearer token, asserts 200 and
+    /// waits until the relay's NATS subscriptions for those subjects exist
+    /// (so that a message published afterwards must reach the client).
+    pub async fn open_stream(
+        &self,
+        nats: &NatsServer,
+        token: &str,
+        subjects: &[&str],
+    ) -> SseClient {
+        let auth = bearer(token);
+        let c = SseClient::connect(
+            &self.addr,
+            &events_path(subjects),
+            &[("Authorization", &auth)],
+        )
+        .await;
+        assert_eq!(
+            c.status,
+            200,
+            "GET {} expected 200, got {} {:?}",
+            events_path(subjects),
+            c.status,
+            c.headers
+        );
+        nats.wait_relay_subs(subjects, Duration::from_secs(10))
+            .await;
+        c
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sse-relay on {} stderr (tail) ---\n{}\n--- end ---",
+                self.addr,
+                tail(&self.log(), 6000)
+            );
+        }
+    }
+}
+
+/// The soft limit on open files of this process (`ulimit -n`, which child
+/// processes such as the relay inherit). `u64::MAX` for `unlimited`.
+pub fn open_file_limit() -> u64 {
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -n"])
+        .output()
+        .expect("run `sh -c 'ulimit -n'`");
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if s == "unlimited" {
+        return u64::MAX;
+    }
+    s.parse()
+        .unwrap_or_else(|e| panic!("`ulimit -n` printed {s:?}: {e}"))
+}
