@@ -134,10 +134,10 @@ async fn resume_point(
         },
     };
     let raw = raw.trim();
-    // An empty id is what EventSource sends after an `id:` reset: start
-    // from what the stream holds.
+    // No id: a browser whose id was reset (`id:` with nothing) sends no
+    // header at all; an empty one means the same, not "replay everything".
     if raw.is_empty() {
-        return Ok(Some(0));
+        return Ok(None);
     }
     let id: u64 = raw.parse().map_err(|_| {
         ApiError::BadLastEventId(format!(
