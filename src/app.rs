@@ -13,6 +13,7 @@ use crate::client::SseBody;
 use crate::config::Config;
 use crate::http::ApiError;
 use crate::hub::Hub;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::nats::{History, Link, Scope};
 
@@ -29,6 +30,7 @@ pub struct App {
     pub(crate) tasks: TaskTracker,
     /// Routes installed from outside (`sse-relay dev`).
     pub(crate) extension: Option<Arc<dyn Extension>>,
+    pub(crate) limits: Arc<Limits>,
 }
 
 /// The NATS-backed half of the shard, available once the stream is loaded.

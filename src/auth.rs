@@ -31,6 +31,10 @@ pub enum AuthError {
         "no token: send Authorization: Bearer <jwt>, a token query parameter or a relay_token cookie"
     )]
     Missing,
+    #[error(
+        "tokens in the URL are turned off on this relay: send Authorization: Bearer <jwt> or a relay_token cookie"
+    )]
+    QueryTokenOff,
     #[error("the token is not a well-formed JWT")]
     Malformed,
     #[error("the token has expired")]

@@ -28,6 +28,33 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+pub const DEFAULT_MAX_SUBJECTS: usize = 32;
+const MAX_SUBJECTS_LIMIT: usize = 256;
+
+/// Sockets kept free below the open-file limit for NATS, logs and the
+/// listener, so the relay refuses cleanly before the kernel does.
+fn default_max_connections() -> usize {
+    let limit = open_file_limit().unwrap_or(1024);
+    limit.saturating_sub((limit / 10).max(64)).max(1)
+}
+
+/// The soft limit on open files (`Max open files` in /proc/self/limits).
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `None` stays off; `Some(0)` is a mistake worth a sentence.
+fn positive(v: Option<usize>, flag: &str) -> Result<Option<usize>, String> {
+    match v {
+        Some(0) => Err(format!(
+            "{flag} must be at least 1 (leave it unset for no limit)"
+        )),
+        v => Ok(v),
+    }
+}
+
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -113,16 +140,48 @@ pub struct ServeArgs {
     /// --replay-cache-bytes. [default: the number of available CPUs]
     #[arg(long, env = "RELAY_WORKERS")]
     pub workers: Option<usize>,
+    /// Most subjects one stream may ask for.
+    #[arg(long, env = "RELAY_MAX_SUBJECTS", default_value_t = DEFAULT_MAX_SUBJECTS)]
+    pub max_subjects: usize,
+    /// Open connections per process; beyond it requests are refused (503,
+    /// or 200 + retry for an EventSource) so an edge proxy tries another
+    /// machine. [default: the open-file limit minus 10% headroom]
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Concurrent streams per client IP (429 beyond); off when unset. Behind
+    /// a proxy set --client-ip-header too.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New streams per second per client IP (429 beyond); off when unset.
+    #[arg(long, env = "RELAY_CONNECT_RATE_PER_IP")]
+    pub connect_rate_per_ip: Option<u32>,
+    /// Header holding the client IP set by a trusted edge proxy (e.g.
+    /// Fly-Client-IP); only safe when every request comes through it.
+    #[arg(long, env = "RELAY_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+    /// Concurrent streams per token (its `sub`, or the token itself when it
+    /// has none); off when unset.
+    #[arg(long, env = "RELAY_MAX_STREAMS_PER_TOKEN")]
+    pub max_streams_per_token: Option<usize>,
+    /// Accept the token in the `token=` query parameter (URLs end up in
+    /// proxy and CDN logs; turn off when browsers use the cookie).
+    #[arg(long, env = "RELAY_QUERY_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub query_token: bool,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
-    /// Address to listen on.
-    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to listen on (loopback unless --allow-remote). Dev mode reads
+    /// no environment variables: a shell with production settings exported
+    /// must not get an unauthenticated publish endpoint on production.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Use this NATS server instead of starting one.
-    #[arg(long, env = "NATS_URL")]
+    /// Use this NATS server instead of starting one (only when given here).
+    #[arg(long)]
     pub nats_url: Option<String>,
+    /// Listen on a non-loopback address: `POST /dev/publish` needs no token.
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -173,6 +232,19 @@ pub struct Config {
     pub reuse_port: bool,
     /// Shards to run (at least 1).
     pub workers: usize,
+    pub max_subjects: usize,
+    pub limits: LimitsConfig,
+    pub query_token: bool,
+}
+
+/// Abuse limits (see `limits.rs`); `None` is off.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub per_ip: Option<usize>,
+    pub rate_per_ip: Option<std::num::NonZeroU32>,
+    pub client_ip_header: Option<hyper::header::HeaderName>,
+    pub per_token: Option<usize>,
 }
 
 impl Config {
@@ -217,6 +289,32 @@ impl Config {
         if a.client_queue == 0 {
             return Err("--client-queue must be at least 1".into());
         }
+        if !(1..=MAX_SUBJECTS_LIMIT).contains(&a.max_subjects) {
+            return Err(format!(
+                "--max-subjects {} is out of range: use 1 to {MAX_SUBJECTS_LIMIT}",
+                a.max_subjects
+            ));
+        }
+        let limits = LimitsConfig {
+            max_connections: match a.max_connections {
+                Some(0) => return Err("--max-connections must be at least 1".into()),
+                Some(n) => n,
+                None => default_max_connections(),
+            },
+            per_ip: positive(a.max_connections_per_ip, "--max-connections-per-ip")?,
+            rate_per_ip: match a.connect_rate_per_ip {
+                Some(0) => return Err("--connect-rate-per-ip must be at least 1".into()),
+                r => r.and_then(std::num::NonZeroU32::new),
+            },
+            client_ip_header: match a.client_ip_header.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(h) => Some(
+                    h.parse()
+                        .map_err(|_| format!("--client-ip-header {h:?} is not a header name"))?,
+                ),
+            },
+            per_token: positive(a.max_streams_per_token, "--max-streams-per-token")?,
+        };
         let workers = a.workers.unwrap_or_else(default_workers);
         if !(1..=MAX_WORKERS).contains(&workers) {
             return Err(format!(
@@ -248,6 +346,9 @@ impl Config {
             drain_timeout: Duration::from_secs(a.drain_timeout),
             reuse_port: a.reuse_port,
             workers,
+            max_subjects: a.max_subjects,
+            limits,
+            query_token: a.query_token,
         })
     }
 }
@@ -312,6 +413,59 @@ mod tests {
         assert_eq!(c.cors, Cors::Off);
         assert_eq!(c.workers, default_workers());
         assert_eq!(c.replay_cache_bytes, DEFAULT_REPLAY_CACHE_BYTES);
+    }
+
+    #[test]
+    fn limits_default_off_except_connections_and_subjects() {
+        let c = Config::from_args(args(&[])).unwrap();
+        assert_eq!(c.max_subjects, 32);
+        assert!(c.query_token);
+        let l = &c.limits;
+        assert!(l.per_ip.is_none() && l.rate_per_ip.is_none() && l.per_token.is_none());
+        assert!(l.client_ip_header.is_none());
+        let files = open_file_limit().expect("Linux has /proc/self/limits");
+        assert!(
+            l.max_connections < files,
+            "{} vs {files}",
+            l.max_connections
+        );
+        assert!(l.max_connections >= files / 2);
+    }
+
+    #[test]
+    fn limits_from_flags() {
+        let c = Config::from_args(args(&[
+            "--max-connections-per-ip",
+            "3",
+            "--connect-rate-per-ip",
+            "5",
+            "--client-ip-header",
+            "Fly-Client-IP",
+            "--max-streams-per-token",
+            "7",
+            "--max-connections",
+            "100",
+            "--query-token",
+            "false",
+        ]))
+        .unwrap();
+        assert_eq!(c.limits.per_ip, Some(3));
+        assert_eq!(c.limits.rate_per_ip.map(|r| r.get()), Some(5));
+        assert_eq!(
+            c.limits.client_ip_header.as_ref().unwrap().as_str(),
+            "fly-client-ip"
+        );
+        assert_eq!(c.limits.per_token, Some(7));
+        assert_eq!(c.limits.max_connections, 100);
+        assert!(!c.query_token);
+        for bad in [
+            ["--max-connections-per-ip", "0"],
+            ["--max-subjects", "0"],
+            ["--client-ip-header", "bad header"],
+            ["--max-connections", "0"],
+        ] {
+            assert!(Config::from_args(args(&bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

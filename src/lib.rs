@@ -9,6 +9,7 @@
 //! - `http`      lean HTTP/1.1 loop, routing, CORS; errors -> statuses ([`ApiError`])
 //! - `session`   one stream: authorize, resume point, join, backfill, live
 //! - [`auth`]    JWT verification -> `Claims`
+//! - [`limits`]  abuse limits: connections, streams per IP and per token, rate
 //! - [`subject`] NATS subject patterns: validation, matching, containment
 //! - `hub`       per-shard shared subscriptions, frame-once fan-out, heartbeats, expiry
 //! - `nats`      the NATS connection, the stream's scope, JetStream reads
@@ -38,6 +39,7 @@ pub mod config;
 pub mod dev;
 mod http;
 mod hub;
+pub mod limits;
 pub mod metrics;
 mod nats;
 mod server;

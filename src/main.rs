@@ -58,9 +58,12 @@ fn config_error(msg: &str) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -111,6 +114,16 @@ fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
 }
 
 fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
+    let loopback = args
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if !loopback && !args.allow_remote {
+        return config_error(&format!(
+            "dev mode listens on loopback only (its publish endpoint needs no token): --listen {:?} needs --allow-remote",
+            args.listen
+        ));
+    }
     let secret = format!("dev-{:x}", std::process::id() as u64 * 0x9E37_79B9 + 0x7F4A);
     let (nats, url) = match &args.nats_url {
         Some(url) => (None, url.clone()),
@@ -145,6 +158,13 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         drain_timeout: sse_relay::config::DEFAULT_DRAIN_SECS,
         reuse_port: false,
         workers: Some(1),
+        max_subjects: sse_relay::config::DEFAULT_MAX_SUBJECTS,
+        max_connections: None,
+        max_connections_per_ip: None,
+        connect_rate_per_ip: None,
+        client_ip_header: None,
+        max_streams_per_token: None,
+        query_token: true,
     };
     let cfg = match Config::from_args(serve_args) {
         Ok(c) => c,

@@ -21,6 +21,7 @@ use crate::app::{App, Extension, Live};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::nats::{self, History, Link, LinkEvent, NatsUpstream, Scope, StreamError};
 
@@ -63,6 +64,8 @@ pub struct Shard {
     pub index: usize,
     pub metrics: Arc<Metrics>,
     pub extension: Option<Arc<dyn Extension>>,
+    /// The process's limits; None: this shard counts alone, from the config.
+    pub limits: Option<Arc<Limits>>,
 }
 
 /// Serves one shard on the current runtime until `shutdown` completes, then
@@ -92,6 +95,9 @@ pub async fn run(
         draining: Default::default(),
         tasks: TaskTracker::new(),
         extension: shard.extension,
+        limits: shard
+            .limits
+            .unwrap_or_else(|| Arc::new(Limits::new(cfg.limits.clone()))),
     });
     let cancel = CancellationToken::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<RunError>();
@@ -107,13 +113,15 @@ pub async fn run(
     }
     tokio::pin!(shutdown);
     let mut fatal = None;
+    let mut accept_errors = AcceptErrors::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => serve_connection(&app, &cancel, stream),
+                Ok((stream, peer)) => serve_connection(&app, &cancel, stream, peer.ip()),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and
+                    // say so once per burst rather than every 50 ms.
+                    accept_errors.note(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -151,15 +159,45 @@ pub async fn run(
     }
 }
 
-fn serve_connection(app: &Arc<App>, cancel: &CancellationToken, stream: TcpStream) {
+fn serve_connection(
+    app: &Arc<App>,
+    cancel: &CancellationToken,
+    stream: TcpStream,
+    peer: std::net::IpAddr,
+) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+    let permit = app.limits.connection();
     app.tasks.spawn(crate::http::conn::serve(
         app.clone(),
         stream,
         cancel.clone(),
+        crate::http::conn::Peer { ip: peer, permit },
     ));
+}
+
+/// Accept failures (EMFILE when the process is out of files) come in bursts:
+/// one warning per burst, with how many were suppressed.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warned: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    const QUIET: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, e: &std::io::Error) {
+        let now = tokio::time::Instant::now();
+        if self.last_warned.is_some_and(|at| now - at < Self::QUIET) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(error = %e, suppressed = self.suppressed, "accept failed; backing off");
+        self.last_warned = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 /// Connects to NATS, loads the stream's scope, starts the hub, then keeps

@@ -4,6 +4,7 @@
 //! frames -> live until the client leaves, its token expires, it is too
 //! slow, or the shard drains.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::Response;
@@ -19,24 +20,35 @@ use crate::nats::{History, HistoryError, ResumePlan};
 use crate::sse;
 use crate::subject;
 
-/// Most subjects one stream may ask for; each costs a topic lookup.
-const MAX_SUBJECTS: usize = 64;
-
 /// Opens a stream for `GET /events`.
 pub(crate) async fn open(
     app: &Arc<App>,
     headers: &HeaderMap,
     query: Option<&str>,
+    peer: IpAddr,
 ) -> Result<Response<SseBody>, ApiError> {
+    let ip = app.limits.client_ip(peer, headers);
+    app.limits.check_rate(ip).map_err(ApiError::Limited)?;
     let q = Query::parse(query.unwrap_or(""));
+    let query_token = q.token.as_deref().filter(|_| app.cfg.query_token);
     let token = bearer(headers)
-        .or(q.token.as_deref())
+        .or(query_token)
         .or_else(|| cookie(headers, "relay_token"))
-        .ok_or(ApiError::Auth(AuthError::Missing))?;
+        .ok_or(ApiError::Auth(if q.token.is_some() {
+            AuthError::QueryTokenOff
+        } else {
+            AuthError::Missing
+        }))?;
     let claims = app.verifier.verify(token).map_err(ApiError::Auth)?;
-    let patterns = requested_patterns(&claims, q.subjects)?;
+    let patterns = requested_patterns(&claims, q.subjects, app.cfg.max_subjects)?;
     let live = app.live()?;
     authorize(live, &claims, &patterns)?;
+    // Counted once the stream is known to be allowed; released when its
+    // body is dropped.
+    let permit = app
+        .limits
+        .admit(ip, claims.sub.as_deref().unwrap_or(token))
+        .map_err(ApiError::Limited)?;
     let resume = resume_point(live, headers, q.last_event_id.as_deref()).await?;
     let deadline = app.verifier.deadline(claims.exp);
     let joined = live
@@ -72,13 +84,17 @@ pub(crate) async fn open(
             joined.queue.clone(),
         ));
     }
-    let body = SseBody::stream(joined.queue, joined.id, live.hub.clone());
+    let body = SseBody::stream(joined.queue, joined.id, live.hub.clone(), permit);
     Ok(stream_response(body))
 }
 
 /// The subjects asked for (none: every pattern the token grants), checked
 /// for syntax, deduplicated.
-fn requested_patterns(claims: &Claims, asked: Vec<String>) -> Result<Vec<String>, ApiError> {
+fn requested_patterns(
+    claims: &Claims,
+    asked: Vec<String>,
+    max: usize,
+) -> Result<Vec<String>, ApiError> {
     let mut patterns = if asked.is_empty() {
         claims.subjects.clone()
     } else {
@@ -89,9 +105,9 @@ fn requested_patterns(claims: &Claims, asked: Vec<String>) -> Result<Vec<String>
             "no subject requested and the token grants none".into(),
         ));
     }
-    if patterns.len() > MAX_SUBJECTS {
+    if patterns.len() > max {
         return Err(ApiError::BadQuery(format!(
-            "at most {MAX_SUBJECTS} subjects per stream"
+            "at most {max} subjects per stream"
         )));
     }
     patterns.sort();

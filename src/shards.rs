@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Extension;
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::server::{RunError, Shard};
 
@@ -38,6 +39,7 @@ pub fn serve(
         source,
     })?;
     let metrics = Arc::new(Metrics::default());
+    let limits = Arc::new(Limits::new(cfg.limits.clone()));
     let mut shard_cfg = cfg;
     shard_cfg.replay_cache_bytes /= listeners.len() as u64;
     let mut threads = Vec::with_capacity(listeners.len());
@@ -46,6 +48,7 @@ pub fn serve(
             index,
             metrics: metrics.clone(),
             extension: extension.clone(),
+            limits: Some(limits.clone()),
         };
         let cfg = shard_cfg.clone();
         let stop = stop.clone();

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::{ClientId, ClientQueue};
+use crate::limits::StreamPermit;
 
 /// Called when a streaming body is dropped (the client went away or the
 /// stream ended), so the hub can forget the client.
@@ -32,6 +33,9 @@ enum BodyKind {
         client: ClientId,
         hub: Arc<dyn Departure>,
         done: bool,
+        /// The stream's place under the per-IP and per-token limits, given
+        /// back when the body is dropped.
+        _permit: Option<Box<StreamPermit>>,
     },
 }
 
@@ -49,13 +53,19 @@ impl SseBody {
         }
     }
 
-    pub fn stream(queue: Arc<ClientQueue>, client: ClientId, hub: Arc<dyn Departure>) -> Self {
+    pub(crate) fn stream(
+        queue: Arc<ClientQueue>,
+        client: ClientId,
+        hub: Arc<dyn Departure>,
+        permit: Option<Box<StreamPermit>>,
+    ) -> Self {
         SseBody {
             kind: BodyKind::Stream {
                 queue,
                 client,
                 hub,
                 done: false,
+                _permit: permit,
             },
         }
     }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::client::SseBody;
+use crate::limits::ConnectionPermit;
 
 /// Largest request head accepted (431 beyond).
 const MAX_HEAD: usize = 16 * 1024;
@@ -41,17 +42,41 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// answered.
 const BODY_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Who is on the other end, and its place under `--max-connections`.
+pub(crate) struct Peer {
+    pub(crate) ip: std::net::IpAddr,
+    pub(crate) permit: ConnectionPermit,
+}
+
+/// What routing learns about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: std::net::IpAddr,
+    /// The process was at `--max-connections` when this one arrived.
+    pub(crate) over_capacity: bool,
+}
+
 /// Serves one connection until it closes, the peer goes, or shutdown.
-pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: CancellationToken) {
+pub(crate) async fn serve(
+    app: Arc<App>,
+    mut stream: TcpStream,
+    cancel: CancellationToken,
+    peer: Peer,
+) {
+    let info = ConnInfo {
+        peer: peer.ip,
+        over_capacity: peer.permit.over_capacity,
+    };
     let mut pending: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
         // Boxed, like routing below: the timers and parser state of this
         // phase would otherwise size the task for the stream's whole life.
-        let head = match Box::pin(next_head(&mut stream, &mut pending, first, &cancel)).await {
+        let mut head = match Box::pin(next_head(&mut stream, &mut pending, first, &cancel)).await {
             Some(head) => head,
             None => return,
         };
+        head.req.extensions_mut().insert(info);
         first = false;
         let mut keep_alive = head.keep_alive;
         if head.has_body && !super::routes::takes_body(&app, head.req.uri().path()) {
@@ -72,8 +97,9 @@ pub(crate) async fn serve(app: Arc<App>, mut stream: TcpStream, cancel: Cancella
                 pre: Bytes::from(std::mem::take(&mut pending)),
                 inner: stream,
             };
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |mut req: Request<_>| {
                 let app = app.clone();
+                req.extensions_mut().insert(info);
                 async move { Ok::<_, std::convert::Infallible>(super::handle(app, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -163,7 +189,7 @@ fn bad_request(status: u16, code: &str, message: &str) -> Vec<u8> {
         "Bad Request"
     };
     format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nx-content-type-options: nosniff\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -523,6 +549,7 @@ mod tests {
             unreachable!()
         };
         let cfg = Config::from_args(*args).unwrap();
+        let cfg_limits = cfg.limits.clone();
         let verifier = crate::auth::Verifier::new(&cfg.key, None, None, Duration::ZERO).unwrap();
         let app = Arc::new(App {
             cfg: Arc::new(cfg),
@@ -533,12 +560,17 @@ mod tests {
             draining: Default::default(),
             tasks: Default::default(),
             extension: None,
+            limits: Arc::new(crate::limits::Limits::new(cfg_limits)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let size = std::mem::size_of_val(&serve(app, stream, CancellationToken::new()));
+        let peer = Peer {
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            permit: app.limits.connection(),
+        };
+        let size = std::mem::size_of_val(&serve(app, stream, CancellationToken::new(), peer));
         println!(
             "connection future: {size} bytes; client queue: {} bytes",
             std::mem::size_of::<crate::client::ClientQueue>()

@@ -8,6 +8,7 @@ use hyper::{Response, StatusCode};
 
 use crate::auth::AuthError;
 use crate::client::SseBody;
+use crate::limits::Refused;
 use crate::metrics::{Metrics, Reason};
 use crate::sse;
 use crate::subject::SubjectError;
@@ -27,6 +28,10 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// NATS away, starting up, or draining: come back soon.
     Unavailable(&'static str),
+    /// The process holds `--max-connections`: try another machine.
+    AtCapacity,
+    /// A per-client limit (429): come back later.
+    Limited(Refused),
 }
 
 impl ApiError {
@@ -41,7 +46,8 @@ impl ApiError {
             | ApiError::BadLastEventId(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -57,6 +63,8 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::AtCapacity => "at_capacity",
+            ApiError::Limited(_) => "rate_limited",
         }
     }
 
@@ -72,6 +80,8 @@ impl ApiError {
             ApiError::NotFound => "no such endpoint".into(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::Unavailable(why) => format!("{why}; retry shortly"),
+            ApiError::AtCapacity => "the relay is at its connection limit; retry shortly".into(),
+            ApiError::Limited(r) => format!("{}; retry later", r.as_str()),
         }
     }
 
@@ -89,17 +99,25 @@ impl ApiError {
                 reason: self.code(),
             })
             .inc();
-        if let ApiError::Unavailable(why) = &self {
-            tracing::info!(reason = why, "transient refusal");
+        if self.is_transient() {
+            let why = self.message();
+            tracing::info!(reason = self.code(), "transient refusal");
             if wants_stream {
                 // EventSource gives up for good on any non-200; a 200 that
-                // ends at once with a retry hint makes it come back instead.
-                return stream_response(SseBody::full(sse::encode_refusal(why, retry_ms)));
+                // ends at once with a retry hint makes it come back instead,
+                // after a jittered delay so refused browsers do not return
+                // in step.
+                let retry = jittered(retry_ms);
+                return stream_response(SseBody::full(sse::encode_refusal(&why, retry)));
             }
         } else {
+            // Every client-supplied string in a message is already
+            // Debug-escaped ({:?}), so control characters cannot reach the
+            // log raw; no message ever holds a token.
             tracing::info!(
                 status = self.status().as_u16(),
                 error = self.code(),
+                message = %self.message(),
                 "refused"
             );
         }
@@ -122,7 +140,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::AtCapacity | ApiError::Limited(_) => {
                 let secs = retry_ms.div_ceil(1000).max(1);
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
@@ -132,6 +150,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Refusals a client should retry (not its fault, or only for now).
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::AtCapacity | ApiError::Limited(_)
+        )
+    }
+}
+
+/// `ms` plus up to half again, at random.
+fn jittered(ms: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let r = RandomState::new().hash_one(std::time::SystemTime::now());
+    ms + r % (ms / 2 + 1)
+}
+
 pub(crate) fn stream_response(body: SseBody) -> Response<SseBody> {
     let mut res = Response::new(body);
     let h = res.headers_mut();
@@ -139,7 +174,8 @@ pub(crate) fn stream_response(body: SseBody) -> Response<SseBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Streams carry private data: no intermediary may keep a copy.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
 }

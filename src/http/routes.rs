@@ -45,6 +45,10 @@ where
         }
     };
     cors::apply(&app.cfg.cors, origin.as_ref(), res.headers_mut());
+    res.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     res
 }
 
@@ -55,7 +59,14 @@ where
 {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match req.uri().path() {
-        "/events" if get => crate::session::open(app, req.headers(), req.uri().query()).await,
+        "/events" if get => {
+            let conn = req.extensions().get::<super::conn::ConnInfo>().copied();
+            if conn.is_some_and(|c| c.over_capacity) {
+                return Err(ApiError::AtCapacity);
+            }
+            let peer = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.peer);
+            crate::session::open(app, req.headers(), req.uri().query(), peer).await
+        }
         "/healthz" if get => Ok(text(StatusCode::OK, "ok\n")),
         "/readyz" if get => Ok(if app.is_ready() {
             text(StatusCode::OK, "ready\n")

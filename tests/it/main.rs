@@ -13,6 +13,8 @@ mod errors;
 mod failover;
 mod harness;
 mod lifecycle;
+mod limits;
 mod resume;
+mod security;
 mod shards;
 mod stream;

@@ -25,8 +25,8 @@ async fn stream_has_sse_headers_and_starts_with_retry() {
             );
             assert!(
                 c.header("cache-control")
-                    .is_some_and(|v| v.contains("no-cache")),
-                "Cache-Control should be no-cache, got {:?}",
+                    .is_some_and(|v| v.contains("no-store")),
+                "Cache-Control should be no-store (private data), got {:?}",
                 c.header("cache-control")
             );
             assert_eq!(
@@ -34,6 +34,7 @@ async fn stream_has_sse_headers_and_starts_with_retry() {
                 Some("no"),
                 "X-Accel-Buffering should be `no`"
             );
+            assert_eq!(c.header("x-content-type-options"), Some("nosniff"));
 
             let first = c.next_event(WAIT).await.expect("a first block");
             assert_eq!(

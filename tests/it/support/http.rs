@@ -151,6 +151,11 @@ pub fn assert_json_error(resp: &Response, status: u16, what: &str) {
         ct.to_ascii_lowercase().starts_with("application/json"),
         "{what}: expected Content-Type application/json, got {ct:?}"
     );
+    assert_eq!(
+        resp.header("x-content-type-options"),
+        Some("nosniff"),
+        "{what}: every answer carries X-Content-Type-Options: nosniff"
+    );
     let v: Value = serde_json::from_str(&resp.body)
         .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {:?}", resp.body));
     for field in ["error", "message"] {

@@ -58,3 +58,20 @@ pub fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
+
+/// An HS256 token over a raw header JSON (e.g. one with a `crit` member no
+/// JWT library would write), signed correctly with `secret`.
+pub fn sign_with_header(secret: &str, header: &Value, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        signing_input.as_bytes(),
+        &EncodingKey::from_secret(secret.as_bytes()),
+        Algorithm::HS256,
+    )
+    .expect("sign");
+    format!("{signing_input}.{signature}")
+}
