@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct Claims {
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
-    /// Who the token was issued to; used only in logs.
+    /// Who the token was issued to: logs and the per-token stream limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
     /// NATS subject patterns this token may read.

@@ -17,6 +17,7 @@
 //! - [`sse`]     the SSE wire format
 //! - [`metrics`] Prometheus names
 //! - [`dev`]     `sse-relay dev`: child nats-server, demo page
+//! - `fuzzing`   entry points of the fuzz targets in `fuzz/` (and their property tests)
 //!
 //! # Data flow
 //!
@@ -37,6 +38,8 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod hub;
 pub mod limits;

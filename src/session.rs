@@ -224,6 +224,24 @@ async fn replay(
     Ok(n)
 }
 
+/// Parses a query as `/events` does, with `grants` as the token's subjects:
+/// the patterns it would subscribe to, or the refusal. For the fuzz targets.
+pub(crate) fn patterns_for_query(query: &str, grants: &[String]) -> Result<Vec<String>, String> {
+    let q = Query::parse(query);
+    let claims = Claims {
+        exp: 0,
+        sub: None,
+        subjects: grants.to_vec(),
+    };
+    let patterns = requested_patterns(&claims, q.subjects, 32).map_err(|e| format!("{e:?}"))?;
+    for p in &patterns {
+        if !claims.subjects.iter().any(|g| subject::contains(g, p)) {
+            return Err(format!("{p:?} not granted"));
+        }
+    }
+    Ok(patterns)
+}
+
 /// The `/events` query string.
 #[derive(Debug, Default)]
 struct Query {

@@ -216,24 +216,11 @@ async fn read_head(
     pending: &mut Vec<u8>,
 ) -> Result<Option<Head>, HeadError> {
     loop {
-        if !pending.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut parsed = httparse::Request::new(&mut headers);
-            match parsed.parse(pending) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let head = build(&parsed)?;
-                    if !head.has_body {
-                        pending.drain(..len);
-                    }
-                    return Ok(Some(head));
-                }
-                Ok(httparse::Status::Partial) if pending.len() >= MAX_HEAD => {
-                    return Err(HeadError::TooLarge);
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-                Err(_) => return Err(HeadError::Malformed(why_malformed(pending))),
+        if let Some((head, len)) = parse_head(pending)? {
+            if !head.has_body {
+                pending.drain(..len);
             }
+            return Ok(Some(head));
         }
         if pending.capacity() - pending.len() < 512 {
             pending.reserve(1024);
@@ -243,6 +230,48 @@ async fn read_head(
             Ok(_) => {}
             Err(_) => return Err(HeadError::Io),
         }
+    }
+}
+
+/// Parses a complete head at the start of `buf` and its length; None while
+/// it is incomplete (and under [`MAX_HEAD`]).
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some((build(&parsed)?, len))),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Malformed(why_malformed(buf))),
+    }
+}
+
+/// What the HTTP head parser made of some bytes (for the fuzz targets).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeadOutcome {
+    /// A head `len` bytes long; its body follows when `has_body`.
+    Complete {
+        len: usize,
+        has_body: bool,
+        keep_alive: bool,
+    },
+    Incomplete,
+    Refused,
+}
+
+pub(crate) fn head_outcome(buf: &[u8]) -> HeadOutcome {
+    match parse_head(buf) {
+        Ok(Some((head, len))) => HeadOutcome::Complete {
+            len,
+            has_body: head.has_body,
+            keep_alive: head.keep_alive,
+        },
+        Ok(None) => HeadOutcome::Incomplete,
+        Err(_) => HeadOutcome::Refused,
     }
 }
 
@@ -538,8 +567,8 @@ mod tests {
     /// The connection task lives as long as its stream: its size is most of
     /// an idle connection's memory (BENCHMARKS.md). Routing and the head
     /// phase are boxed to keep it small; this catches a regression.
-    #[tokio::test]
-    async fn connection_task_stays_small() {
+    /// A shard's state without NATS: enough for health checks and refusals.
+    fn app() -> Arc<App> {
         use crate::config::{Cli, Command, Config};
         use clap::Parser;
         let Command::Serve(args) = Cli::try_parse_from(["sse-relay", "serve", "--jwt-secret", "s"])
@@ -551,7 +580,7 @@ mod tests {
         let cfg = Config::from_args(*args).unwrap();
         let cfg_limits = cfg.limits.clone();
         let verifier = crate::auth::Verifier::new(&cfg.key, None, None, Duration::ZERO).unwrap();
-        let app = Arc::new(App {
+        Arc::new(App {
             cfg: Arc::new(cfg),
             verifier,
             metrics: Default::default(),
@@ -561,16 +590,90 @@ mod tests {
             tasks: Default::default(),
             extension: None,
             limits: Arc::new(crate::limits::Limits::new(cfg_limits)),
-        });
+        })
+    }
+
+    /// A served connection and the client's end of it.
+    async fn connection(app: &Arc<App>) -> (TcpStream, impl Future<Output = ()> + use<>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap())
+        let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
         let peer = Peer {
             ip: std::net::IpAddr::from([127, 0, 0, 1]),
             permit: app.limits.connection(),
         };
-        let size = std::mem::size_of_val(&serve(app, stream, CancellationToken::new(), peer));
+        (
+            client,
+            serve(app.clone(), server, CancellationToken::new(), peer),
+        )
+    }
+
+    /// Reads until the server closes; the paused clock's reading then.
+    async fn closed_at(client: &mut TcpStream) -> tokio::time::Instant {
+        let mut buf = [0u8; 1024];
+        while client.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        tokio::time::Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_is_closed_after_the_head_timeout() {
+        let app = app();
+        let (mut client, conn) = connection(&app).await;
+        tokio::spawn(conn);
+        let start = tokio::time::Instant::now();
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let at = closed_at(&mut client).await;
+        assert_eq!(at - start, HEAD_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_idles_then_each_head_has_its_own_timeout() {
+        let app = app();
+        let (mut client, conn) = connection(&app).await;
+        tokio::spawn(conn);
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Idle for almost the keep-alive timeout, then a slow second head.
+        tokio::time::sleep(KEEP_ALIVE_TIMEOUT - Duration::from_secs(1)).await;
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let first_byte = tokio::time::Instant::now();
+        let at = closed_at(&mut client).await;
+        assert_eq!(
+            at - first_byte,
+            HEAD_TIMEOUT,
+            "the head timeout counts from its first byte"
+        );
+
+        let (mut idle, conn) = connection(&app).await;
+        tokio::spawn(conn);
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let answered = tokio::time::Instant::now();
+        let at = closed_at(&mut idle).await;
+        assert_eq!(at - answered, KEEP_ALIVE_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn connection_task_stays_small() {
+        let app = app();
+        let (_client, conn) = connection(&app).await;
+        let size = std::mem::size_of_val(&conn);
         println!(
             "connection future: {size} bytes; client queue: {} bytes",
             std::mem::size_of::<crate::client::ClientQueue>()
@@ -580,11 +683,10 @@ mod tests {
 
     /// Parses a whole request head as the loop does.
     fn head(raw: &str) -> Result<Head, HeadError> {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(raw.as_bytes()) {
-            Ok(httparse::Status::Complete(_)) => build(&parsed),
-            _ => Err(HeadError::Malformed(why_malformed(raw.as_bytes()))),
+        match parse_head(raw.as_bytes()) {
+            Ok(Some((head, _))) => Ok(head),
+            Ok(None) => panic!("incomplete: {raw:?}"),
+            Err(e) => Err(e),
         }
     }
 
