@@ -2,9 +2,8 @@
 //! child processes, an HTTP and an SSE client, token signing, `/metrics`
 //! reading, and the bounded waits every test is built from.
 //!
-//! - `nats`: one nats-server, the `EVENTS` stream, JetStream publishing.
-//! - `nats_process`: one nats-server child process and the wait until it
-//!   serves.
+//! - `nats`: one nats-server (the library's `dev::NatsServer` with its
+//!   monitoring port), the `EVENTS` stream, JetStream publishing.
 //! - `cluster`: a JetStream cluster of nats-server processes on loopback.
 //! - `relay`: the relay binary as a child process.
 //! - `http`: one-shot requests (hyper's client) and error-body assertions.
@@ -22,7 +21,6 @@ mod cluster;
 mod http;
 mod metrics;
 mod nats;
-mod nats_process;
 mod reader;
 mod relay;
 mod sse;
@@ -32,7 +30,6 @@ pub use cluster::*;
 pub use http::*;
 pub use metrics::*;
 pub use nats::*;
-pub use nats_process::*;
 pub use reader::*;
 pub use relay::*;
 pub use sse::*;
