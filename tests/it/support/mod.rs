@@ -1,11 +1,14 @@
 //! What the integration tests share: real `nats-server` and `sse-relay`
-//! child processes, an HTTP and an SSE client, token signing, `/metrics`
-//! reading, and the bounded waits every test is built from.
+//! child processes, the relay in this process, an HTTP and an SSE client,
+//! token signing, `/metrics` reading, and the bounded waits every test is
+//! built from.
 //!
 //! - `nats`: one nats-server (the library's `dev::NatsServer` with its
 //!   monitoring port), the `EVENTS` stream, JetStream publishing.
 //! - `cluster`: a JetStream cluster of nats-server processes on loopback.
-//! - `relay`: the relay binary as a child process.
+//! - `relay`: the relay binary as a child process, and the requests tests
+//!   make to any relay.
+//! - `in_process`: the relay as one shard on a thread of the test process.
 //! - `http`: one-shot requests (hyper's client) and error-body assertions.
 //! - `sse`: the `text/event-stream` parser and a streaming client.
 //! - `reader`: the one client that resumes by `Last-Event-ID` until it has
@@ -19,6 +22,7 @@
 
 mod cluster;
 mod http;
+mod in_process;
 mod metrics;
 mod nats;
 mod reader;
@@ -28,6 +32,7 @@ mod tokens;
 
 pub use cluster::*;
 pub use http::*;
+pub use in_process::*;
 pub use metrics::*;
 pub use nats::*;
 pub use reader::*;
