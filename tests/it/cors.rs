@@ -6,14 +6,13 @@ const APP: &str = "https://app.example";
 const OTHER: &str = "https://other.example";
 const EVIL: &str = "https://evil.example";
 
-async fn listed_relay(nats: &NatsServer) -> Relay {
-    Relay::start(
+async fn listed_relay(nats: &NatsServer) -> InProcessRelay {
+    InProcessRelay::start(
         &nats.url(),
         &[
             "--cors-origins",
             "https://app.example,https://other.example",
         ],
-        &[],
     )
     .await
 }
@@ -146,7 +145,7 @@ async fn wildcard_origins_allow_any_without_credentials() {
         "wildcard_origins_allow_any_without_credentials",
         async {
             let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &["--cors-origins", "*"], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &["--cors-origins", "*"]).await;
             let tok = token(SECRET, &["events.orders.*"], 300);
             let auth = bearer(&tok);
 

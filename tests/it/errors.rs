@@ -4,9 +4,9 @@ use crate::support::*;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 
-async fn setup() -> (NatsServer, Relay) {
+async fn setup() -> (NatsServer, InProcessRelay) {
     let nats = NatsServer::start().await;
-    let relay = Relay::start(&nats.url(), &[], &[]).await;
+    let relay = InProcessRelay::start(&nats.url(), &[]).await;
     (nats, relay)
 }
 

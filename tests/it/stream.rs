@@ -14,7 +14,7 @@ async fn stream_has_sse_headers_and_starts_with_retry() {
         "stream_has_sse_headers_and_starts_with_retry",
         async {
             let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &[]).await;
             let tok = token(SECRET, &["events.orders.>"], 300);
             let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
@@ -55,7 +55,7 @@ async fn stream_has_sse_headers_and_starts_with_retry() {
 async fn retry_ms_flag_sets_retry_field() {
     within(TEST_LIMIT, "retry_ms_flag_sets_retry_field", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &["--retry-ms", "3500"], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &["--retry-ms", "3500"]).await;
         let tok = token(SECRET, &["events.x.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.x.>"]).await;
         let first = c.next_event(WAIT).await.expect("a first block");
@@ -71,7 +71,7 @@ async fn core_publish_is_delivered_with_stream_sequence_id() {
         "core_publish_is_delivered_with_stream_sequence_id",
         async {
             let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &[]).await;
             let tok = token(SECRET, &["events.orders.>"], 300);
             let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
@@ -104,7 +104,7 @@ async fn jetstream_publish_id_equals_ack_sequence() {
         "jetstream_publish_id_equals_ack_sequence",
         async {
             let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &[]).await;
             let tok = token(SECRET, &["events.orders.>"], 300);
             let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
@@ -137,7 +137,7 @@ async fn jetstream_publish_id_equals_ack_sequence() {
 async fn sse_event_header_sets_event_field() {
     within(TEST_LIMIT, "sse_event_header_sets_event_field", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.orders.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.orders.>"]).await;
 
@@ -174,7 +174,7 @@ async fn sse_event_header_sets_event_field() {
 async fn multi_line_payloads_round_trip() {
     within(TEST_LIMIT, "multi_line_payloads_round_trip", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.text.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.text.>"]).await;
 
@@ -225,7 +225,7 @@ async fn arbitrary_payloads_round_trip() {
 
     within(TEST_LIMIT, "arbitrary_payloads_round_trip", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.prop.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.prop.>"]).await;
         nats.publish_core(payloads.iter().map(|p| ("events.prop.x", p.clone())))
@@ -251,7 +251,7 @@ async fn arbitrary_payloads_round_trip() {
 async fn subject_param_filters_delivery() {
     within(TEST_LIMIT, "subject_param_filters_delivery", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.>"], 300);
         let auth = bearer(&tok);
         let mut clients = Vec::new();
@@ -292,7 +292,7 @@ async fn no_subject_param_streams_all_token_subjects() {
         "no_subject_param_streams_all_token_subjects",
         async {
             let nats = NatsServer::start().await;
-            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &[]).await;
             let tok = token(SECRET, &["events.x.>", "events.y.*"], 300);
             let auth = bearer(&tok);
             let mut c =
@@ -320,7 +320,7 @@ async fn no_subject_param_streams_all_token_subjects() {
 async fn query_token_authorizes() {
     within(TEST_LIMIT, "query_token_authorizes", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.q.>"], 300);
         let path = with_query("/events", &[("subject", "events.q.>"), ("token", &tok)]);
         let mut c = SseClient::connect(relay.addr(), &path, &[]).await;
@@ -336,7 +336,7 @@ async fn query_token_authorizes() {
 async fn cookie_token_authorizes() {
     within(TEST_LIMIT, "cookie_token_authorizes", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let tok = token(SECRET, &["events.c.>"], 300);
         let cookie = format!("theme=dark; relay_token={tok}; other=1");
         let mut c = SseClient::connect(
@@ -357,7 +357,7 @@ async fn cookie_token_authorizes() {
 async fn bearer_header_wins_over_query_token() {
     within(TEST_LIMIT, "bearer_header_wins_over_query_token", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &[], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
         let good_a = token(SECRET, &["events.a.>"], 300);
         let good_b = token(SECRET, &["events.b.>"], 300);
         let bad = token("some-other-secret-entirely-000000", &["events.a.>"], 300);
@@ -389,7 +389,7 @@ async fn bearer_header_wins_over_query_token() {
 async fn heartbeat_comments_on_idle_stream() {
     within(TEST_LIMIT, "heartbeat_comments_on_idle_stream", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &["--heartbeat", "1"]).await;
         let tok = token(SECRET, &["events.idle.>"], 300);
         let mut c = relay.open_stream(&nats, &tok, &["events.idle.>"]).await;
         assert!(
@@ -407,7 +407,7 @@ async fn heartbeat_comments_on_idle_stream() {
 async fn token_expiry_mid_stream_sends_expired_event_then_ends() {
     within(TEST_LIMIT, "token_expiry_mid_stream_sends_expired_event_then_ends", async {
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &["--jwt-leeway", "0"], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &["--jwt-leeway", "0"]).await;
         // now + 2 s, rounded up to whole seconds (exp has 1 s resolution).
         let exp = (now_secs_f64() + 2.0).ceil() as i64;
         let tok = token_with_claims(serde_json::json!({
@@ -449,7 +449,7 @@ async fn one_subscription_shared_by_twenty_clients() {
         async {
             let nats = NatsServer::start().await;
             // Short heartbeat so closed connections are noticed on write.
-            let relay = Relay::start(&nats.url(), &["--heartbeat", "1"], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &["--heartbeat", "1"]).await;
             let tok = token(SECRET, &["events.shared.>"], 300);
             let mut clients = Vec::new();
             for _ in 0..20 {
@@ -508,7 +508,7 @@ async fn interleaved_subjects_keep_order_and_increasing_ids() {
             // The burst is published with no pacing; a queue smaller than the
             // burst would make this a test of the test client's scheduling
             // (slow clients are covered by the slow-client test).
-            let relay = Relay::start(&nats.url(), &["--client-queue", "8192"], &[]).await;
+            let relay = InProcessRelay::start(&nats.url(), &["--client-queue", "8192"]).await;
             let tok = token(SECRET, &["events.>"], 300);
             let two = relay
                 .open_stream(&nats, &tok, &["events.a.*", "events.b.*"])
@@ -557,7 +557,7 @@ async fn slow_client_is_dropped_fast_client_gets_everything() {
     within(TEST_LIMIT, "slow_client_is_dropped_fast_client_gets_everything", async {
         const N: usize = 3000;
         let nats = NatsServer::start().await;
-        let relay = Relay::start(&nats.url(), &["--client-queue", "16"], &[]).await;
+        let relay = InProcessRelay::start(&nats.url(), &["--client-queue", "16"]).await;
         let tok = token(SECRET, &["events.load.>"], 300);
         let path = events_path(&["events.load.>"]);
         let auth = bearer(&tok);

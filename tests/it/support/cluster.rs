@@ -1,53 +1,56 @@
 //! A JetStream cluster of nats-server processes on loopback, built from
-//! the `nats/cluster/n1.conf` template with free ports and temporary
-//! stores: start it, kill nodes, find the stream leader and move
-//! it, find the node a client is connected to.
+//! the `nats/cluster/n1.conf` template: start it, kill nodes, find the
+//! stream leader and move it, find the node a client is connected to.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::{NatsProcess, free_port, poll_until, tail, try_request};
+use sse_relay::dev::{self, NatsServerOptions};
+
+use super::{free_port, monitor_addr, poll_until, start_node, tail, try_request, wait_healthy};
 
 /// One node of a [`NatsCluster`].
 pub struct ClusterNode {
     /// `server_name` (`n1`, `n2`, ...).
     pub name: String,
-    process: NatsProcess,
+    server: dev::NatsServer,
 }
 
 impl ClusterNode {
     pub fn url(&self) -> String {
-        self.process.url()
+        self.server.url()
     }
 
     pub fn monitor_addr(&self) -> String {
-        self.process.monitor_addr()
+        monitor_addr(&self.server)
     }
 
+    /// False once the node has been killed.
     pub fn is_running(&self) -> bool {
-        self.process.is_running()
+        self.server.pid().is_some()
     }
 
     pub fn log(&self) -> String {
-        self.process.log()
+        self.server.log()
     }
 
     /// Waits until the node's JetStream is enabled and healthy.
-    async fn wait_healthy(&mut self) -> Result<(), String> {
+    async fn wait_healthy(&self) -> Result<(), String> {
         let health = "/healthz?js-enabled-only=true";
-        self.process
-            .wait_healthy(health, Duration::from_secs(15))
-            .await
+        wait_healthy(&self.server, health, Duration::from_secs(15)).await
     }
 }
 
 /// A JetStream cluster of nats-server processes on loopback, configured
-/// from `nats/cluster/n1.conf` with free ports and temporary store dirs.
+/// from `nats/cluster/n1.conf`. Each node picks its client and monitoring
+/// ports and keeps its store and log in a directory of its own
+/// ([`dev::NatsServer`]); the cluster ports are chosen up front, since
+/// every node's config lists them all as routes.
 pub struct NatsCluster {
     pub nodes: Vec<ClusterNode>,
-    /// Configs, logs and stores of every node; removed on drop.
+    /// The nodes' configs; removed on drop.
     _dir: TempDir,
 }
 
@@ -62,38 +65,29 @@ impl NatsCluster {
         let template = std::fs::read_to_string(&template_path)
             .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let routes: Vec<String> = ports
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
             .iter()
-            .map(|(_, _, cluster_port)| format!("    nats://127.0.0.1:{cluster_port}"))
+            .map(|port| format!("    nats://127.0.0.1:{port}"))
             .collect();
         let mut nodes = Vec::with_capacity(n);
-        for (i, (port, monitor_port, cluster_port)) in ports.into_iter().enumerate() {
+        for (i, cluster_port) in cluster_ports.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let store = dir.path().join(&name);
-            let conf = cluster_conf_from_template(
-                &template,
-                &name,
-                port,
-                monitor_port,
-                cluster_port,
-                &store.to_string_lossy(),
-                &routes.join("\n"),
-            );
+            let conf =
+                cluster_conf_from_template(&template, &name, cluster_port, &routes.join("\n"));
             let conf_path = dir.path().join(format!("{name}.conf"));
             std::fs::write(&conf_path, conf).expect("write node config");
-            let args = vec!["-c".into(), conf_path.into()];
-            let log = dir.path().join(format!("{name}.log"));
-            let mut process = NatsProcess::new(&name, port, monitor_port, args, log);
-            process.spawn().unwrap_or_else(|e| panic!("{e}"));
-            nodes.push(ClusterNode { name, process });
+            let server = start_node(NatsServerOptions {
+                args: vec!["-c".into(), conf_path.to_string_lossy().into_owned()],
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("cluster node {name} did not start: {e}"));
+            nodes.push(ClusterNode { name, server });
         }
-        let mut c = NatsCluster { nodes, _dir: dir };
-        for node in c.nodes.iter_mut() {
+        let c = NatsCluster { nodes, _dir: dir };
+        for node in &c.nodes {
             if let Err(e) = node.wait_healthy().await {
-                panic!("cluster node did not start: {e}");
+                panic!("cluster node {} did not start: {e}", node.name);
             }
         }
         c.wait_meta_leader(Duration::from_secs(20)).await;
@@ -330,7 +324,7 @@ impl NatsCluster {
 
     /// SIGKILLs node `i`.
     pub fn kill(&mut self, i: usize) {
-        self.nodes[i].process.kill();
+        self.nodes[i].server.stop();
     }
 
     /// Every node's log tail, for failure messages.
@@ -345,9 +339,6 @@ impl NatsCluster {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
-        for n in self.nodes.iter_mut() {
-            n.process.kill();
-        }
         if std::thread::panicking() {
             eprintln!("--- nats cluster logs (tail) ---\n{}", self.logs());
         }
@@ -369,15 +360,15 @@ async fn stream_leader_name(js: &async_nats::jetstream::Context, stream: &str) -
 }
 
 /// Turns the `nats/cluster/n1.conf` template into node `name`'s config:
-/// comments dropped, ports, store dir and routes replaced. Panics if the
-/// template no longer has the lines it is based on.
+/// comments dropped, name, cluster port and routes replaced. The client
+/// and monitoring ports and the store dir are dropped: [`dev::NatsServer`]
+/// sets them on the command line (a `store_dir` in the file as well would
+/// be refused as a duplicate). Panics if the template no longer has the
+/// lines it is based on.
 fn cluster_conf_from_template(
     template: &str,
     name: &str,
-    port: u16,
-    monitor_port: u16,
     cluster_port: u16,
-    store: &str,
     routes: &str,
 ) -> String {
     let mut conf: String = template
@@ -397,25 +388,17 @@ fn cluster_conf_from_template(
         "server_name: n1",
         &format!("server_name: {name}"),
     );
+    replace(&mut conf, "listen: 127.0.0.1:4222\n", "");
+    replace(&mut conf, "http: 127.0.0.1:8222\n", "");
     replace(
         &mut conf,
-        "listen: 127.0.0.1:4222",
-        &format!("listen: 127.0.0.1:{port}"),
-    );
-    replace(
-        &mut conf,
-        "http: 127.0.0.1:8222",
-        &format!("http: 127.0.0.1:{monitor_port}"),
+        "jetstream {\n  store_dir: \"/tmp/nats-cluster/n1\"\n}\n",
+        "",
     );
     replace(
         &mut conf,
         "listen: 127.0.0.1:6222",
         &format!("listen: 127.0.0.1:{cluster_port}"),
-    );
-    replace(
-        &mut conf,
-        "\"/tmp/nats-cluster/n1\"",
-        &format!("{:?}", store),
     );
     let start = conf
         .find("routes: [")

@@ -1,12 +1,14 @@
 //! What the integration tests share: real `nats-server` and `sse-relay`
-//! child processes, an HTTP and an SSE client, token signing, `/metrics`
-//! reading, and the bounded waits every test is built from.
+//! child processes, the relay in this process, an HTTP and an SSE client,
+//! token signing, `/metrics` reading, and the bounded waits every test is
+//! built from.
 //!
-//! - `nats`: one nats-server, the `EVENTS` stream, JetStream publishing.
-//! - `nats_process`: one nats-server child process and the wait until it
-//!   serves.
+//! - `nats`: one nats-server (the library's `dev::NatsServer` with its
+//!   monitoring port), the `EVENTS` stream, JetStream publishing.
 //! - `cluster`: a JetStream cluster of nats-server processes on loopback.
-//! - `relay`: the relay binary as a child process.
+//! - `relay`: the relay binary as a child process, and the requests tests
+//!   make to any relay.
+//! - `in_process`: the relay as one shard on a thread of the test process.
 //! - `http`: one-shot requests (hyper's client) and error-body assertions.
 //! - `sse`: the `text/event-stream` parser and a streaming client.
 //! - `reader`: the one client that resumes by `Last-Event-ID` until it has
@@ -20,9 +22,9 @@
 
 mod cluster;
 mod http;
+mod in_process;
 mod metrics;
 mod nats;
-mod nats_process;
 mod reader;
 mod relay;
 mod sse;
@@ -30,9 +32,9 @@ mod tokens;
 
 pub use cluster::*;
 pub use http::*;
+pub use in_process::*;
 pub use metrics::*;
 pub use nats::*;
-pub use nats_process::*;
 pub use reader::*;
 pub use relay::*;
 pub use sse::*;

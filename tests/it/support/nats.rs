@@ -4,78 +4,64 @@
 
 use std::time::Duration;
 
-use tempfile::TempDir;
+use sse_relay::dev::{self, NatsServerOptions};
 
-use super::{NatsProcess, POLL, free_port, http_get};
+use super::{POLL, http_get, tail, try_request};
 
 /// Bound for a nats-server to start serving.
 const START_LIMIT: Duration = Duration::from_secs(10);
 
-/// A nats-server with JetStream on, its own ports and store dir.
+/// A nats-server with JetStream on, on ports it picked itself, with its own
+/// store dir; killed and removed on drop.
 pub struct NatsServer {
-    process: NatsProcess,
-    /// The store and the log; removed on drop.
-    _dir: TempDir,
+    server: dev::NatsServer,
 }
 
 impl NatsServer {
-    /// Starts on fresh ports and waits (10 s) until it accepts TCP and
-    /// `/healthz` answers 200. Retries on fresh ports if the child dies
-    /// (e.g. a port race).
+    /// Starts on ports the server picks and waits (10 s) until `/healthz`
+    /// answers 200.
     pub async fn start() -> NatsServer {
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            match Self::start_on_ports(free_port(), free_port()).await {
-                Ok(s) => return s,
-                Err(e) => last_err = e,
-            }
-        }
-        panic!("nats-server did not start: {last_err}");
+        Self::start_with(NatsServerOptions::default()).await
     }
 
     /// Starts on the given client port (e.g. one a relay already dials).
     pub async fn start_on(port: u16) -> NatsServer {
-        Self::start_on_ports(port, free_port())
-            .await
-            .unwrap_or_else(|e| panic!("nats-server did not start on port {port}: {e}"))
+        Self::start_with(NatsServerOptions {
+            port: Some(port),
+            ..Default::default()
+        })
+        .await
     }
 
-    async fn start_on_ports(port: u16, monitor_port: u16) -> Result<NatsServer, String> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let args = [
-            "-js".into(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string().into(),
-            "-m".into(),
-            monitor_port.to_string().into(),
-            "-sd".into(),
-            dir.path().join("jetstream").into(),
-        ];
-        let log = dir.path().join("nats-server.log");
-        let mut process = NatsProcess::new("nats-server", port, monitor_port, args.into(), log);
-        process.start("/healthz", START_LIMIT).await?;
-        Ok(NatsServer { process, _dir: dir })
+    async fn start_with(opts: NatsServerOptions) -> NatsServer {
+        let server = start_node(opts).unwrap_or_else(|e| panic!("nats-server did not start: {e}"));
+        if let Err(e) = wait_healthy(&server, "/healthz", START_LIMIT).await {
+            panic!("nats-server did not start: {e}");
+        }
+        NatsServer { server }
     }
 
     pub fn url(&self) -> String {
-        self.process.url()
+        self.server.url()
     }
 
     /// `127.0.0.1:<port>` of the monitoring endpoint (`/connz`, `/healthz`).
     pub fn monitor_addr(&self) -> String {
-        self.process.monitor_addr()
+        monitor_addr(&self.server)
     }
 
     /// Kills the server and waits for it.
     pub fn stop(&mut self) {
-        self.process.kill();
+        self.server.stop();
     }
 
-    /// Kills the server and starts it again on the same ports and store.
+    /// Kills the server and starts it again on the same ports and store,
+    /// then waits (10 s) until `/healthz` answers 200.
     pub async fn restart(&mut self) {
-        if let Err(e) = self.process.start("/healthz", START_LIMIT).await {
+        if let Err(e) = tokio::task::block_in_place(|| self.server.restart()) {
+            panic!("nats-server did not restart: {e}");
+        }
+        if let Err(e) = wait_healthy(&self.server, "/healthz", START_LIMIT).await {
             panic!("nats-server did not restart: {e}");
         }
     }
@@ -109,12 +95,7 @@ impl NatsServer {
     /// Subjects of every subscription of every connection, from
     /// `/connz?subs=1`.
     pub async fn connz_subs(&self) -> Vec<String> {
-        let r = http_get(
-            &self.process.monitor_addr(),
-            "/connz?subs=1&limit=100000",
-            &[],
-        )
-        .await;
+        let r = http_get(&self.monitor_addr(), "/connz?subs=1&limit=100000", &[]).await;
         assert_eq!(r.status, 200, "GET /connz?subs=1: {}", r.body);
         let v = r.json();
         let mut subs = Vec::new();
@@ -163,6 +144,60 @@ impl NatsServer {
         panic!(
             "the relay never subscribed to {wanted:?} on NATS within {limit:?}; subscriptions seen: {last:?}"
         );
+    }
+}
+
+/// Starts `sse_relay::dev::NatsServer` with its monitoring port open: the
+/// server picks its ports, and the call returns once the client port
+/// accepts. Blocks the worker thread meanwhile (tests run on the
+/// multi-threaded runtime).
+pub fn start_node(opts: NatsServerOptions) -> Result<dev::NatsServer, String> {
+    let opts = NatsServerOptions {
+        monitor: true,
+        ..opts
+    };
+    tokio::task::block_in_place(|| dev::NatsServer::start(opts))
+}
+
+/// `127.0.0.1:<port>` of a server's monitoring endpoint.
+pub fn monitor_addr(server: &dev::NatsServer) -> String {
+    let port = server
+        .monitor_port()
+        .expect("the tests start every nats-server with its monitoring port");
+    format!("127.0.0.1:{port}")
+}
+
+/// Waits until the monitoring endpoint answers `health_path` with 200; Err,
+/// with the server's log, once `limit` has passed.
+pub async fn wait_healthy(
+    server: &dev::NatsServer,
+    health_path: &str,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let monitor = monitor_addr(server);
+    loop {
+        let last = match try_request(
+            &monitor,
+            "GET",
+            health_path,
+            &[],
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+        {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => format!("status {} {:?}", r.status, r.body),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{health_path} not 200 within {limit:?} (last: {last}); log:\n{}",
+                tail(&server.log(), 4000)
+            ));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

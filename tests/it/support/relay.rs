@@ -1,6 +1,7 @@
 //! The relay binary (`CARGO_BIN_EXE_sse-relay`) as a child process: run
 //! to completion (`run_relay`) or serving on a fresh port (`Relay`, killed
-//! on drop, its stderr printed when a test fails).
+//! on drop, its stderr printed when a test fails); and [`RelayHttp`], the
+//! requests tests make to a relay, child or in-process alike.
 
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::{
-    NatsServer, POLL, Response, SECRET, SseClient, bearer, events_path, free_port, http_get, tail,
-    try_request,
+    NatsServer, POLL, Response, SECRET, SseClient, bearer, events_path, free_port, http_get,
+    metric_value, tail, try_request,
 };
 
 pub fn relay_bin() -> &'static str {
@@ -18,7 +19,7 @@ pub fn relay_bin() -> &'static str {
 
 /// Environment variables the relay reads; removed from every child so the
 /// developer's shell cannot leak config into a test.
-const RELAY_ENV: &[&str] = &[
+pub const RELAY_ENV: &[&str] = &[
     "NATS_URL",
     "RELAY_LISTEN",
     "RELAY_STREAM",
@@ -176,31 +177,12 @@ impl Relay {
     /// Waits (bounded) until `GET /readyz` answers 200; Err if the process
     /// exits or the deadline passes.
     pub async fn try_wait_ready(&mut self, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        let mut last: String;
-        loop {
-            if let Some(st) = self.try_exit() {
-                return Err(format!("sse-relay exited with {st} before /readyz was 200"));
-            }
-            match try_request(
-                &self.addr,
-                "GET",
-                "/readyz",
-                &[],
-                None,
-                Duration::from_secs(2),
-            )
-            .await
-            {
-                Ok(r) if r.status == 200 => return Ok(()),
-                Ok(r) => last = format!("status {} body {:?}", r.status, r.body),
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("/readyz not 200 within {limit:?} (last: {last})"));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let addr = self.addr.clone();
+        wait_readyz(&addr, limit, || {
+            self.try_exit()
+                .map(|st| format!("sse-relay exited with {st}"))
+        })
+        .await
     }
 
     pub async fn wait_ready(&mut self, limit: Duration) {
@@ -240,10 +222,6 @@ impl Relay {
             }
             tokio::time::sleep(POLL).await;
         }
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     pub fn pid(&self) -> u32 {
@@ -305,38 +283,11 @@ impl Relay {
             tokio::time::sleep(POLL).await;
         }
     }
+}
 
-    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        http_get(&self.addr, path, headers).await
-    }
-
-    /// Opens `/events` for `subjects` with a Bearer token, asserts 200 and
-    /// waits until the relay's NATS subscriptions for those subjects exist
-    /// (so that a message published afterwards must reach the client).
-    pub async fn open_stream(
-        &self,
-        nats: &NatsServer,
-        token: &str,
-        subjects: &[&str],
-    ) -> SseClient {
-        let auth = bearer(token);
-        let c = SseClient::connect(
-            &self.addr,
-            &events_path(subjects),
-            &[("Authorization", &auth)],
-        )
-        .await;
-        assert_eq!(
-            c.status,
-            200,
-            "GET {} expected 200, got {} {:?}",
-            events_path(subjects),
-            c.status,
-            c.headers
-        );
-        nats.wait_relay_subs(subjects, Duration::from_secs(10))
-            .await;
-        c
+impl RelayHttp for Relay {
+    fn addr(&self) -> &str {
+        &self.addr
     }
 }
 
@@ -350,6 +301,74 @@ impl Drop for Relay {
                 tail(&self.log(), 6000)
             );
         }
+    }
+}
+
+/// The requests tests make to a relay listening on [`RelayHttp::addr`],
+/// whether a child process ([`Relay`]) or in this process
+/// ([`super::InProcessRelay`]).
+pub trait RelayHttp {
+    /// `127.0.0.1:<port>` the relay listens on.
+    fn addr(&self) -> &str;
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http_get(self.addr(), path, headers).await
+    }
+
+    /// Opens `/events` for `subjects` with a Bearer token, asserts 200 and
+    /// waits until the relay's NATS subscriptions for those subjects exist
+    /// (so that a message published afterwards must reach the client).
+    async fn open_stream(&self, nats: &NatsServer, token: &str, subjects: &[&str]) -> SseClient {
+        let auth = bearer(token);
+        let path = events_path(subjects);
+        let c = SseClient::connect(self.addr(), &path, &[("Authorization", &auth)]).await;
+        assert_eq!(
+            c.status, 200,
+            "GET {path} expected 200, got {} {:?}",
+            c.status, c.headers
+        );
+        nats.wait_relay_subs(subjects, Duration::from_secs(10))
+            .await;
+        c
+    }
+
+    /// The `GET /metrics` text exposition.
+    async fn metrics_text(&self) -> String {
+        let r = self.get("/metrics", &[]).await;
+        assert_eq!(r.status, 200, "GET /metrics: {} {:?}", r.status, r.body);
+        r.body
+    }
+
+    /// One sample of `/metrics` (see [`metric_value`]), e.g.
+    /// `relay.metric("relay_resumes_total", &[("source", "memory")])`.
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics_text().await, name, labels)
+    }
+}
+
+/// Polls `GET /readyz` on `addr` until it answers 200, at most `limit`;
+/// Err as soon as `gone` reports that the relay has stopped, or when the
+/// deadline passes.
+pub async fn wait_readyz(
+    addr: &str,
+    limit: Duration,
+    mut gone: impl FnMut() -> Option<String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let mut last: String;
+    loop {
+        if let Some(why) = gone() {
+            return Err(format!("{why} before /readyz was 200"));
+        }
+        match try_request(addr, "GET", "/readyz", &[], None, Duration::from_secs(2)).await {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => last = format!("status {} body {:?}", r.status, r.body),
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("/readyz not 200 within {limit:?} (last: {last})"));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
