@@ -69,11 +69,17 @@ fn init_tracing() {
 
 fn serve(cfg: Config, extension: Option<Arc<dyn Extension>>) -> ExitCode {
     init_tracing();
-    let stop = CancellationToken::new();
-    if let Err(e) = watch_signals(stop.clone()) {
-        eprintln!("error: cannot watch for SIGTERM/SIGINT: {e}");
-        return ExitCode::FAILURE;
+    match watch_signals() {
+        Ok(stop) => serve_until(cfg, extension, stop),
+        Err(code) => code,
     }
+}
+
+fn serve_until(
+    cfg: Config,
+    extension: Option<Arc<dyn Extension>>,
+    stop: CancellationToken,
+) -> ExitCode {
     match sse_relay::shards::serve(cfg, extension, stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -83,10 +89,19 @@ fn serve(cfg: Config, extension: Option<Arc<dyn Extension>>) -> ExitCode {
     }
 }
 
-/// SIGTERM (Kubernetes, Docker) or SIGINT (Ctrl-C, Fly.io's default)
-/// cancels `stop`. The handlers are installed before this returns, on a
+/// A token that SIGTERM (Kubernetes, Docker) or SIGINT (Ctrl-C, Fly.io's
+/// default) cancels. The handlers are installed before this returns, on a
 /// small runtime of their own, so no shard carries them.
-fn watch_signals(stop: CancellationToken) -> std::io::Result<()> {
+fn watch_signals() -> Result<CancellationToken, ExitCode> {
+    let stop = CancellationToken::new();
+    install_signal_handlers(stop.clone()).map_err(|e| {
+        eprintln!("error: cannot watch for SIGTERM/SIGINT: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok(stop)
+}
+
+fn install_signal_handlers(stop: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -182,6 +197,12 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the banner: whoever reads it may stop dev mode right away.
+    init_tracing();
+    let stop = match watch_signals() {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
     let addr = cfg.listen;
     println!("sse-relay dev");
     println!("  NATS:      {url}");
@@ -191,7 +212,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         "  stream:    curl -N -H \"Authorization: Bearer {token}\" \"http://{addr}/events?subject={DEMO_SUBJECT}\""
     );
     println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
-    let code = serve(cfg, Some(Arc::new(DevRoutes::new(&token))));
+    let code = serve_until(cfg, Some(Arc::new(DevRoutes::new(&token))), stop);
     drop(nats);
     code
 }

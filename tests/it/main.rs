@@ -1,6 +1,9 @@
 //! The integration tests, one binary: each module tests one area of the
-//! relay against real `nats-server` and `sse-relay` processes, and
-//! `support` holds what they share.
+//! relay against real `nats-server` processes and the relay, run in-process
+//! (one shard on its own thread, as in production) where no process
+//! boundary matters, else as an `sse-relay` child process (signals, exit
+//! codes, kills, logs, environment, several shards). `support` holds what
+//! they share.
 
 // A test binary exports nothing: `pub` in `support` means "for the test
 // modules", which is all this lint would have to say.

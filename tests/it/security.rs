@@ -256,7 +256,26 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
                 text.contains(&format!("http://127.0.0.1:{port}/")),
                 "{text}"
             );
-            let _ = child.kill().await;
+            // SIGTERM ends dev mode and the nats-server it started.
+            let nats_addr = text
+                .split("nats://")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .expect("the NATS address in the banner")
+                .to_string();
+            let pid = child.id().expect("dev is running").to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            let status = tokio::time::timeout(WAIT, child.wait()).await;
+            assert!(
+                matches!(&status, Ok(Ok(s)) if s.success()),
+                "dev exits 0 on SIGTERM: {status:?}"
+            );
+            assert!(
+                TcpStream::connect(&nats_addr).await.is_err(),
+                "the nats-server dev started is gone with it ({nats_addr})"
+            );
         },
     )
     .await
