@@ -29,6 +29,7 @@ pub fn default_workers() -> usize {
 }
 
 pub const DEFAULT_MAX_SUBJECTS: usize = 32;
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = 300;
 const MAX_SUBJECTS_LIMIT: usize = 256;
 
 /// Sockets kept free below the open-file limit for NATS, logs and the
@@ -102,6 +103,14 @@ pub struct ServeArgs {
     /// PEM public key file for RS*/PS*/ES256/ES384/EdDSA tokens.
     #[arg(long, env = "RELAY_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+    /// JWKS URL the token keys are fetched from (https://; http:// only on
+    /// loopback). Tokens name their key by `kid`.
+    #[arg(long, env = "RELAY_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Seconds between refreshes of the JWKS (a `kid` it lacks also
+    /// refreshes it, at most once a second).
+    #[arg(long, env = "RELAY_JWKS_REFRESH", default_value_t = DEFAULT_JWKS_REFRESH_SECS)]
+    pub jwks_refresh: u64,
     /// Required `aud` claim.
     #[arg(long, env = "RELAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -266,21 +275,24 @@ impl Config {
         if nats_urls.is_empty() {
             return Err("--nats-url / NATS_URL is empty".into());
         }
-        let key = match (a.jwt_secret, a.jwt_public_key) {
-            (Some(_), Some(_)) => {
-                return Err("set only one of --jwt-secret and --jwt-public-key".into());
-            }
-            (Some(s), None) if s.is_empty() => return Err("--jwt-secret is empty".into()),
-            (Some(s), None) => KeySource::Secret(s.into_bytes()),
-            (None, Some(path)) => KeySource::PublicKeyPem(
+        let key = match (a.jwt_secret, a.jwt_public_key, a.jwks_url) {
+            (Some(s), None, None) if s.is_empty() => return Err("--jwt-secret is empty".into()),
+            (Some(s), None, None) => KeySource::Secret(s.into_bytes()),
+            (None, Some(path), None) => KeySource::PublicKeyPem(
                 std::fs::read(&path)
                     .map_err(|e| format!("cannot read --jwt-public-key {}: {e}", path.display()))?,
             ),
-            (None, None) => {
+            (None, None, Some(url)) => KeySource::Jwks(std::sync::Arc::new(
+                crate::auth::Jwks::new(&url, Duration::from_secs(a.jwks_refresh))?,
+            )),
+            (None, None, None) => {
                 return Err(
-                    "no JWT key: set --jwt-secret / RELAY_JWT_SECRET or --jwt-public-key / RELAY_JWT_PUBLIC_KEY"
+                    "no JWT key: set --jwt-secret / RELAY_JWT_SECRET, --jwt-public-key / RELAY_JWT_PUBLIC_KEY or --jwks-url / RELAY_JWKS_URL"
                         .into(),
                 );
+            }
+            _ => {
+                return Err("set only one of --jwt-secret, --jwt-public-key and --jwks-url".into());
             }
         };
         if a.heartbeat == 0 {

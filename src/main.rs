@@ -161,6 +161,8 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         create_stream: true,
         jwt_secret: Some(secret.clone()),
         jwt_public_key: None,
+        jwks_url: None,
+        jwks_refresh: sse_relay::config::DEFAULT_JWKS_REFRESH_SECS,
         jwt_audience: None,
         jwt_issuer: None,
         jwt_leeway: sse_relay::config::DEFAULT_JWT_LEEWAY_SECS,

@@ -99,6 +99,11 @@ pub async fn run(
             .limits
             .unwrap_or_else(|| Arc::new(Limits::new(cfg.limits.clone()))),
     });
+    if let Some(jwks) = app.verifier.jwks() {
+        // Loaded once for all shards (concurrent refreshes share a fetch).
+        let jwks = jwks.clone();
+        tokio::spawn(async move { jwks.refresh().await });
+    }
     let cancel = CancellationToken::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<RunError>();
     let startup = tokio::spawn(start_nats(

@@ -39,7 +39,7 @@ pub(crate) async fn open(
         } else {
             AuthError::Missing
         }))?;
-    let claims = app.verifier.verify(token).map_err(ApiError::Auth)?;
+    let claims = verify(app, token).await?;
     let patterns = requested_patterns(&claims, q.subjects, app.cfg.max_subjects)?;
     let live = app.live()?;
     authorize(live, &claims, &patterns)?;
@@ -86,6 +86,29 @@ pub(crate) async fn open(
     }
     let body = SseBody::stream(joined.queue, joined.id, live.hub.clone(), permit);
     Ok(stream_response(body))
+}
+
+/// Verifies the token. With keys from a JWKS, an unknown `kid` refreshes
+/// the key set first (shared and rate-limited, see `auth::Jwks`), and a
+/// due periodic refresh starts in the background.
+async fn verify(app: &App, token: &str) -> Result<Claims, ApiError> {
+    let Some(jwks) = app.verifier.jwks() else {
+        return app.verifier.verify(token).map_err(ApiError::Auth);
+    };
+    if jwks.is_stale() && jwks.is_loaded() {
+        let jwks = jwks.clone();
+        tokio::spawn(async move { jwks.refresh().await });
+    }
+    match app.verifier.verify(token) {
+        Err(AuthError::UnknownKey) => {
+            jwks.refresh().await;
+            if !jwks.is_loaded() {
+                return Err(ApiError::Unavailable("the token keys are not loaded yet"));
+            }
+            app.verifier.verify(token).map_err(ApiError::Auth)
+        }
+        other => other.map_err(ApiError::Auth),
+    }
 }
 
 /// The subjects asked for (none: every pattern the token grants), checked

@@ -15,6 +15,7 @@ mod cors;
 mod errors;
 mod failover;
 mod harness;
+mod keys;
 mod lifecycle;
 mod limits;
 mod resume;

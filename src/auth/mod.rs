@@ -5,7 +5,12 @@
 //! Library error text is never shown to clients: every failure maps to one of
 //! a few fixed sentences.
 
+mod jwks;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use jwks::Jwks;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -43,6 +48,8 @@ pub enum AuthError {
     BadSignature,
     #[error("the token's claims are not accepted (exp, nbf, aud, iss, or a critical header)")]
     BadClaims,
+    #[error("the token's key (kid) is not one of the relay's keys")]
+    UnknownKey,
 }
 
 /// The key material a relay verifies tokens with.
@@ -52,6 +59,8 @@ pub enum KeySource {
     Secret(Vec<u8>),
     /// PEM contents of an RSA, EC or Ed25519 public key.
     PublicKeyPem(Vec<u8>),
+    /// Keys fetched from a JWKS URL, shared by every shard.
+    Jwks(Arc<Jwks>),
 }
 
 impl std::fmt::Debug for KeySource {
@@ -59,16 +68,23 @@ impl std::fmt::Debug for KeySource {
         match self {
             KeySource::Secret(_) => f.write_str("Secret([redacted])"),
             KeySource::PublicKeyPem(_) => f.write_str("PublicKeyPem(..)"),
+            KeySource::Jwks(j) => write!(f, "{j:?}"),
         }
     }
 }
 
-/// Verifies tokens with one key.
+/// Verifies tokens with one key, or with the keys of a JWKS.
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     leeway: Duration,
+}
+
+#[derive(Clone)]
+enum Keys {
+    One(DecodingKey),
+    Set(Arc<Jwks>),
 }
 
 impl Verifier {
@@ -78,23 +94,24 @@ impl Verifier {
         issuer: Option<&str>,
         leeway: Duration,
     ) -> Result<Self, String> {
-        let (key, family) = match source {
+        let (keys, family) = match source {
             KeySource::Secret(s) => {
                 if s.is_empty() {
                     return Err("the JWT secret is empty".into());
                 }
                 (
-                    DecodingKey::from_secret(s),
-                    jsonwebtoken::AlgorithmFamily::Hmac,
+                    Keys::One(DecodingKey::from_secret(s)),
+                    Some(jsonwebtoken::AlgorithmFamily::Hmac),
                 )
             }
             KeySource::PublicKeyPem(pem) => {
+                use jsonwebtoken::AlgorithmFamily::{Ec, Ed, Rsa};
                 if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-                    (k, jsonwebtoken::AlgorithmFamily::Rsa)
+                    (Keys::One(k), Some(Rsa))
                 } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
-                    (k, jsonwebtoken::AlgorithmFamily::Ec)
+                    (Keys::One(k), Some(Ec))
                 } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
-                    (k, jsonwebtoken::AlgorithmFamily::Ed)
+                    (Keys::One(k), Some(Ed))
                 } else {
                     return Err(
                         "the JWT public key is not a PEM RSA, EC (P-256/P-384) or Ed25519 public key"
@@ -102,8 +119,13 @@ impl Verifier {
                     );
                 }
             }
+            // Each key brings its own algorithms (see `verify`).
+            KeySource::Jwks(set) => (Keys::Set(set.clone()), None),
         };
-        let mut validation = Validation::new_for_family(family);
+        let mut validation = match family {
+            Some(family) => Validation::new_for_family(family),
+            None => Validation::default(),
+        };
         validation.leeway = leeway.as_secs();
         validation.set_required_spec_claims(&["exp"]);
         // A token not valid yet is refused like an expired one.
@@ -116,7 +138,7 @@ impl Verifier {
             validation.set_issuer(&[iss]);
         }
         Ok(Verifier {
-            key,
+            keys,
             validation,
             leeway,
         })
@@ -131,27 +153,29 @@ impl Verifier {
             return Err(AuthError::Malformed);
         }
         reject_critical_extensions(token)?;
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature
-                | ErrorKind::InvalidAlgorithm
-                | ErrorKind::InvalidAlgorithmName
-                | ErrorKind::MissingAlgorithm
-                | ErrorKind::UnsupportedAlgorithm
-                | ErrorKind::InvalidEcdsaKey
-                | ErrorKind::InvalidEddsaKey
-                | ErrorKind::InvalidRsaKey(_)
-                | ErrorKind::InvalidKeyFormat => AuthError::BadSignature,
-                ErrorKind::MissingRequiredClaim(_)
-                | ErrorKind::InvalidClaimFormat(_)
-                | ErrorKind::InvalidIssuer
-                | ErrorKind::InvalidAudience
-                | ErrorKind::InvalidSubject
-                | ErrorKind::ImmatureSignature => AuthError::BadClaims,
-                _ => AuthError::Malformed,
-            })
+        match &self.keys {
+            Keys::One(key) => decode(token, key, &self.validation),
+            Keys::Set(set) => {
+                let header =
+                    jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+                let kid = header.kid.ok_or(AuthError::BadSignature)?;
+                let found = set.key(&kid).ok_or(AuthError::UnknownKey)?;
+                if !found.algorithms.contains(&header.alg) {
+                    return Err(AuthError::BadSignature);
+                }
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![header.alg];
+                decode(token, &found.key, &validation)
+            }
+        }
+    }
+
+    /// The JWKS behind this verifier, if its keys come from a URL.
+    pub(crate) fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Set(set) => Some(set),
+            Keys::One(_) => None,
+        }
     }
 
     /// The instant at which a token with `exp` stops being accepted: `exp`
@@ -164,6 +188,32 @@ impl Verifier {
             .and_then(|t| t.checked_add(self.leeway))
             .map_or(far, |t| t.min(far))
     }
+}
+
+/// Verifies the signature and claims; library errors become one of a few
+/// fixed reasons (their text is never shown to clients).
+fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map(|d| d.claims)
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature
+            | ErrorKind::InvalidAlgorithm
+            | ErrorKind::InvalidAlgorithmName
+            | ErrorKind::MissingAlgorithm
+            | ErrorKind::UnsupportedAlgorithm
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidEddsaKey
+            | ErrorKind::InvalidRsaKey(_)
+            | ErrorKind::InvalidKeyFormat => AuthError::BadSignature,
+            ErrorKind::MissingRequiredClaim(_)
+            | ErrorKind::InvalidClaimFormat(_)
+            | ErrorKind::InvalidIssuer
+            | ErrorKind::InvalidAudience
+            | ErrorKind::InvalidSubject
+            | ErrorKind::ImmatureSignature => AuthError::BadClaims,
+            _ => AuthError::Malformed,
+        })
 }
 
 /// Largest token accepted; a JWT with a few dozen subjects is well under.
