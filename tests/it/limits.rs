@@ -269,3 +269,56 @@ async fn subjects_per_stream_and_the_query_token_switch() {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_connection_limit_refuses_before_the_kernel_does() {
+    within(TEST_LIMIT, "the_default_connection_limit_refuses_before_the_kernel_does", async {
+        let nats = NatsServer::start().await;
+        // 200 files: the default --max-connections keeps 64 of them free.
+        let mut relay = Relay::spawn_with_file_limit(&nats.url(), &[], 200);
+        relay.wait_ready(WAIT).await;
+        let tok = token(SECRET, &["events.files.>"], 300);
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for _ in 0..180 {
+            let mut s = tokio::net::TcpStream::connect(relay.addr()).await.expect("connect");
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let req = format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nAccept: application/json\r\n\r\n",
+                events_path(&["events.files.>"])
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("an answer").unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            if head.starts_with("HTTP/1.1 503") {
+                assert!(head.contains("at_capacity"), "{head}");
+                refused += 1;
+            } else {
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            }
+            open.push(s);
+        }
+        assert!(refused > 0, "the relay refused some of 180 connections under 200 files");
+        assert_eq!(relay.metric("relay_connections", &[]).await, (180 - refused) as f64);
+        // Past the file limit itself: accepts fail, and say so once.
+        let mut extra = Vec::new();
+        for _ in 0..60 {
+            if let Ok(s) = tokio::net::TcpStream::connect(relay.addr()).await {
+                extra.push(s);
+            }
+        }
+        drop(extra);
+        drop(open);
+        wait_until(WAIT, "the relay to serve again", || async {
+            relay.get("/healthz", &[]).await.status == 200
+        })
+        .await;
+        let warnings = relay.log().matches("accept failed").count();
+        assert!(
+            (1..=2).contains(&warnings),
+            "EMFILE is reported once per burst, not in a storm: {warnings} warnings"
+        );
+    })
+    .await
+}

@@ -42,7 +42,19 @@ pub const RELAY_ENV: &[&str] = &[
 ];
 
 fn relay_command(args: &[String], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(relay_bin());
+    relay_command_under(&[], args, envs)
+}
+
+/// The relay run by `wrapper` (e.g. `prlimit --nofile=N:N --`), if any.
+fn relay_command_under(wrapper: &[String], args: &[String], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(relay_bin());
+            c
+        }
+        None => Command::new(relay_bin()),
+    };
     cmd.args(args);
     for k in RELAY_ENV {
         cmd.env_remove(k);
@@ -122,9 +134,32 @@ impl Relay {
     /// Spawns the binary with exactly `args`; `port` is where it is
     /// expected to listen (e.g. set via RELAY_LISTEN in `envs`).
     pub fn spawn_exact(args: &[String], envs: &[(&str, &str)], port: u16) -> Relay {
+        Self::spawn_under(&[], args, envs, port)
+    }
+
+    /// Spawns with the default flags + `extra`, allowed only `nofile` open
+    /// files (through `prlimit`), without waiting for readiness.
+    pub fn spawn_with_file_limit(nats_url: &str, extra: &[&str], nofile: u64) -> Relay {
+        let port = free_port();
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(Self::default_args(nats_url));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let wrapper = [
+            "prlimit".to_string(),
+            format!("--nofile={nofile}:{nofile}"),
+            "--".to_string(),
+        ];
+        Self::spawn_under(&wrapper, &args, &[], port)
+    }
+
+    fn spawn_under(wrapper: &[String], args: &[String], envs: &[(&str, &str)], port: u16) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("relay.log")).expect("log file");
-        let child = relay_command(args, envs)
+        let child = relay_command_under(wrapper, args, envs)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
