@@ -220,6 +220,9 @@ async fn streams_per_token_are_capped_by_sub() {
             "rate_limited",
             "second stream of alice",
         );
+        let auth = bearer(&alice_again);
+        let c = SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await;
+        assert_refused_stream(c, "EventSource, second stream of alice").await;
         let b = relay.open_stream(&nats, &bob, &["events.tok.>"]).await;
         assert_eq!(b.status, 200);
         drop(first);
