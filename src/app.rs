@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::client::SseBody;
 use crate::config::Config;
-use crate::http::ApiError;
+use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -49,7 +49,7 @@ pub trait Extension: Send + Sync + 'static {
     fn allows(&self, path: &str) -> Option<&'static str>;
 
     /// Answers a request to one of its routes; `body` is at most
-    /// [`crate::http::MAX_EXTENSION_BODY`] bytes.
+    /// [`crate::MAX_EXTENSION_BODY`] bytes.
     fn call(
         &self,
         app: Arc<App>,

@@ -6,7 +6,8 @@
 //! - [`shards`]  `--workers`: one single-threaded shard per core on a shared port
 //! - `server`    one shard: accept loop, NATS start-up, graceful drain: [`run`]
 //! - [`app`]     a shard's shared state; the [`app::Extension`] hook for extra routes
-//! - `http`      lean HTTP/1.1 loop, routing, CORS; errors -> statuses ([`ApiError`])
+//! - `error`     [`ApiError`]: every refusal, its status, code and sentence
+//! - `http`      lean HTTP/1.1 loop, routing, CORS; refusals rendered as responses
 //! - `session`   one stream: authorize, resume point, join, backfill, live
 //! - [`auth`]    JWT verification -> `Claims`
 //! - [`limits`]  abuse limits: connections, streams per IP and per token, rate
@@ -30,14 +31,17 @@
 //!     --> SseBody coalesces queued frames --> socket --> browser
 //! ```
 //!
-//! Dependencies point one way: `server` -> `http` -> `session` -> `hub` ->
-//! `nats`, `client`, `sse`; `dev` plugs in through [`app::Extension`].
+//! Dependencies point one way, with no cycle: `shards` -> `server` ->
+//! `http` -> `session` -> `hub` -> `nats` -> `sse`; `app` (shared state),
+//! `error`, `client`, `limits`, `auth`, `config` sit below them; `dev`
+//! plugs in through [`app::Extension`] and nothing but `main` uses it.
 
 pub mod app;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dev;
+mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
@@ -51,6 +55,7 @@ pub mod shards;
 pub mod sse;
 pub mod subject;
 
-pub use http::{ApiError, MAX_EXTENSION_BODY};
+pub use error::ApiError;
+pub use http::MAX_EXTENSION_BODY;
 pub use nats::{EVENT_HEADER, Scope, default_stream_config};
 pub use server::{RunError, Shard, bind, run};

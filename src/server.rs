@@ -54,7 +54,24 @@ pub enum RunError {
 
 /// Binds `cfg.listen` for one shard (with SO_REUSEPORT when asked).
 pub fn bind(cfg: &Config) -> std::io::Result<TcpListener> {
-    TcpListener::from_std(crate::shards::bind_one(cfg.listen, cfg.reuse_port)?)
+    TcpListener::from_std(bind_socket(cfg.listen, cfg.reuse_port)?)
+}
+
+/// A non-blocking listening socket on `addr`.
+pub(crate) fn bind_socket(
+    addr: std::net::SocketAddr,
+    reuse_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Which shard of the process this is, what all shards share, and the

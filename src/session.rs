@@ -7,26 +7,25 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hyper::Response;
 use hyper::header::{self, HeaderMap};
 
 use crate::app::{App, Live};
 use crate::auth::{AuthError, Claims};
 use crate::client::{ClientQueue, EndReason, SseBody};
-use crate::http::{ApiError, stream_response};
+use crate::error::ApiError;
 use crate::hub::{Backfill, JoinError};
 use crate::metrics::Metrics;
 use crate::nats::{History, HistoryError, ResumePlan};
 use crate::sse;
 use crate::subject;
 
-/// Opens a stream for `GET /events`.
+/// Opens a stream for `GET /events`: the body that streams it.
 pub(crate) async fn open(
     app: &Arc<App>,
     headers: &HeaderMap,
     query: Option<&str>,
     peer: IpAddr,
-) -> Result<Response<SseBody>, ApiError> {
+) -> Result<SseBody, ApiError> {
     let ip = app.limits.client_ip(peer, headers);
     app.limits.check_rate(ip).map_err(ApiError::Limited)?;
     let q = Query::parse(query.unwrap_or(""));
@@ -84,8 +83,12 @@ pub(crate) async fn open(
             joined.queue.clone(),
         ));
     }
-    let body = SseBody::stream(joined.queue, joined.id, live.hub.clone(), permit);
-    Ok(stream_response(body))
+    Ok(SseBody::stream(
+        joined.queue,
+        joined.id,
+        live.hub.clone(),
+        permit,
+    ))
 }
 
 /// Verifies the token. With keys from a JWKS, an unknown `kid` refreshes

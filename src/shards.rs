@@ -14,7 +14,7 @@
 //! the JWT verifier's keys and the metric counters (`/metrics` on any shard
 //! reports the sum over all of them).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -98,31 +98,17 @@ pub fn bind_all(cfg: &Config) -> std::io::Result<Vec<TcpListener>> {
     let n = cfg.workers.max(1);
     let mut addr = cfg.listen;
     if n > 1 && !cfg.reuse_port {
-        addr = bind_one(addr, false)?.local_addr()?;
+        addr = crate::server::bind_socket(addr, false)?.local_addr()?;
     }
     let reuse_port = cfg.reuse_port || n > 1;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let l = bind_one(addr, reuse_port)?;
+        let l = crate::server::bind_socket(addr, reuse_port)?;
         // Port 0 resolved by the first bind: the others join that port.
         addr = l.local_addr()?;
         out.push(l);
     }
     Ok(out)
-}
-
-/// A non-blocking listening socket on `addr`.
-pub(crate) fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
 }
 
 #[cfg(test)]

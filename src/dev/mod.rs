@@ -12,7 +12,8 @@ use hyper::{Method, Response, StatusCode};
 
 use crate::app::{App, Extension};
 use crate::client::SseBody;
-use crate::http::{ApiError, text};
+use crate::error::ApiError;
+use crate::http::text;
 
 mod nats_server;
 

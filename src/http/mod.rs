@@ -6,7 +6,6 @@ mod cors;
 mod error;
 mod routes;
 
-pub use error::ApiError;
-pub(crate) use error::{stream_response, text};
+pub(crate) use error::text;
 pub use routes::MAX_EXTENSION_BODY;
 pub(crate) use routes::handle;

@@ -9,9 +9,10 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::cors;
-use super::error::{ApiError, text};
+use super::error::{respond, stream_response, text};
 use crate::app::App;
 use crate::client::SseBody;
+use crate::error::ApiError;
 
 /// Largest request body an extension route accepts.
 pub const MAX_EXTENSION_BODY: usize = 1024 * 1024;
@@ -41,7 +42,7 @@ where
     } else {
         match route(&app, req).await {
             Ok(res) => res,
-            Err(e) => e.into_response(&app.metrics, app.cfg.retry_ms, wants_stream),
+            Err(e) => respond(e, &app.metrics, app.cfg.retry_ms, wants_stream),
         }
     };
     cors::apply(&app.cfg.cors, origin.as_ref(), res.headers_mut());
@@ -65,7 +66,8 @@ where
                 return Err(ApiError::AtCapacity);
             }
             let peer = conn.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |c| c.peer);
-            crate::session::open(app, req.headers(), req.uri().query(), peer).await
+            let body = crate::session::open(app, req.headers(), req.uri().query(), peer).await?;
+            Ok(stream_response(body))
         }
         "/healthz" if get => Ok(text(StatusCode::OK, "ok\n")),
         "/readyz" if get => Ok(if app.is_ready() {

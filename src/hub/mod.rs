@@ -13,9 +13,10 @@
 //! and the clients on them; [`fanout`] delivery in sequence order;
 //! [`resume`] resumes from the memory [`window`]; [`catch_up`] after the
 //! live path may have missed events; [`merge`] the ordered merge of
-//! subscriptions; [`upstream`] what the hub needs from NATS.
+//! subscriptions. What the hub needs from NATS is the
+//! [`Upstream`](crate::nats::Upstream) trait, which the hub's tests fake.
 //!
-//! Invariants (each held by a unit test in `tests.rs`, named in
+//! Invariants (each held by a unit test in `tests/`, named in
 //! ARCHITECTURE.md):
 //! - Exactly one subscription per distinct requested pattern, created on
 //!   first use and dropped (UNSUB) when its last client leaves.
@@ -55,10 +56,9 @@ mod resume;
 #[cfg(test)]
 mod tests;
 mod topics;
-mod upstream;
 mod window;
 
-pub(crate) use upstream::{LiveMessage, Upstream};
+pub(crate) use crate::nats::{LiveMessage, Upstream};
 
 #[derive(Debug, Clone)]
 pub(crate) struct HubConfig {

@@ -13,7 +13,7 @@ pub(crate) use history::{CatchUpTopic, CaughtUp, History, HistoryError, ResumePl
 pub(crate) use link::{Link, LinkEvent, connect};
 pub use scope::{Scope, default_stream_config};
 pub(crate) use scope::{StreamError, load_scope};
-pub(crate) use upstream::NatsUpstream;
+pub(crate) use upstream::{LiveMessage, NatsUpstream, Upstream};
 
 /// The header a publisher sets to name the SSE event (`event:` line).
 pub const EVENT_HEADER: &str = "Sse-Event";
