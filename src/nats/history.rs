@@ -2,16 +2,18 @@
 //! as the live path would have) and never touches a client's queue: the
 //! session and the hub decide where frames go.
 //!
-//! Reads go through an ephemeral ordered pull consumer with the patterns as
-//! filter subjects: flow-controlled batches, so a huge backlog is never
-//! loaded at once, and no durable state per client on the server.
+//! Reads go through an ephemeral pull consumer with the patterns as filter
+//! subjects, fetched in batches (a huge backlog is never loaded at once),
+//! deleted when the read ends, and at most [`CONCURRENT_READS`] at once
+//! per shard: no durable state per client on the server, and no pile of
+//! consumers against its limit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 
 use crate::metrics::Metrics;
 
@@ -21,8 +23,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// First retry delay of a catch-up; doubles up to `CATCH_UP_MAX_DELAY`.
 const CATCH_UP_FIRST_DELAY: Duration = Duration::from_millis(100);
 const CATCH_UP_MAX_DELAY: Duration = Duration::from_secs(2);
-/// Subscriptions a catch-up reads at the same time.
-const CATCH_UP_PARALLEL: usize = 16;
+/// A catch-up that cannot read the stream for this long ends its streams
+/// instead of holding live delivery (they resume by Last-Event-ID).
+const CATCH_UP_GIVE_UP: Duration = Duration::from_secs(30);
 
 /// A stored event: its stream sequence and its SSE frame.
 pub(crate) type Stored = (u64, Bytes);
@@ -55,6 +58,8 @@ pub(crate) struct History {
     js: jetstream::Context,
     stream: String,
     metrics: Arc<Metrics>,
+    /// Permits for concurrent reads (see [`CONCURRENT_READS`]).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a resume's replay starts, and the gap it must report first (events
@@ -91,6 +96,7 @@ impl History {
             js,
             stream,
             metrics,
+            reads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS)),
         }
     }
 
@@ -113,7 +119,11 @@ impl History {
         start: u64,
         end: u64,
     ) -> Result<RangeReader, HistoryError> {
-        RangeReader::open(self, patterns, start, end).await
+        if start > end || start == 0 {
+            return Ok(RangeReader { scan: None });
+        }
+        let scan = Scan::open(self, patterns, start, end).await?;
+        Ok(RangeReader { scan: Some(scan) })
     }
 
     /// Every event of `pattern` in `(after, to]`, in order, or `Gone` when
@@ -133,20 +143,30 @@ impl History {
     }
 
     /// Reads, for every topic, the events after its last delivered sequence
-    /// up to the stream's current end. Retries with backoff until it
-    /// succeeds: during a leader election JetStream answers nothing for
-    /// seconds, and giving up would lose events. Topics whose backlog
-    /// exceeds `limit` are returned as truncated instead.
+    /// up to the stream's current end. Retries with backoff: during a
+    /// leader election JetStream answers nothing for seconds. Topics whose
+    /// backlog exceeds `limit` are returned as truncated, and so is every
+    /// topic when the stream cannot be read for [`CATCH_UP_GIVE_UP`]: their
+    /// streams end and resume on their own rather than waiting on a relay
+    /// that holds live delivery.
     pub(crate) async fn catch_up<K: Copy + Send + 'static>(
         &self,
         nats: &async_nats::Client,
         topics: &[CatchUpTopic<K>],
         limit: u64,
     ) -> CaughtUp<K> {
+        let give_up = tokio::time::Instant::now() + CATCH_UP_GIVE_UP;
         let mut delay = CATCH_UP_FIRST_DELAY;
         loop {
             match self.catch_up_once(nats, topics, limit).await {
                 Ok(out) => return out,
+                Err(e) if tokio::time::Instant::now() + delay >= give_up => {
+                    tracing::warn!(error = %e, "catch-up gave up; its streams resume on their own");
+                    return CaughtUp {
+                        frames: Vec::new(),
+                        truncated: topics.iter().map(|t| t.key).collect(),
+                    };
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "catch-up failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -156,6 +176,10 @@ impl History {
         }
     }
 
+    /// One pass: a single read of the stream from the oldest sequence any
+    /// topic needs, each message routed to the topics that match it as
+    /// live delivery would. The cost is a few JetStream requests and time
+    /// proportional to the events missed, whatever the number of topics.
     async fn catch_up_once<K: Copy + Send + 'static>(
         &self,
         nats: &async_nats::Client,
@@ -179,70 +203,102 @@ impl History {
             if limit > 0 && last - t.after > limit {
                 out.truncated.push(t.key);
             } else {
-                todo.push(t.clone());
+                todo.push(t);
             }
         }
-        // Several subscriptions are read at once: a node with thousands of
-        // them would otherwise hold live delivery for thousands of round
-        // trips. The caller sorts the result by sequence.
-        let per_topic: Vec<Vec<(u64, K, Bytes)>> = futures_util::stream::iter(todo)
-            .map(|t: CatchUpTopic<K>| {
-                // Owned, so the futures are 'static (the task is spawned).
-                let history = self.clone();
-                async move {
-                    let patterns = [t.pattern];
-                    let frames = history.range(&patterns, t.after + 1, last).await?;
-                    let frames = frames.collect().await?;
-                    Ok::<_, HistoryError>(frames.into_iter().map(|(s, f)| (s, t.key, f)).collect())
-                }
-            })
-            .buffer_unordered(CATCH_UP_PARALLEL)
-            .try_collect()
-            .await?;
-        out.frames = per_topic.into_iter().flatten().collect();
+        let Some(start) = todo.iter().map(|t| t.after + 1).min() else {
+            return Ok(out);
+        };
+        let router = Router::new(&todo);
+        let mut scan = Scan::open(self, &[], start, last).await?;
+        while let Some((seq, msg)) = scan.next().await? {
+            let mut frame = None;
+            for key in router.route(msg.subject.as_str(), seq) {
+                let f = frame.get_or_insert_with(|| super::event_frame(seq, &msg));
+                out.frames.push((seq, key, f.clone()));
+            }
+        }
         Ok(out)
     }
 }
 
-/// One shared subscription to catch up: events of `pattern` after `after`.
-#[derive(Debug, Clone)]
-pub(crate) struct CatchUpTopic<K> {
-    pub key: K,
-    pub pattern: String,
-    pub after: u64,
+/// Which topics a stored message belongs to: literal patterns by subject
+/// (the per-user notification shape: thousands of them, one lookup), the
+/// few wildcard patterns by matching.
+struct Router<'a, K> {
+    literal: std::collections::HashMap<&'a str, Vec<(K, u64)>>,
+    wildcard: Vec<(&'a str, K, u64)>,
 }
 
-/// What a catch-up read: frames tagged with their topic (unsorted), and the
-/// topics whose backlog was over the limit.
-#[derive(Debug)]
-pub(crate) struct CaughtUp<K> {
-    pub frames: Vec<(u64, K, Bytes)>,
-    pub truncated: Vec<K>,
+impl<'a, K: Copy> Router<'a, K> {
+    fn new(topics: &[&'a CatchUpTopic<K>]) -> Self {
+        let mut r = Router {
+            literal: std::collections::HashMap::new(),
+            wildcard: Vec::new(),
+        };
+        for t in topics {
+            let p = t.pattern.as_str();
+            if p.split('.').any(|tok| tok == "*" || tok == ">") {
+                r.wildcard.push((p, t.key, t.after));
+            } else {
+                r.literal.entry(p).or_default().push((t.key, t.after));
+            }
+        }
+        r
+    }
+
+    /// The topics `subject` belongs to that have not delivered `seq` yet.
+    fn route<'s>(&'s self, subject: &'s str, seq: u64) -> impl Iterator<Item = K> + 's {
+        let literal = self.literal.get(subject).into_iter().flatten().copied();
+        let wildcard = self
+            .wildcard
+            .iter()
+            .filter(move |(p, _, _)| crate::subject::matches(p, subject))
+            .map(|(_, k, after)| (*k, *after));
+        literal
+            .chain(wildcard)
+            .filter(move |(_, after)| seq > *after)
+            .map(|(k, _)| k)
+    }
 }
 
-/// Stored events matching some patterns with sequence in `start..=end`, in
-/// order, read through an ephemeral ordered consumer.
-pub(crate) struct RangeReader {
-    messages: Option<consumer::pull::Ordered>,
+/// Messages to fetch per pull request of a scan.
+const SCAN_BATCH: usize = 1000;
+
+/// JetStream consumers one shard reads through at once: the server caps a
+/// stream's consumers (1,000 by default), and a storm of resumes on
+/// thousands of subjects must queue here rather than hit that cap.
+pub(crate) const CONCURRENT_READS: usize = 32;
+
+/// Every stored message matching `patterns` (all, when empty) with sequence
+/// in `start..=end`, in order, through one ephemeral pull consumer that is
+/// deleted when the scan ends or is dropped, so reads never pile consumers
+/// up against the server's limit.
+struct Scan {
+    js: jetstream::Context,
+    stream: String,
+    consumer: Option<consumer::PullConsumer>,
+    batch: Option<consumer::pull::Batch>,
+    /// Messages the current batch has given so far.
+    in_batch: usize,
+    next_seq: u64,
     end: u64,
-    done: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl RangeReader {
+impl Scan {
     async fn open(
         history: &History,
         patterns: &[String],
         start: u64,
         end: u64,
-    ) -> Result<RangeReader, HistoryError> {
-        let mut reader = RangeReader {
-            messages: None,
-            end,
-            done: true,
-        };
-        if start > end || start == 0 {
-            return Ok(reader);
-        }
+    ) -> Result<Scan, HistoryError> {
+        let permit = history
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
         let (filter_subject, filter_subjects) = match patterns {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
@@ -255,52 +311,133 @@ impl RangeReader {
             .map_err(nats_err)?;
         history.metrics.jetstream_requests.inc();
         let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
+            .create_consumer(consumer::pull::Config {
                 filter_subject,
                 filter_subjects,
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 },
+                ack_policy: consumer::AckPolicy::None,
+                // Removed by the server too, should the delete be lost.
+                inactive_threshold: Duration::from_secs(10),
                 ..Default::default()
             })
             .await
             .map_err(nats_err)?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(reader);
-        }
-        reader.messages = Some(consumer.messages().await.map_err(nats_err)?);
-        reader.done = false;
-        Ok(reader)
+        Ok(Scan {
+            js: history.js.clone(),
+            stream: history.stream.clone(),
+            consumer: Some(consumer),
+            batch: None,
+            in_batch: 0,
+            next_seq: start,
+            end,
+            _permit: permit,
+        })
     }
 
-    /// The next event, or None when the range is exhausted.
-    pub(crate) async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
-        if self.done {
-            return Ok(None);
-        }
-        let Some(messages) = &mut self.messages else {
-            return Ok(None);
-        };
-        let msg = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-            Err(_) => return Err(HistoryError::Stalled(READ_TIMEOUT)),
-            Ok(None) => {
-                self.done = true;
+    /// The next message with its stream sequence; None past `end`.
+    async fn next(&mut self) -> Result<Option<(u64, async_nats::Message)>, HistoryError> {
+        loop {
+            if self.next_seq > self.end {
                 return Ok(None);
             }
-            Ok(Some(m)) => m.map_err(nats_err)?,
+            let Some(consumer) = &self.consumer else {
+                return Ok(None);
+            };
+            if self.batch.is_none() {
+                let batch = consumer
+                    .fetch()
+                    .max_messages(SCAN_BATCH)
+                    .messages()
+                    .await
+                    .map_err(nats_err)?;
+                self.batch = Some(batch);
+                self.in_batch = 0;
+            }
+            let batch = self.batch.as_mut().expect("just set");
+            let msg = match tokio::time::timeout(READ_TIMEOUT, batch.next()).await {
+                Err(_) => return Err(HistoryError::Stalled(READ_TIMEOUT)),
+                Ok(None) => {
+                    // The batch is done; an empty one means the stream has
+                    // no more (limits may have removed the rest).
+                    self.batch = None;
+                    if self.in_batch == 0 {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                Ok(Some(m)) => m.map_err(nats_err)?,
+            };
+            self.in_batch += 1;
+            let seq = msg.info().map_err(nats_err)?.stream_sequence;
+            // Sequences only grow (limits and filters may skip some); one
+            // going backwards means the read lost its place.
+            if seq < self.next_seq {
+                return Err(HistoryError::Nats(format!(
+                    "read {seq} after {}",
+                    self.next_seq - 1
+                )));
+            }
+            self.next_seq = seq + 1;
+            if seq > self.end {
+                return Ok(None);
+            }
+            return Ok(Some((seq, msg.message)));
+        }
+    }
+}
+
+impl Drop for Scan {
+    fn drop(&mut self) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
         };
-        let (seq, pending) = {
-            let info = msg.info().map_err(nats_err)?;
-            (info.stream_sequence, info.pending)
-        };
-        if seq > self.end {
-            self.done = true;
+        let name = consumer.cached_info().name.clone();
+        let (js, stream) = (self.js.clone(), std::mem::take(&mut self.stream));
+        // Best effort: the consumer also expires on its own.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                    tracing::debug!(error = %e, "read consumer not deleted; it expires");
+                }
+            });
+        }
+    }
+}
+
+/// One shared subscription to catch up: events of `pattern` after `after`.
+#[derive(Debug, Clone)]
+pub(crate) struct CatchUpTopic<K> {
+    pub(crate) key: K,
+    pub(crate) pattern: String,
+    pub(crate) after: u64,
+}
+
+/// What a catch-up read: frames tagged with their topic (unsorted), and the
+/// topics whose backlog was over the limit.
+#[derive(Debug)]
+pub(crate) struct CaughtUp<K> {
+    pub(crate) frames: Vec<(u64, K, Bytes)>,
+    pub(crate) truncated: Vec<K>,
+}
+
+/// Stored events matching some patterns with sequence in `start..=end`, in
+/// order, as frames.
+pub(crate) struct RangeReader {
+    scan: Option<Scan>,
+}
+
+impl RangeReader {
+    /// The next event, or None when the range is exhausted.
+    pub(crate) async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
+        let Some(scan) = &mut self.scan else {
             return Ok(None);
-        }
-        if seq >= self.end || pending == 0 {
-            self.done = true;
-        }
-        Ok(Some((seq, super::event_frame(seq, &msg))))
+        };
+        Ok(scan
+            .next()
+            .await?
+            .map(|(seq, msg)| (seq, super::event_frame(seq, &msg))))
     }
 
     /// Every remaining event, in order.

@@ -354,12 +354,15 @@ async fn relay_sigkill_and_restart_clients_resume_without_loss() {
 /// it is down and 200 after, and every event JetStream stored (each acked
 /// publish, once) reaches the readers in order, exactly once, on their
 /// first and only connection.
+/// `max_requests`: the most JetStream requests the relay may make from just
+/// before the kill to the end (the catch-up's cost).
 async fn nats_restart(
     root: &'static str,
     sets: &[Vec<&'static str>],
     subjects: &'static [&'static str],
     n: usize,
     per_sec: u64,
+    max_requests: Option<f64>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut nats = NatsServer::start().await;
@@ -392,6 +395,7 @@ async fn nats_restart(
 
     wait_progress(&mut prog, per_sec as usize, WAIT).await;
     readers.wait_all_reached(1, WAIT).await;
+    let requests_before = relay.metric("relay_jetstream_requests_total", &[]).await;
     nats.stop(); // SIGKILL
     let killed_at = *prog.borrow();
     wait_until(WAIT, "/readyz to be 503 while NATS is down", || async {
@@ -409,9 +413,50 @@ async fn nats_restart(
 
     let (acked, retries) = join_task("publisher", publisher).await;
     eprintln!("publisher: {} acked, {retries} retries", acked.len());
+    if max_requests.is_some() {
+        // Every read's consumer is deleted when the read ends, or, when
+        // the delete cannot reach NATS (a read cut by the kill), expires
+        // after 10 s idle; none is left to count against the server's
+        // limit. Checked before this test reads the stream itself.
+        let gone = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                let mut s = js.get_stream("EVENTS").await.expect("stream");
+                if s.info().await.expect("stream info").state.consumer_count == 0 {
+                    return;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await;
+        if gone.is_err() {
+            use futures_util::StreamExt;
+            let s = js.get_stream("EVENTS").await.expect("stream");
+            let mut list = s.consumers();
+            let mut left = Vec::new();
+            while let Some(Ok(c)) = list.next().await {
+                left.push(format!(
+                    "{} {:?} {:?} delivered {:?} pending {}",
+                    c.name,
+                    c.config.filter_subject,
+                    c.config.filter_subjects,
+                    c.delivered,
+                    c.num_pending
+                ));
+            }
+            panic!("consumers left after 15 s: {left:#?}");
+        }
+    }
     let stored = stream_contents(&js, "EVENTS", WAIT).await;
     assert_acked_stored(&acked, &stored);
     let reports = finish_readers(readers, &stored, &acked).await;
+    if let Some(max) = max_requests {
+        let made = relay.metric("relay_jetstream_requests_total", &[]).await - requests_before;
+        assert!(
+            made <= max,
+            "the catch-up of {} subscriptions made {made} JetStream requests (at most {max})",
+            sets.len()
+        );
+    }
     for r in &reports {
         assert_eq!(
             (r.connections, r.ended_by_relay),
@@ -447,6 +492,7 @@ async fn nats_sigkill_and_restart_clients_stay_connected_and_miss_nothing() {
             SUBJECTS,
             800,
             200,
+            None,
         ),
     )
     .await
@@ -469,7 +515,29 @@ async fn nats_restart_catches_up_many_subscriptions() {
     within(
         Duration::from_secs(50),
         "nats_restart_catches_up_many_subscriptions",
-        nats_restart("events.p", &sets, subjects, 960, 240),
+        nats_restart("events.p", &sets, subjects, 960, 240, None),
+    )
+    .await
+}
+
+/// 2,000 clients, each on a subject of its own (the per-user notification
+/// shape), through a nats-server SIGKILL and restart: one catch-up read for
+/// all of them, every client gets its events exactly once, and the relay
+/// makes at most 20 JetStream requests for it (one consumer, deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_with_2000_subscriptions_costs_a_few_requests() {
+    let _load = load_group(module_path!()).await;
+    let subjects: &'static [&'static str] = Box::leak(
+        (0..2000)
+            .map(|i| &*Box::leak(format!("events.u.{i}").into_boxed_str()))
+            .collect::<Vec<&'static str>>()
+            .into_boxed_slice(),
+    );
+    let sets: Vec<Vec<&'static str>> = subjects.iter().map(|s| vec![*s]).collect();
+    within(
+        Duration::from_secs(90),
+        "nats_restart_with_2000_subscriptions_costs_a_few_requests",
+        nats_restart("events.u", &sets, subjects, 8000, 2000, Some(20.0)),
     )
     .await
 }
