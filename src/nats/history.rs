@@ -210,7 +210,7 @@ impl History {
             return Ok(out);
         };
         let router = Router::new(&todo);
-        let mut scan = Scan::open(self, &[], start, last).await?;
+        let mut scan = Scan::open_for_catch_up(self, start, last).await?;
         while let Some((seq, msg)) = scan.next().await? {
             let mut frame = None;
             for key in router.route(msg.subject.as_str(), seq) {
@@ -283,10 +283,13 @@ struct Scan {
     in_batch: usize,
     next_seq: u64,
     end: u64,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// None for a catch-up, which must never wait behind client reads.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Scan {
+    /// A read for clients (a resume, a window fill): waits for one of the
+    /// shard's [`CONCURRENT_READS`] permits.
     async fn open(
         history: &History,
         patterns: &[String],
@@ -299,6 +302,26 @@ impl Scan {
             .acquire_owned()
             .await
             .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
+        Self::open_with(history, patterns, start, end, Some(permit)).await
+    }
+
+    /// The catch-up's read: one per shard at a time by construction, and
+    /// never queued behind resumes that a slow client may hold for long.
+    async fn open_for_catch_up(
+        history: &History,
+        start: u64,
+        end: u64,
+    ) -> Result<Scan, HistoryError> {
+        Self::open_with(history, &[], start, end, None).await
+    }
+
+    async fn open_with(
+        history: &History,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Scan, HistoryError> {
         let (filter_subject, filter_subjects) = match patterns {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
