@@ -40,7 +40,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("relay");
         r.register("connections", "Open SSE streams", self.connections.clone());
         r.register(
-            "connections",
+            "connections_opened",
             "SSE streams opened",
             self.connections_total.clone(),
         );
@@ -110,11 +110,56 @@ impl Metrics {
         self.replayed.get_or_create(&source).inc_by(events);
     }
 
-    /// Renders the text exposition format.
+    /// The content type of [`Metrics::render`]'s output.
+    pub const CONTENT_TYPE: &'static str =
+        "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+    /// Renders the OpenMetrics text exposition (ends with `# EOF`).
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family is declared once, and every sample belongs to a declared
+    /// family: what `promtool check metrics` and Prometheus' parser hold.
+    #[test]
+    fn the_exposition_declares_each_family_once() {
+        let m = Metrics::default();
+        m.connections.inc();
+        m.connections_total.inc();
+        m.count_resume("memory", 3);
+        m.refusals.get_or_create(&Reason { reason: "x" }).inc();
+        let text = m.render();
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            assert!(
+                families.insert(name.to_string()),
+                "{name} declared twice:\n{text}"
+            );
+        }
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let sample = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                families.iter().any(|f| sample == f
+                    || sample
+                        .strip_prefix(f.as_str())
+                        .is_some_and(
+                            |s| ["_total", "_created", "_bucket", "_sum", "_count"].contains(&s)
+                        )),
+                "sample {sample} of no declared family:\n{text}"
+            );
+        }
     }
 }

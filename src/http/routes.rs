@@ -79,7 +79,7 @@ where
             let mut res = text(StatusCode::OK, app.metrics.render());
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(crate::metrics::Metrics::CONTENT_TYPE),
             );
             Ok(res)
         }

@@ -103,6 +103,13 @@ async fn two_workers_spread_clients_and_deliver_every_event() {
                 "the connections gauge sums every shard"
             );
             assert_eq!(relay.metric("relay_nats_connected", &[]).await, 2.0);
+            let m = relay.get("/metrics", &[]).await;
+            assert_eq!(
+                m.header("content-type"),
+                Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                "the content type says what the body is (it ends with # EOF)"
+            );
+            assert!(m.body.ends_with("# EOF\n"));
 
             let js = async_nats::jetstream::new(nats.client().await);
             let mut want_solo = Vec::new();
