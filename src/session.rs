@@ -13,7 +13,7 @@ use crate::app::{App, Live};
 use crate::auth::{AuthError, Claims};
 use crate::client::{ClientQueue, EndReason, SseBody};
 use crate::error::ApiError;
-use crate::hub::{Backfill, JoinError};
+use crate::hub::{Backfill, Heartbeat, JoinError};
 use crate::metrics::Metrics;
 use crate::nats::{History, HistoryError, ResumePlan};
 use crate::sse;
@@ -52,7 +52,7 @@ pub(crate) async fn open(
     let deadline = app.verifier.deadline(claims.exp);
     let joined = live
         .hub
-        .join(patterns.clone(), deadline, resume)
+        .join(patterns.clone(), deadline, resume, q.heartbeat)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "join failed");
@@ -269,21 +269,28 @@ pub(crate) fn patterns_for_query(query: &str, grants: &[String]) -> Result<Vec<S
 }
 
 /// The `/events` query string.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Query {
     token: Option<String>,
     subjects: Vec<String>,
     last_event_id: Option<String>,
+    heartbeat: Heartbeat,
 }
 
 impl Query {
     fn parse(q: &str) -> Query {
-        let mut out = Query::default();
+        let mut out = Query {
+            token: None,
+            subjects: Vec::new(),
+            last_event_id: None,
+            heartbeat: Heartbeat::Comment,
+        };
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             match &*k {
                 "token" => out.token = Some(v.into_owned()),
                 "subject" => out.subjects.push(v.into_owned()),
                 "last_event_id" => out.last_event_id = Some(v.into_owned()),
+                "heartbeat" if v == "event" => out.heartbeat = Heartbeat::Event,
                 _ => {}
             }
         }

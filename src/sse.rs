@@ -49,6 +49,17 @@ pub fn encode_gap(last_event_id: u64, first_available: u64) -> Bytes {
     encode_control("relay.gap", &data.to_string())
 }
 
+/// `relay.live`: the stream is caught up (a resume spliced to live, or a
+/// fresh stream's subscriptions active); `last_event_id` is the last id
+/// the client has (null on a fresh stream). No `id:` line.
+pub fn encode_live(last_event_id: Option<u64>) -> Bytes {
+    let data = serde_json::json!({ "last_event_id": last_event_id });
+    encode_control("relay.live", &data.to_string())
+}
+
+/// `relay.heartbeat`: a heartbeat a page can see (`heartbeat=event`).
+pub const HEARTBEAT_EVENT: &[u8] = b"event: relay.heartbeat\ndata: {}\n\n";
+
 /// `retry: <ms>` tells EventSource how long to wait before reconnecting.
 /// Every stream opens with it, and every stream the relay ends closes with
 /// it, so the browser comes back after the delay.

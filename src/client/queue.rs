@@ -160,9 +160,14 @@ impl ClientQueue {
 
     /// Ends the hold: live frames that arrived during the replay follow the
     /// replayed ones, minus any the replay already delivered.
+    ///
+    /// `relay.live` goes in at the seam: after the last replayed event,
+    /// before the first live one, naming the last id the client has.
     pub fn release(&self) {
         let mut st = self.lock();
         let Some(held) = st.held.take() else { return };
+        let marker = crate::sse::encode_live(Some(st.last_seq));
+        st.frames.push_back(marker);
         for (seq, f) in held {
             if seq > st.last_seq {
                 st.last_seq = seq;
@@ -328,7 +333,9 @@ mod tests {
         let Poll::Ready(Some(chunk)) = q.poll_chunk(&mut cx) else {
             panic!("expected a chunk")
         };
-        assert_eq!(text(&chunk), "11;12;14;15;");
+        // relay.live marks the seam, naming the last replayed id.
+        let live = "event: relay.live\ndata: {\"last_event_id\":14}\n\n";
+        assert_eq!(text(&chunk), format!("11;12;14;{live}15;"));
         assert!(!q.is_held());
     }
 

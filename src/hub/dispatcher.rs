@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::merge::MergeSet;
 use super::topics::{Clients, TopicKey, Topics};
 use super::window::Window;
-use super::{Cmd, HubConfig, Upstream};
+use super::{Cmd, Heartbeat, HubConfig, Upstream};
 use crate::client::{ClientQueue, EndReason};
 use crate::metrics::{Metrics, Reason};
 use crate::nats::{CaughtUp, LinkEvent, Stored};
@@ -134,7 +134,8 @@ impl<U: Upstream> Dispatcher<U> {
         let mut armed: Option<Instant> = None;
         let mut batch = Vec::new();
         let mut ended = Vec::new();
-        let heartbeat_frame = Bytes::from_static(sse::HEARTBEAT);
+        let comment = Bytes::from_static(sse::HEARTBEAT);
+        let event = Bytes::from_static(sse::HEARTBEAT_EVENT);
         loop {
             let next = self.clients.next_expiry();
             if next != armed {
@@ -189,8 +190,11 @@ impl<U: Upstream> Dispatcher<U> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    for q in self.clients.queues() {
-                        q.heartbeat(&heartbeat_frame);
+                    for (q, kind) in self.clients.heartbeats() {
+                        q.heartbeat(match kind {
+                            Heartbeat::Comment => &comment,
+                            Heartbeat::Event => &event,
+                        });
                     }
                 }
                 () = &mut expiry, if armed.is_some() => self.expire(),

@@ -78,6 +78,15 @@ pub(crate) enum JoinError {
     ShuttingDown,
 }
 
+/// What a client's heartbeat looks like: an SSE comment (invisible to
+/// JavaScript, keeps proxies and NAT tables awake) or `relay.heartbeat`, an
+/// event a page's watchdog can see (`heartbeat=event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Heartbeat {
+    Comment,
+    Event,
+}
+
 /// How a resuming client's history is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Backfill {
@@ -130,6 +139,7 @@ struct JoinRequest {
     patterns: Vec<String>,
     deadline: Instant,
     resume: Option<u64>,
+    heartbeat: Heartbeat,
     reply: oneshot::Sender<Result<Backfill, JoinError>>,
 }
 
@@ -221,6 +231,7 @@ impl Hub {
         patterns: Vec<String>,
         deadline: SystemTime,
         resume: Option<u64>,
+        heartbeat: Heartbeat,
     ) -> Result<Joined, JoinError> {
         let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let queue = Arc::new(match resume {
@@ -242,6 +253,7 @@ impl Hub {
                 patterns,
                 deadline: deadline_after(left),
                 resume,
+                heartbeat,
                 reply,
             }))
             .map_err(|_| JoinError::ShuttingDown)?;

@@ -7,6 +7,7 @@ use super::topics::{Fill, TopicKey};
 use super::{Backfill, Upstream};
 use crate::client::ClientId;
 use crate::nats::Stored;
+use crate::sse;
 
 impl<U: Upstream> Dispatcher<U> {
     /// Every subscription of client `id` is active: serve its resume from
@@ -16,6 +17,9 @@ impl<U: Upstream> Dispatcher<U> {
             return;
         };
         let Some(after) = c.resume else {
+            // A fresh stream is live from here: before any event can reach
+            // its queue (the dispatcher is the only one who fills it).
+            c.queue.offer_unsequenced(&sse::encode_live(None));
             if let Some(reply) = c.reply.take() {
                 let _ = reply.send(Ok(Backfill::Done));
             }

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::dispatcher::{Dispatcher, Done};
-use super::{Backfill, JoinError, JoinRequest, Upstream};
+use super::{Backfill, Heartbeat, JoinError, JoinRequest, Upstream};
 use crate::client::{ClientId, ClientQueue, EndReason};
 
 /// How long subscribing (SUB + flush round trip) may take before a join fails.
@@ -101,6 +101,7 @@ pub(super) struct Client {
     /// Subscriptions still being set up before the join can be answered.
     pub(super) pending: usize,
     pub(super) resume: Option<u64>,
+    pub(super) heartbeat: Heartbeat,
     pub(super) reply: Option<oneshot::Sender<Result<Backfill, JoinError>>>,
 }
 
@@ -142,6 +143,11 @@ impl Clients {
         self.map.values().map(|c| &c.queue)
     }
 
+    /// Every client's queue with the heartbeat it asked for.
+    pub(super) fn heartbeats(&self) -> impl Iterator<Item = (&Arc<ClientQueue>, Heartbeat)> {
+        self.map.values().map(|c| (&c.queue, c.heartbeat))
+    }
+
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.expiries.peek().map(|Reverse((at, _))| *at)
     }
@@ -171,6 +177,7 @@ impl<U: Upstream> Dispatcher<U> {
             patterns,
             deadline,
             resume,
+            heartbeat,
             reply,
         } = req;
         let mut client = Client {
@@ -178,6 +185,7 @@ impl<U: Upstream> Dispatcher<U> {
             topics: Vec::with_capacity(patterns.len()),
             pending: 0,
             resume,
+            heartbeat,
             reply: Some(reply),
         };
         for p in patterns {

@@ -657,3 +657,71 @@ async fn slow_client_is_dropped_fast_client_gets_everything() {
     })
     .await
 }
+
+/// `relay.live` (no `id:`) marks where a stream is live: right after a
+/// fresh stream's subscriptions are active (`last_event_id` null), and at
+/// the seam of a resume, after the replay (naming the last replayed id).
+/// `heartbeat=event` makes the heartbeat an event a page can see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_live_and_visible_heartbeats() {
+    within(TEST_LIMIT, "relay_live_and_visible_heartbeats", async {
+        let nats = NatsServer::start().await;
+        let relay = InProcessRelay::start(&nats.url(), &["--heartbeat", "1"]).await;
+        let js = async_nats::jetstream::new(nats.client().await);
+        let tok = token(SECRET, &["events.live.>"], 300);
+        let auth = bearer(&tok);
+
+        let path = with_query(&events_path(&["events.live.>"]), &[("heartbeat", "event")]);
+        let mut fresh = SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await;
+        assert_eq!(fresh.status, 200);
+        let retry = fresh.next_event(WAIT).await.expect("retry");
+        assert!(retry.retry.is_some());
+        let live = fresh.next_event(WAIT).await.expect("relay.live");
+        assert_eq!(live.event.as_deref(), Some("relay.live"), "{live:?}");
+        assert_eq!(live.id, None, "a marker never moves Last-Event-ID");
+        assert_eq!(live.data, r#"{"last_event_id":null}"#);
+        let beat = fresh
+            .next_event(Duration::from_secs(4))
+            .await
+            .expect("a heartbeat");
+        assert_eq!(beat.event.as_deref(), Some("relay.heartbeat"), "{beat:?}");
+        assert_eq!(beat.id, None);
+
+        // A resume: replayed events, then the marker, then live events.
+        let mut seqs = Vec::new();
+        for i in 0..3 {
+            let ack = js
+                .publish("events.live.a", Bytes::from(format!("e{i}")))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            seqs.push(ack.sequence);
+        }
+        let after = seqs[0].to_string();
+        let mut resumed = SseClient::connect(
+            relay.addr(),
+            &events_path(&["events.live.>"]),
+            &[("Authorization", &auth), ("Last-Event-ID", &after)],
+        )
+        .await;
+        let mut order = Vec::new();
+        while order.len() < 3 {
+            let ev = resumed.next_event(WAIT).await.expect("an event");
+            if let Some(id) = &ev.id {
+                order.push(format!("id {id}"));
+            } else if ev.event.as_deref() == Some("relay.live") {
+                order.push(format!("live {}", ev.data));
+            }
+        }
+        assert_eq!(
+            order,
+            [
+                format!("id {}", seqs[1]),
+                format!("id {}", seqs[2]),
+                format!(r#"live {{"last_event_id":{}}}"#, seqs[2]),
+            ]
+        );
+    })
+    .await
+}

@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientQueue;
-use crate::hub::{Hub, HubConfig, Joined, LiveMessage, Upstream};
+use crate::hub::{Heartbeat, Hub, HubConfig, Joined, LiveMessage, Upstream};
 use crate::metrics::Metrics;
 use crate::nats::{CatchUpTopic, CaughtUp, HistoryError, LinkEvent, Stored};
 use crate::subject;
@@ -208,7 +208,7 @@ impl Setup {
     pub(super) async fn join(&self, patterns: &[&str], resume: Option<u64>) -> Joined {
         let patterns = patterns.iter().map(|p| p.to_string()).collect();
         self.hub
-            .join(patterns, in_an_hour(), resume)
+            .join(patterns, in_an_hour(), resume, Heartbeat::Comment)
             .await
             .expect("join")
     }
@@ -234,6 +234,9 @@ pub(super) struct Received {
     pub(super) controls: Vec<String>,
     pub(super) retries: usize,
     pub(super) ended: bool,
+    /// Every frame in order: `id 5`, `relay.live {"last_event_id":4}`,
+    /// `:`, `retry`.
+    pub(super) order: Vec<String>,
 }
 
 /// Drains everything queued for a client (as its body would).
@@ -245,13 +248,24 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
                 let text = std::str::from_utf8(&chunk).unwrap().to_string();
                 for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
                     if let Some(id) = frame.strip_prefix("id: ") {
-                        into.ids.push(id.lines().next().unwrap().parse().unwrap());
+                        let id = id.lines().next().unwrap();
+                        into.ids.push(id.parse().unwrap());
+                        into.order.push(format!("id {id}"));
                     } else if frame == ":" {
                         into.comments += 1;
+                        into.order.push(":".into());
                     } else if frame.starts_with("retry: ") {
                         into.retries += 1;
+                        into.order.push("retry".into());
                     } else if let Some(ev) = frame.strip_prefix("event: ") {
-                        into.controls.push(ev.lines().next().unwrap().to_string());
+                        let mut lines = ev.lines();
+                        let name = lines.next().unwrap().to_string();
+                        let data = lines
+                            .next()
+                            .unwrap_or_default()
+                            .trim_start_matches("data: ");
+                        into.order.push(format!("{name} {data}"));
+                        into.controls.push(name);
                     } else {
                         panic!("unexpected frame {frame:?}");
                     }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 
-use super::{Backfill, HubConfig};
+use super::{Backfill, Heartbeat, HubConfig};
 use crate::client::Departure;
 use crate::nats::LinkEvent;
 use fake::{Received, config, drain, in_an_hour, received, start, until};
@@ -179,9 +179,14 @@ async fn a_cold_window_is_filled_once_for_concurrent_resumes() {
         .map(|_| {
             let hub = s.hub.clone();
             tokio::spawn(async move {
-                hub.join(vec!["events.a".into()], in_an_hour(), Some(40))
-                    .await
-                    .expect("join")
+                hub.join(
+                    vec!["events.a".into()],
+                    in_an_hour(),
+                    Some(40),
+                    Heartbeat::Comment,
+                )
+                .await
+                .expect("join")
             })
         })
         .collect();
@@ -288,7 +293,7 @@ async fn expiry_ends_the_stream_at_its_deadline() {
     let deadline = SystemTime::now() + Duration::from_secs(30);
     let j = s
         .hub
-        .join(vec!["events.a".into()], deadline, None)
+        .join(vec!["events.a".into()], deadline, None, Heartbeat::Comment)
         .await
         .unwrap();
     let other = s.join(&["events.a"], None).await;
@@ -302,7 +307,7 @@ async fn expiry_ends_the_stream_at_its_deadline() {
         got.ended
     })
     .await;
-    assert_eq!(got.controls, ["relay.expired"]);
+    assert_eq!(got.controls, ["relay.live", "relay.expired"]);
     assert!(
         !received(&other.queue).ended,
         "only the expired client ends"
@@ -345,7 +350,12 @@ async fn a_failed_subscription_fails_its_joins_and_the_next_join_retries() {
     s.fake.lock().fail_subscribe = true;
     let failed = s
         .hub
-        .join(vec!["events.a".into()], in_an_hour(), None)
+        .join(
+            vec!["events.a".into()],
+            in_an_hour(),
+            None,
+            Heartbeat::Comment,
+        )
         .await;
     assert!(failed.is_err());
     s.fake.lock().fail_subscribe = false;
@@ -424,4 +434,105 @@ async fn unknown_resume_ids_cost_one_stream_request_per_interval() {
         start.elapsed() <= Duration::from_secs(1),
         "waited at most one interval"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_stream_is_marked_live_before_any_event() {
+    let s = start(config());
+    s.fake.store("events.a"); // before the client: not for it
+    let j = s.join(&["events.a"], None).await;
+    s.fake.publish("events.a");
+    let mut got = Received::default();
+    until("the event", || {
+        drain(&j.queue, &mut got);
+        !got.ids.is_empty()
+    })
+    .await;
+    assert_eq!(
+        got.order,
+        ["retry", r#"relay.live {"last_event_id":null}"#, "id 2"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn relay_live_marks_the_seam_of_a_resume() {
+    // From memory: replayed events, the marker, then live ones.
+    let s = start(config());
+    let _keep = s.join(&["events.a"], None).await;
+    for _ in 0..5 {
+        s.fake.publish("events.a");
+    }
+    until("5 delivered", || s.hub.max_seen() == 5).await;
+    let j = s.join(&["events.a"], Some(3)).await;
+    s.fake.publish("events.a");
+    let mut got = Received::default();
+    until("6", || {
+        drain(&j.queue, &mut got);
+        got.ids.last() == Some(&6)
+    })
+    .await;
+    assert_eq!(
+        got.order,
+        [
+            "retry",
+            "id 4",
+            "id 5",
+            r#"relay.live {"last_event_id":5}"#,
+            "id 6"
+        ]
+    );
+
+    // From the stream: the marker sits between the replay and the live
+    // frames held meanwhile.
+    let s = start(HubConfig {
+        replay_cache_bytes: 0,
+        ..config()
+    });
+    for _ in 0..4 {
+        s.fake.store("events.b");
+    }
+    let j = s.join(&["events.b"], Some(2)).await;
+    s.fake.publish("events.b"); // 5, held
+    until("held", || s.hub.max_seen() == 5).await;
+    for (seq, frame) in s.fake.stored_after("events.b", 2, 4) {
+        assert!(j.queue.replay(seq, &frame));
+    }
+    j.queue.release();
+    assert_eq!(
+        received(&j.queue).order,
+        [
+            "retry",
+            "id 3",
+            "id 4",
+            r#"relay.live {"last_event_id":4}"#,
+            "id 5"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_event_goes_to_the_clients_that_ask_for_it() {
+    let s = start(config());
+    let plain = s.join(&["events.a"], None).await;
+    let visible = s
+        .hub
+        .join(
+            vec!["events.a".into()],
+            in_an_hour(),
+            None,
+            Heartbeat::Event,
+        )
+        .await
+        .unwrap();
+    let (mut p, mut v) = (received(&plain.queue), received(&visible.queue));
+    tokio::time::advance(Duration::from_secs(15)).await;
+    until("the tick", || {
+        drain(&plain.queue, &mut p);
+        drain(&visible.queue, &mut v);
+        p.comments == 1 && v.controls.len() == 2
+    })
+    .await;
+    assert_eq!(v.controls, ["relay.live", "relay.heartbeat"]);
+    assert_eq!(v.comments, 0);
+    assert!(v.ids.is_empty(), "a heartbeat never moves the id");
 }

@@ -155,6 +155,14 @@ pub struct SseClient {
     done: bool,
     /// The connection broke before the body's end.
     error: Option<String>,
+    /// `relay.live` and `relay.heartbeat` markers skipped by
+    /// [`SseClient::next_data_event`], in order.
+    pub markers: Vec<SseEvent>,
+}
+
+/// Events that mark a stream's state and carry no event of the stream.
+pub fn is_marker(ev: &SseEvent) -> bool {
+    matches!(ev.event.as_deref(), Some("relay.live" | "relay.heartbeat"))
 }
 
 impl SseClient {
@@ -246,6 +254,7 @@ impl SseClient {
             events: VecDeque::new(),
             done: false,
             error: None,
+            markers: Vec::new(),
         })
     }
 
@@ -314,13 +323,16 @@ impl SseClient {
     }
 
     /// Next block that has at least one `data:` line (skips retry-only and
-    /// other data-less blocks).
+    /// other data-less blocks, and keeps `relay.live` / `relay.heartbeat`
+    /// markers in [`SseClient::markers`]).
     pub async fn next_data_event(&mut self, limit: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let ev = self.next_event(left).await?;
-            if ev.has_data {
+            if is_marker(&ev) {
+                self.markers.push(ev);
+            } else if ev.has_data {
                 return Some(ev);
             }
         }
