@@ -79,6 +79,8 @@ struct QueueState {
     held: Option<VecDeque<(u64, Bytes)>>,
     /// The replay writer waiting for room in `frames`.
     space_waker: Option<Waker>,
+    /// Something was queued since the heartbeat sweep last looked.
+    wrote: bool,
 }
 
 impl ClientQueue {
@@ -174,6 +176,7 @@ impl ClientQueue {
                 st.frames.push_back(f);
             }
         }
+        st.wrote = true;
         let waker = st.waker.take();
         drop(st);
         if let Some(w) = waker {
@@ -192,13 +195,17 @@ impl ClientQueue {
         true
     }
 
-    /// A heartbeat is only worth sending to a connection with nothing queued.
+    /// A heartbeat is only worth sending to a stream that wrote nothing
+    /// since the sweep last looked (one heartbeat interval): true when one
+    /// was queued.
     pub fn heartbeat(&self, frame: &Bytes) -> bool {
-        let st = self.lock();
-        if st.end.is_some() || !st.frames.is_empty() {
-            return true;
+        let mut st = self.lock();
+        let wrote = std::mem::take(&mut st.wrote);
+        if st.end.is_some() || wrote || !st.frames.is_empty() {
+            return false;
         }
-        push_and_wake(st, frame);
+        // The heartbeat itself is not writing: the next look decides anew.
+        queue_and_wake(st, frame, false);
         true
     }
 
@@ -273,8 +280,15 @@ impl ClientQueue {
 }
 
 /// Queues `frame` and wakes the body, outside the lock.
-fn push_and_wake(mut st: std::sync::MutexGuard<'_, QueueState>, frame: &Bytes) {
+fn push_and_wake(st: std::sync::MutexGuard<'_, QueueState>, frame: &Bytes) {
+    queue_and_wake(st, frame, true);
+}
+
+/// Queues `frame`, noting whether it counts as the stream writing (a
+/// heartbeat does not), and wakes the body outside the lock.
+fn queue_and_wake(mut st: std::sync::MutexGuard<'_, QueueState>, frame: &Bytes, writing: bool) {
     st.frames.push_back(frame.clone());
+    st.wrote |= writing;
     let waker = st.waker.take();
     drop(st);
     if let Some(w) = waker {

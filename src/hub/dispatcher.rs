@@ -15,7 +15,7 @@ use super::merge::MergeSet;
 use super::topics::{Clients, TopicKey, Topics};
 use super::window::Window;
 use super::{Cmd, Heartbeat, HubConfig, Upstream};
-use crate::client::{ClientQueue, EndReason};
+use crate::client::{ClientId, ClientQueue, EndReason};
 use crate::metrics::{Metrics, Reason};
 use crate::nats::{CaughtUp, LinkEvent, Stored};
 use crate::sse;
@@ -26,6 +26,22 @@ pub(super) struct Delivery {
     pub(super) seq: u64,
     pub(super) topic: TopicKey,
     pub(super) frame: Bytes,
+}
+
+/// Ticks per heartbeat interval: each looks at this share of the clients.
+const HEARTBEAT_SLICES: usize = 16;
+
+/// Where the heartbeat sweep is in its cycle over the clients.
+#[derive(Default)]
+struct Sweep {
+    ids: Vec<ClientId>,
+    tick: usize,
+}
+
+/// One sweep tick: 1/HEARTBEAT_SLICES of the interval, in whole
+/// milliseconds (the timer's resolution), so a cycle never outlasts it.
+pub(super) fn sweep_tick(interval: Duration) -> Duration {
+    Duration::from_millis((interval.as_millis() as u64 / HEARTBEAT_SLICES as u64).max(1))
 }
 
 /// Answers from the tasks the dispatcher starts.
@@ -126,7 +142,10 @@ impl<U: Upstream> Dispatcher<U> {
         shutdown: CancellationToken,
     ) {
         let mut done = self.done_rx.take().expect("run once");
-        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
+        // The sweep looks at 1/HEARTBEAT_SLICES of the clients per tick, so
+        // every client is looked at once per interval and the writes are
+        // spread over it instead of landing in one burst.
+        let mut heartbeat = tokio::time::interval(sweep_tick(self.cfg.heartbeat));
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         heartbeat.tick().await;
         let expiry = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86400));
@@ -134,6 +153,7 @@ impl<U: Upstream> Dispatcher<U> {
         let mut armed: Option<Instant> = None;
         let mut batch = Vec::new();
         let mut ended = Vec::new();
+        let mut sweep = Sweep::default();
         let comment = Bytes::from_static(sse::HEARTBEAT);
         let event = Bytes::from_static(sse::HEARTBEAT_EVENT);
         loop {
@@ -189,14 +209,7 @@ impl<U: Upstream> Dispatcher<U> {
                         self.subscription_ended(topic);
                     }
                 }
-                _ = heartbeat.tick() => {
-                    for (q, kind) in self.clients.heartbeats() {
-                        q.heartbeat(match kind {
-                            Heartbeat::Comment => &comment,
-                            Heartbeat::Event => &event,
-                        });
-                    }
-                }
+                _ = heartbeat.tick() => self.sweep_heartbeats(&mut sweep, &comment, &event),
                 () = &mut expiry, if armed.is_some() => self.expire(),
             }
         }
@@ -218,6 +231,32 @@ impl<U: Upstream> Dispatcher<U> {
         }
         self.count_ends(reason, n);
         n
+    }
+
+    /// One tick of the heartbeat sweep: the next slice of the clients of
+    /// this cycle gets a heartbeat if its stream wrote nothing since the
+    /// sweep last looked (one interval ago).
+    fn sweep_heartbeats(&mut self, sweep: &mut Sweep, comment: &Bytes, event: &Bytes) {
+        if sweep.tick == 0 {
+            // A new cycle over the clients there are now.
+            sweep.ids = self.clients.ids();
+        }
+        // Tick k of the cycle looks at the k-th sixteenth: every client once
+        // per cycle, however few there are.
+        let n = sweep.ids.len();
+        let (start, end) = (
+            n * sweep.tick / HEARTBEAT_SLICES,
+            n * (sweep.tick + 1) / HEARTBEAT_SLICES,
+        );
+        sweep.tick = (sweep.tick + 1) % HEARTBEAT_SLICES;
+        for id in &sweep.ids[start..end] {
+            if let Some(c) = self.clients.get(*id) {
+                c.queue.heartbeat(match c.heartbeat {
+                    Heartbeat::Comment => comment,
+                    Heartbeat::Event => event,
+                });
+            }
+        }
     }
 
     pub(super) fn count_ends(&self, reason: EndReason, n: usize) {

@@ -143,9 +143,9 @@ impl Clients {
         self.map.values().map(|c| &c.queue)
     }
 
-    /// Every client's queue with the heartbeat it asked for.
-    pub(super) fn heartbeats(&self) -> impl Iterator<Item = (&Arc<ClientQueue>, Heartbeat)> {
-        self.map.values().map(|c| (&c.queue, c.heartbeat))
+    /// Every client's id, for one cycle of the heartbeat sweep.
+    pub(super) fn ids(&self) -> Vec<ClientId> {
+        self.map.keys().copied().collect()
     }
 
     pub(super) fn next_expiry(&self) -> Option<Instant> {

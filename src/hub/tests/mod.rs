@@ -260,30 +260,81 @@ async fn a_catch_up_over_the_limit_ends_its_streams() {
     assert_eq!(got.retries, 2, "opening retry and the closing one");
 }
 
+/// Moves the paused clock in steps of one sweep tick, letting the
+/// dispatcher run after each (bounded).
+async fn advance(by: Duration) {
+    let tick = super::dispatcher::sweep_tick(config().heartbeat);
+    let mut left = by;
+    while !left.is_zero() {
+        let step = tick.min(left);
+        tokio::time::advance(step).await;
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+        left -= step;
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn heartbeats_go_only_to_idle_queues() {
+async fn heartbeats_go_only_to_streams_silent_for_an_interval() {
     let s = start(config());
     let idle = s.join(&["events.idle"], None).await;
     let busy = s.join(&["events.busy"], None).await;
-    let mut idle_got = received(&idle.queue);
-    received(&busy.queue);
-    // Busy has an event waiting in its queue when the tick comes.
-    s.fake.publish("events.busy");
-    until("busy has a frame queued", || s.hub.max_seen() == 1).await;
-    tokio::time::advance(Duration::from_secs(14)).await;
-    drain(&idle.queue, &mut idle_got);
-    assert_eq!(idle_got.comments, 0, "no heartbeat before the interval");
-    tokio::time::advance(Duration::from_secs(1)).await;
-    until("the tick", || {
+    let (mut idle_got, mut busy_got) = (received(&idle.queue), received(&busy.queue));
+    // Busy writes every 5 s; idle writes nothing after it opened.
+    for _ in 0..12 {
+        s.fake.publish("events.busy");
+        advance(Duration::from_secs(5)).await;
         drain(&idle.queue, &mut idle_got);
-        idle_got.comments == 1
-    })
-    .await;
-    let busy_got = received(&busy.queue);
-    assert_eq!(busy_got.ids, [1]);
+        drain(&busy.queue, &mut busy_got);
+    }
+    assert_eq!(busy_got.ids.len(), 12);
     assert_eq!(
         busy_got.comments, 0,
-        "a queue with frames pending gets no heartbeat"
+        "a stream that writes needs no heartbeat"
+    );
+    // 60 s: the first look after opening sees the opening frames, then one
+    // heartbeat per 15 s interval: 2 to 4 depending on where in the cycle
+    // the stream sits.
+    assert!(
+        (2..=4).contains(&idle_got.comments),
+        "one heartbeat per silent interval: {}",
+        idle_got.comments
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_are_spread_over_the_interval() {
+    let s = start(config());
+    let mut clients = Vec::new();
+    for i in 0..160 {
+        let j = s.join(&[&format!("events.q.{i}")], None).await;
+        let got = received(&j.queue);
+        clients.push((j, got));
+    }
+    // Two intervals: every stream has been silent for one by then.
+    advance(Duration::from_secs(30)).await;
+    for (j, got) in &mut clients {
+        drain(&j.queue, got);
+    }
+    let mut per_tick = Vec::new();
+    for _ in 0..16 {
+        let before: usize = clients.iter().map(|(_, g)| g.comments).sum();
+        advance(super::dispatcher::sweep_tick(config().heartbeat)).await;
+        for (j, got) in &mut clients {
+            drain(&j.queue, got);
+        }
+        let after: usize = clients.iter().map(|(_, g)| g.comments).sum();
+        per_tick.push(after - before);
+    }
+    assert_eq!(
+        per_tick.iter().sum::<usize>(),
+        160,
+        "each stream once per interval: {per_tick:?}"
+    );
+    assert!(
+        per_tick.iter().all(|n| *n <= 10),
+        "no tick writes more than 1/16 of the streams: {per_tick:?}"
     );
 }
 
@@ -525,13 +576,13 @@ async fn heartbeat_event_goes_to_the_clients_that_ask_for_it() {
         .await
         .unwrap();
     let (mut p, mut v) = (received(&plain.queue), received(&visible.queue));
-    tokio::time::advance(Duration::from_secs(15)).await;
-    until("the tick", || {
-        drain(&plain.queue, &mut p);
-        drain(&visible.queue, &mut v);
-        p.comments == 1 && v.controls.len() == 2
-    })
-    .await;
+    advance(Duration::from_secs(30)).await;
+    drain(&plain.queue, &mut p);
+    drain(&visible.queue, &mut v);
+    assert_eq!(
+        p.comments, 1,
+        "one silent interval after the opening frames"
+    );
     assert_eq!(v.controls, ["relay.live", "relay.heartbeat"]);
     assert_eq!(v.comments, 0);
     assert!(v.ids.is_empty(), "a heartbeat never moves the id");
