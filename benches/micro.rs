@@ -109,6 +109,7 @@ fn claims() -> Claims {
         exp,
         sub: Some("bench-user".into()),
         subjects: vec!["events.orders.>".into(), "events.users.42".into()],
+        publish: Vec::new(),
     }
 }
 

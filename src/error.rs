@@ -20,6 +20,8 @@ pub enum ApiError {
     /// A request body that is not what the endpoint takes.
     BadBody(String),
     BadLastEventId(String),
+    /// A body over the endpoint's limit (bytes).
+    PayloadTooLarge(usize),
     NotFound,
     MethodNotAllowed(&'static str),
     /// NATS away, starting up, or draining: come back soon.
@@ -41,6 +43,7 @@ impl ApiError {
             | ApiError::BadBody(_)
             | ApiError::BadLastEventId(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) | ApiError::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::BadBody(_) => "invalid_body",
             ApiError::BadLastEventId(_) => "invalid_last_event_id",
             ApiError::NotFound => "not_found",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::AtCapacity => "at_capacity",
@@ -74,6 +78,7 @@ impl ApiError {
             }
             ApiError::BadQuery(m) | ApiError::BadBody(m) | ApiError::BadLastEventId(m) => m.clone(),
             ApiError::NotFound => "no such endpoint".into(),
+            ApiError::PayloadTooLarge(n) => format!("the body is over {n} bytes"),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::Unavailable(why) => format!("{why}; retry shortly"),
             ApiError::AtCapacity => "the relay is at its connection limit; retry shortly".into(),

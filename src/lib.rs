@@ -9,6 +9,7 @@
 //! - `error`     [`ApiError`]: every refusal, its status, code and sentence
 //! - `http`      lean HTTP/1.1 loop, routing, CORS; refusals rendered as responses
 //! - `session`   one stream: authorize, resume point, join, backfill, live
+//! - `publish`   `POST /publish/<subject>`: HTTP publish, acknowledged by JetStream
 //! - [`auth`]    JWT verification -> `Claims`
 //! - [`limits`]  abuse limits: connections, streams per IP and per token, rate
 //! - [`subject`] NATS subject patterns: validation, matching, containment
@@ -49,6 +50,7 @@ mod hub;
 pub mod limits;
 pub mod metrics;
 mod nats;
+mod publish;
 mod server;
 mod session;
 pub mod shards;

@@ -258,6 +258,7 @@ pub(crate) fn patterns_for_query(query: &str, grants: &[String]) -> Result<Vec<S
         exp: 0,
         sub: None,
         subjects: grants.to_vec(),
+        publish: Vec::new(),
     };
     let patterns = requested_patterns(&claims, q.subjects, 32).map_err(|e| format!("{e:?}"))?;
     for p in &patterns {
@@ -296,6 +297,12 @@ impl Query {
         }
         out
     }
+}
+
+/// A token from the `Authorization` header or the `relay_token` cookie
+/// (never the URL).
+pub(crate) fn header_token(h: &HeaderMap) -> Option<&str> {
+    bearer(h).or_else(|| cookie(h, "relay_token"))
 }
 
 fn bearer(h: &HeaderMap) -> Option<&str> {

@@ -27,6 +27,9 @@ pub struct Claims {
     /// NATS subject patterns this token may read.
     #[serde(default)]
     pub subjects: Vec<String>,
+    /// NATS subject patterns this token may publish to (`POST /publish/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
 }
 
 /// Why a token was refused (401).
@@ -252,7 +255,12 @@ pub fn sign_hs256(
         .unwrap_or_default()
         .saturating_add(ttl)
         .as_secs();
-    let claims = Claims { exp, sub, subjects };
+    let claims = Claims {
+        exp,
+        sub,
+        subjects,
+        publish: Vec::new(),
+    };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,

@@ -44,11 +44,13 @@ pub(crate) fn preflight() -> Response<SseBody> {
     let h = res.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, OPTIONS"),
+        HeaderValue::from_static("GET, POST, OPTIONS"),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, last-event-id, cache-control, content-type"),
+        HeaderValue::from_static(
+            "authorization, last-event-id, cache-control, content-type, sse-event, idempotency-key",
+        ),
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -20,9 +21,37 @@ pub const MAX_EXTENSION_BODY: usize = 1024 * 1024;
 /// Whether a request to `path` may carry a body: only extension routes
 /// read one.
 pub(crate) fn takes_body(app: &App, path: &str) -> bool {
-    app.extension
-        .as_ref()
-        .is_some_and(|x| x.allows(path).is_some())
+    path.starts_with(crate::publish::PREFIX)
+        || app
+            .extension
+            .as_ref()
+            .is_some_and(|x| x.allows(path).is_some())
+}
+
+/// The whole body, at most `limit` bytes (413 beyond, told by
+/// Content-Length before reading when it says so).
+async fn read_body<B>(headers: &hyper::HeaderMap, body: B, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Err(_) => Err(ApiError::BadBody("the body could not be read".into())),
+    }
 }
 
 /// Answers one request. Never fails: every refusal is a response.
@@ -84,6 +113,14 @@ where
             Ok(res)
         }
         "/events" | "/healthz" | "/readyz" | "/metrics" => Err(ApiError::MethodNotAllowed("GET")),
+        path if path.starts_with(crate::publish::PREFIX) => {
+            if req.method() != Method::POST {
+                return Err(ApiError::MethodNotAllowed("POST"));
+            }
+            let (parts, body) = req.into_parts();
+            let body = read_body(&parts.headers, body, crate::publish::MAX_PUBLISH_BYTES).await?;
+            crate::publish::publish(app, parts.uri.path(), &parts.headers, body).await
+        }
         path => match app
             .extension
             .as_ref()
@@ -91,15 +128,7 @@ where
         {
             Some((ext, allow)) if allow.split(", ").any(|m| m == req.method().as_str()) => {
                 let (parts, body) = req.into_parts();
-                let body = http_body_util::Limited::new(body, MAX_EXTENSION_BODY)
-                    .collect()
-                    .await
-                    .map_err(|_| {
-                        ApiError::BadBody(format!(
-                            "body unreadable or over {MAX_EXTENSION_BODY} bytes"
-                        ))
-                    })?
-                    .to_bytes();
+                let body = read_body(&parts.headers, body, MAX_EXTENSION_BODY).await?;
                 ext.call(
                     app.clone(),
                     parts.method,

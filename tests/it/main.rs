@@ -18,6 +18,7 @@ mod harness;
 mod keys;
 mod lifecycle;
 mod limits;
+mod publish;
 mod resume;
 mod security;
 mod shards;
