@@ -176,6 +176,16 @@ pub struct ServeArgs {
     /// proxy and CDN logs; turn off when browsers use the cookie).
     #[arg(long, env = "RELAY_QUERY_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub query_token: bool,
+    /// Log lines as text or as one JSON object each.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -244,6 +254,7 @@ pub struct Config {
     pub max_subjects: usize,
     pub limits: LimitsConfig,
     pub query_token: bool,
+    pub log_format: LogFormat,
 }
 
 /// Abuse limits (see `limits.rs`); `None` is off.
@@ -361,6 +372,7 @@ impl Config {
             max_subjects: a.max_subjects,
             limits,
             query_token: a.query_token,
+            log_format: a.log_format,
         })
     }
 }

@@ -6,7 +6,7 @@ use clap::Parser;
 use std::sync::Arc;
 
 use sse_relay::app::Extension;
-use sse_relay::config::{Cli, Command, Config, EXIT_CONFIG, ServeArgs};
+use sse_relay::config::{Cli, Command, Config, EXIT_CONFIG, LogFormat, ServeArgs};
 use sse_relay::dev::{DEMO_SUBJECT, DevRoutes, NatsServer, NatsServerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -55,20 +55,28 @@ fn config_error(msg: &str) -> ExitCode {
     ExitCode::from(EXIT_CONFIG as u8)
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+/// `RUST_LOG` (default `info`), with async-nats' per-message debug lines
+/// kept out unless `RUST_LOG` names async_nats itself.
+fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::new(&rust_log);
+    if !rust_log.contains("async_nats") {
+        filter = filter.add_directive("async_nats=warn".parse().expect("a valid directive"));
+    }
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never into files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
 }
 
 fn serve(cfg: Config, extension: Option<Arc<dyn Extension>>) -> ExitCode {
-    init_tracing();
+    init_tracing(cfg.log_format);
     match watch_signals() {
         Ok(stop) => serve_until(cfg, extension, stop),
         Err(code) => code,
@@ -182,6 +190,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         client_ip_header: None,
         max_streams_per_token: None,
         query_token: true,
+        log_format: LogFormat::Text,
     };
     let cfg = match Config::from_args(serve_args) {
         Ok(c) => c,
@@ -200,7 +209,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         }
     };
     // Before the banner: whoever reads it may stop dev mode right away.
-    init_tracing();
+    init_tracing(LogFormat::Text);
     let stop = match watch_signals() {
         Ok(stop) => stop,
         Err(code) => return code,

@@ -371,3 +371,38 @@ async fn stream_survives_nats_restart() {
     })
     .await
 }
+
+/// `--log-format json`: every log line is one JSON object; async-nats'
+/// per-message debug lines stay out even under `RUST_LOG=debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_without_nats_client_noise() {
+    within(TEST_LIMIT, "json_logs_without_nats_client_noise", async {
+        let nats = NatsServer::start().await;
+        let relay = Relay::start(
+            &nats.url(),
+            &["--log-format", "json"],
+            &[("RUST_LOG", "debug")],
+        )
+        .await;
+        let tok = token(SECRET, &["events.log.>"], 300);
+        let mut c = relay.open_stream(&nats, &tok, &["events.log.>"]).await;
+        nats.publish_core([("events.log.1", "hello")]).await;
+        c.expect_data_event(WAIT, "an event").await;
+        let log = relay.log();
+        let mut lines = 0;
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+            assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+            let target = v["target"].as_str().unwrap_or_default();
+            assert!(
+                !(target.starts_with("async_nats") && v["level"] == "DEBUG"),
+                "async-nats debug noise: {line}"
+            );
+            lines += 1;
+        }
+        assert!(lines > 3, "the relay logged: {log}");
+        assert!(log.contains("\"stream ready\""), "{log}");
+    })
+    .await
+}
