@@ -37,7 +37,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("relay");
+        let mut r = Registry::with_prefix("sse_relay");
         r.register("connections", "Open SSE streams", self.connections.clone());
         r.register(
             "connections_opened",

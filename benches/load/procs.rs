@@ -262,7 +262,7 @@ pub(crate) fn http_get(port: u16, path: &str) -> Result<String, String> {
 }
 
 /// A counter's value from the Prometheus text of GET /metrics; `series` is
-/// the full name with labels as rendered, e.g. `relay_resumes_total{source="memory"}`.
+/// the full name with labels as rendered, e.g. `sse_relay_resumes_total{source="memory"}`.
 pub(crate) fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))

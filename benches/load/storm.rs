@@ -24,15 +24,18 @@ fn now_ns() -> u64 {
 }
 
 const METRICS: [(&str, &str); 4] = [
-    ("resumes_memory", "relay_resumes_total{source=\"memory\"}"),
+    (
+        "resumes_memory",
+        "sse_relay_resumes_total{source=\"memory\"}",
+    ),
     (
         "resumes_jetstream",
-        "relay_resumes_total{source=\"jetstream\"}",
+        "sse_relay_resumes_total{source=\"jetstream\"}",
     ),
-    ("jetstream_requests", "relay_jetstream_requests_total"),
+    ("jetstream_requests", "sse_relay_jetstream_requests_total"),
     (
         "replayed_events_memory",
-        "relay_replayed_events_total{source=\"memory\"}",
+        "sse_relay_replayed_events_total{source=\"memory\"}",
     ),
 ];
 

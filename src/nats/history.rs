@@ -262,6 +262,9 @@ impl<'a, K: Copy> Router<'a, K> {
     }
 }
 
+/// How long one pull request waits for messages before it comes back.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
 /// Messages to fetch per pull request of a scan.
 const SCAN_BATCH: usize = 1000;
 
@@ -279,8 +282,12 @@ struct Scan {
     stream: String,
     consumer: Option<consumer::PullConsumer>,
     batch: Option<consumer::pull::Batch>,
-    /// Messages the current batch has given so far.
-    in_batch: usize,
+    /// Matching messages the server still holds after the last one read
+    /// (from the consumer's info, then each message's): 0 means done.
+    pending: u64,
+    /// When the read last moved forward: a read stuck for READ_TIMEOUT
+    /// (a leader election, a replica behind) fails and is retried whole.
+    progress: tokio::time::Instant,
     next_seq: u64,
     end: u64,
     /// None for a catch-up, which must never wait behind client reads.
@@ -347,12 +354,14 @@ impl Scan {
             })
             .await
             .map_err(nats_err)?;
+        let pending = consumer.cached_info().num_pending;
         Ok(Scan {
             js: history.js.clone(),
             stream: history.stream.clone(),
             consumer: Some(consumer),
             batch: None,
-            in_batch: 0,
+            pending,
+            progress: tokio::time::Instant::now(),
             next_seq: start,
             end,
             _permit: permit,
@@ -362,38 +371,44 @@ impl Scan {
     /// The next message with its stream sequence; None past `end`.
     async fn next(&mut self) -> Result<Option<(u64, async_nats::Message)>, HistoryError> {
         loop {
-            if self.next_seq > self.end {
+            // Done when past the range, or when the server holds no more
+            // matching message at all.
+            if self.next_seq > self.end || self.pending == 0 {
                 return Ok(None);
+            }
+            if self.progress.elapsed() >= READ_TIMEOUT {
+                return Err(HistoryError::Stalled(READ_TIMEOUT));
             }
             let Some(consumer) = &self.consumer else {
                 return Ok(None);
             };
             if self.batch.is_none() {
+                // Waits a little for messages rather than answering "none
+                // now": a replica that lags behind the range's end must not
+                // end the read early.
                 let batch = consumer
-                    .fetch()
+                    .batch()
                     .max_messages(SCAN_BATCH)
+                    .expires(FETCH_WAIT)
                     .messages()
                     .await
                     .map_err(nats_err)?;
                 self.batch = Some(batch);
-                self.in_batch = 0;
             }
             let batch = self.batch.as_mut().expect("just set");
             let msg = match tokio::time::timeout(READ_TIMEOUT, batch.next()).await {
                 Err(_) => return Err(HistoryError::Stalled(READ_TIMEOUT)),
                 Ok(None) => {
-                    // The batch is done; an empty one means the stream has
-                    // no more (limits may have removed the rest).
+                    // This batch is done; the next one asks again.
                     self.batch = None;
-                    if self.in_batch == 0 {
-                        return Ok(None);
-                    }
                     continue;
                 }
                 Ok(Some(m)) => m.map_err(nats_err)?,
             };
-            self.in_batch += 1;
-            let seq = msg.info().map_err(nats_err)?.stream_sequence;
+            self.progress = tokio::time::Instant::now();
+            let info = msg.info().map_err(nats_err)?;
+            let seq = info.stream_sequence;
+            self.pending = info.pending;
             // Sequences only grow (limits and filters may skip some); one
             // going backwards means the read lost its place.
             if seq < self.next_seq {

@@ -395,7 +395,9 @@ async fn nats_restart(
 
     wait_progress(&mut prog, per_sec as usize, WAIT).await;
     readers.wait_all_reached(1, WAIT).await;
-    let requests_before = relay.metric("relay_jetstream_requests_total", &[]).await;
+    let requests_before = relay
+        .metric("sse_relay_jetstream_requests_total", &[])
+        .await;
     nats.stop(); // SIGKILL
     let killed_at = *prog.borrow();
     wait_until(WAIT, "/readyz to be 503 while NATS is down", || async {
@@ -450,7 +452,10 @@ async fn nats_restart(
     assert_acked_stored(&acked, &stored);
     let reports = finish_readers(readers, &stored, &acked).await;
     if let Some(max) = max_requests {
-        let made = relay.metric("relay_jetstream_requests_total", &[]).await - requests_before;
+        let made = relay
+            .metric("sse_relay_jetstream_requests_total", &[])
+            .await
+            - requests_before;
         assert!(
             made <= max,
             "the catch-up of {} subscriptions made {made} JetStream requests (at most {max})",

@@ -86,7 +86,7 @@ async fn beyond_max_connections_requests_are_refused_until_one_closes() {
             drop(streams.pop());
             wait_until(WAIT, "a slot to free", || async {
                 get(&relay, "/healthz", &[]).await.status == 200
-                    && relay.metric("relay_connections", &[]).await == 2.0
+                    && relay.metric("sse_relay_connections", &[]).await == 2.0
             })
             .await;
             let c = relay.open_stream(&nats, &tok, &["events.cap.>"]).await;
@@ -151,7 +151,7 @@ async fn streams_per_ip_use_the_trusted_header_when_configured() {
             .await;
             drop(a1);
             wait_until(WAIT, "the slot to free", || async {
-                relay.metric("relay_connections", &[]).await == 2.0
+                relay.metric("sse_relay_connections", &[]).await == 2.0
             })
             .await;
             let again = open(from("198.51.100.1")).await;
@@ -227,7 +227,7 @@ async fn streams_per_token_are_capped_by_sub() {
         assert_eq!(b.status, 200);
         drop(first);
         wait_until(WAIT, "alice's slot to free", || async {
-            relay.metric("relay_connections", &[]).await == 1.0
+            relay.metric("sse_relay_connections", &[]).await == 1.0
         })
         .await;
         assert_eq!(
@@ -303,7 +303,7 @@ async fn the_default_connection_limit_refuses_before_the_kernel_does() {
             open.push(s);
         }
         assert!(refused > 0, "the relay refused some of 180 connections under 200 files");
-        assert_eq!(relay.metric("relay_connections", &[]).await, (180 - refused) as f64);
+        assert_eq!(relay.metric("sse_relay_connections", &[]).await, (180 - refused) as f64);
         // Past the file limit itself: accepts fail, and say so once.
         let mut extra = Vec::new();
         for _ in 0..60 {

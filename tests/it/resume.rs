@@ -13,7 +13,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-/// Labels of `relay_resumes_total` by where a resume was served from.
+/// Labels of `sse_relay_resumes_total` by where a resume was served from.
 const FROM_MEMORY: &[(&str, &str)] = &[("source", "memory")];
 const FROM_JETSTREAM: &[(&str, &str)] = &[("source", "jetstream")];
 
@@ -385,13 +385,13 @@ async fn an_empty_last_event_id_is_no_resume() {
         }
         assert_eq!(
             relay
-                .metric("relay_resumes_total", &[("source", "jetstream")])
+                .metric("sse_relay_resumes_total", &[("source", "jetstream")])
                 .await,
             0.0
         );
         assert_eq!(
             relay
-                .metric("relay_resumes_total", &[("source", "memory")])
+                .metric("sse_relay_resumes_total", &[("source", "memory")])
                 .await,
             0.0
         );
@@ -800,9 +800,9 @@ async fn reconnect_storm_is_served_from_memory() {
             let from = published[99].0;
             let want = Arc::new(published[100..].to_vec());
 
-            let mem0 = relay.metric("relay_resumes_total", FROM_MEMORY).await;
-            let jsr0 = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
-            let req0 = relay.metric("relay_jetstream_requests_total", &[]).await;
+            let mem0 = relay.metric("sse_relay_resumes_total", FROM_MEMORY).await;
+            let jsr0 = relay.metric("sse_relay_resumes_total", FROM_JETSTREAM).await;
+            let req0 = relay.metric("sse_relay_jetstream_requests_total", &[]).await;
 
             // At most 100 connection attempts in flight at a time.
             let gate = Arc::new(tokio::sync::Semaphore::new(100));
@@ -869,14 +869,14 @@ async fn reconnect_storm_is_served_from_memory() {
             let mut mem = mem0;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while tokio::time::Instant::now() < deadline {
-                mem = relay.metric("relay_resumes_total", FROM_MEMORY).await;
+                mem = relay.metric("sse_relay_resumes_total", FROM_MEMORY).await;
                 if mem >= want_mem {
                     break;
                 }
                 tokio::time::sleep(POLL).await;
             }
-            let jsr = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
-            let req = relay.metric("relay_jetstream_requests_total", &[]).await;
+            let jsr = relay.metric("sse_relay_resumes_total", FROM_JETSTREAM).await;
+            let req = relay.metric("sse_relay_jetstream_requests_total", &[]).await;
             eprintln!(
                 "storm of {clients}: resumes from memory +{}, from jetstream +{}, jetstream requests +{}",
                 mem - mem0,
@@ -886,12 +886,12 @@ async fn reconnect_storm_is_served_from_memory() {
             assert_eq!(
                 (mem - mem0, jsr - jsr0),
                 (clients as f64, 0.0),
-                "{clients} resumes inside the memory window: relay_resumes_total{{source=\"memory\"}} should grow by {clients} and {{source=\"jetstream\"}} by 0"
+                "{clients} resumes inside the memory window: sse_relay_resumes_total{{source=\"memory\"}} should grow by {clients} and {{source=\"jetstream\"}} by 0"
             );
             assert_eq!(
                 req - req0,
                 0.0,
-                "resumes served from memory must make no JetStream requests (relay_jetstream_requests_total)"
+                "resumes served from memory must make no JetStream requests (sse_relay_jetstream_requests_total)"
             );
         },
     )
@@ -1018,9 +1018,13 @@ async fn cold_window_storm_reads_jetstream_once() {
             let from = published[99].0;
             let want = Arc::new(published[100..].to_vec());
 
-            let mem0 = relay.metric("relay_resumes_total", FROM_MEMORY).await;
-            let jsr0 = relay.metric("relay_resumes_total", FROM_JETSTREAM).await;
-            let req0 = relay.metric("relay_jetstream_requests_total", &[]).await;
+            let mem0 = relay.metric("sse_relay_resumes_total", FROM_MEMORY).await;
+            let jsr0 = relay
+                .metric("sse_relay_resumes_total", FROM_JETSTREAM)
+                .await;
+            let req0 = relay
+                .metric("sse_relay_jetstream_requests_total", &[])
+                .await;
 
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..clients {
@@ -1051,9 +1055,15 @@ async fn cold_window_storm_reads_jetstream_once() {
                     std::panic::resume_unwind(e.into_panic());
                 }
             }
-            let mem = relay.metric("relay_resumes_total", FROM_MEMORY).await - mem0;
-            let jsr = relay.metric("relay_resumes_total", FROM_JETSTREAM).await - jsr0;
-            let req = relay.metric("relay_jetstream_requests_total", &[]).await - req0;
+            let mem = relay.metric("sse_relay_resumes_total", FROM_MEMORY).await - mem0;
+            let jsr = relay
+                .metric("sse_relay_resumes_total", FROM_JETSTREAM)
+                .await
+                - jsr0;
+            let req = relay
+                .metric("sse_relay_jetstream_requests_total", &[])
+                .await
+                - req0;
             assert_eq!(
                 (mem, jsr),
                 (clients as f64, 0.0),

@@ -98,11 +98,11 @@ async fn two_workers_spread_clients_and_deliver_every_event() {
                 );
             }
             assert_eq!(
-                relay.metric("relay_connections", &[]).await,
+                relay.metric("sse_relay_connections", &[]).await,
                 (SOLO + 16) as f64,
                 "the connections gauge sums every shard"
             );
-            assert_eq!(relay.metric("relay_nats_connected", &[]).await, 2.0);
+            assert_eq!(relay.metric("sse_relay_nats_connected", &[]).await, 2.0);
             let m = relay.get("/metrics", &[]).await;
             assert_eq!(
                 m.header("content-type"),

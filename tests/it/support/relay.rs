@@ -375,7 +375,7 @@ pub trait RelayHttp {
     }
 
     /// One sample of `/metrics` (see [`metric_value`]), e.g.
-    /// `relay.metric("relay_resumes_total", &[("source", "memory")])`.
+    /// `relay.metric("sse_relay_resumes_total", &[("source", "memory")])`.
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics_text().await, name, labels)
     }
