@@ -18,7 +18,7 @@ pub struct Source {
 }
 
 /// Every metric the relay exposes on `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub connections: Gauge,
     pub connections_total: Counter,
@@ -33,6 +33,38 @@ pub struct Metrics {
     pub gaps: Counter,
     pub nats_connected: Gauge,
     pub catchups: Counter,
+}
+
+impl Default for Metrics {
+    /// Every labelled series exists from the start, at zero, so a
+    /// dashboard's rate() has a series before the first event.
+    fn default() -> Self {
+        let m = Metrics {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            disconnects: Family::default(),
+            refusals: Family::default(),
+            subscriptions: Gauge::default(),
+            events_received: Counter::default(),
+            deliveries: Counter::default(),
+            replayed: Family::default(),
+            replay_requests: Family::default(),
+            jetstream_requests: Counter::default(),
+            gaps: Counter::default(),
+            nats_connected: Gauge::default(),
+            catchups: Counter::default(),
+        };
+        for reason in crate::client::EndReason::ALL {
+            let _ = m.disconnects.get_or_create(&Reason {
+                reason: reason.label(),
+            });
+        }
+        for source in ["memory", "jetstream"] {
+            let _ = m.replayed.get_or_create(&Source { source });
+            let _ = m.replay_requests.get_or_create(&Source { source });
+        }
+        m
+    }
 }
 
 impl Metrics {
@@ -129,6 +161,21 @@ mod tests {
 
     /// Every family is declared once, and every sample belongs to a declared
     /// family: what `promtool check metrics` and Prometheus' parser hold.
+    #[test]
+    fn labelled_series_exist_at_zero_with_snake_case_labels() {
+        let text = Metrics::default().render();
+        for series in [
+            r#"sse_relay_disconnects_total{reason="evicted_slow"} 0"#,
+            r#"sse_relay_disconnects_total{reason="token_expired"} 0"#,
+            r#"sse_relay_disconnects_total{reason="shutdown"} 0"#,
+            r#"sse_relay_disconnects_total{reason="resync"} 0"#,
+            r#"sse_relay_resumes_total{source="memory"} 0"#,
+            r#"sse_relay_resumes_total{source="jetstream"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
+
     #[test]
     fn the_exposition_declares_each_family_once() {
         let m = Metrics::default();

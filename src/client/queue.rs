@@ -42,6 +42,23 @@ impl EndReason {
             EndReason::Resync => "resync",
         }
     }
+
+    /// The metric label: a snake_case token.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Slow => "evicted_slow",
+            EndReason::Expired => "token_expired",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Resync => "resync",
+        }
+    }
+
+    pub const ALL: [EndReason; 4] = [
+        EndReason::Slow,
+        EndReason::Expired,
+        EndReason::Shutdown,
+        EndReason::Resync,
+    ];
 }
 
 /// Outcome of offering a frame to a client.

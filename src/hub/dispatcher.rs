@@ -264,7 +264,7 @@ impl<U: Upstream> Dispatcher<U> {
             self.metrics
                 .disconnects
                 .get_or_create(&Reason {
-                    reason: reason.as_str(),
+                    reason: reason.label(),
                 })
                 .inc_by(n as u64);
         }

@@ -390,7 +390,7 @@ async fn a_slow_client_is_dropped_without_slowing_others() {
     assert!(slow_got.ids.is_empty(), "its backlog was dropped, not sent");
     let text = s.metrics.render();
     assert!(
-        text.contains(r#"sse_relay_disconnects_total{reason="evicted: slow"} 1"#),
+        text.contains(r#"sse_relay_disconnects_total{reason="evicted_slow"} 1"#),
         "{text}"
     );
 }
