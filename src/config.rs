@@ -208,9 +208,12 @@ pub struct TokenArgs {
     /// HMAC secret (same as the relay's RELAY_JWT_SECRET).
     #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
-    /// Subject patterns to grant (repeatable or comma-separated).
-    #[arg(long, required = true, value_delimiter = ',')]
+    /// Subject patterns to grant for reading (repeatable or comma-separated).
+    #[arg(long, required_unless_present = "publish", value_delimiter = ',')]
     pub subjects: Vec<String>,
+    /// Subject patterns to grant for `POST /publish/` (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
     /// Lifetime, e.g. 90s, 15m, 1h, 7d.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,

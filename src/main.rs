@@ -25,13 +25,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Token(t) => {
-            let subjects = t
-                .subjects
-                .into_iter()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
-            match sse_relay::auth::sign_hs256(t.secret.as_bytes(), subjects, t.ttl, t.sub) {
+            let patterns = |v: Vec<String>| -> Vec<String> {
+                v.into_iter()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            };
+            let (subjects, publish) = (patterns(t.subjects), patterns(t.publish));
+            match sse_relay::auth::sign_hs256_grants(
+                t.secret.as_bytes(),
+                subjects,
+                publish,
+                t.ttl,
+                t.sub,
+            ) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

@@ -243,10 +243,22 @@ fn reject_critical_extensions(token: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Signs an HS256 development token (`sse-relay token`).
+/// Signs an HS256 development token that may read `subjects`.
 pub fn sign_hs256(
     secret: &[u8],
     subjects: Vec<String>,
+    ttl: Duration,
+    sub: Option<String>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    sign_hs256_grants(secret, subjects, Vec::new(), ttl, sub)
+}
+
+/// Signs an HS256 development token (`sse-relay token`) that may read
+/// `subjects` and publish to `publish`.
+pub fn sign_hs256_grants(
+    secret: &[u8],
+    subjects: Vec<String>,
+    publish: Vec<String>,
     ttl: Duration,
     sub: Option<String>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
@@ -259,7 +271,7 @@ pub fn sign_hs256(
         exp,
         sub,
         subjects,
-        publish: Vec::new(),
+        publish,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -406,3 +406,45 @@ async fn json_logs_without_nats_client_noise() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_subcommand_grants_publishing() {
+    within(TEST_LIMIT, "token_subcommand_grants_publishing", async {
+        let out = run_relay(
+            &[
+                "token",
+                "--secret",
+                SECRET,
+                "--publish",
+                "events.pub.>,events.x",
+            ],
+            &[],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let mut v = Validation::new(Algorithm::HS256);
+        v.validate_aud = false;
+        let claims =
+            jsonwebtoken::decode::<Value>(&tok, &DecodingKey::from_secret(SECRET.as_bytes()), &v)
+                .expect("verifies")
+                .claims;
+        assert_eq!(
+            claims["publish"],
+            serde_json::json!(["events.pub.>", "events.x"])
+        );
+        assert_eq!(claims["subjects"], serde_json::json!([]));
+        let none = run_relay(&["token", "--secret", SECRET], &[], Duration::from_secs(10)).await;
+        assert_eq!(
+            none.status.code(),
+            Some(64),
+            "a token that grants nothing is refused"
+        );
+    })
+    .await
+}
