@@ -29,6 +29,11 @@ pub(crate) async fn open(
     let ip = app.limits.client_ip(peer, headers);
     app.limits.check_rate(ip).map_err(ApiError::Limited)?;
     let q = Query::parse(query.unwrap_or(""));
+    if q.bad_initial {
+        return Err(ApiError::BadQuery(
+            "initial= takes `last` or a number of events, e.g. initial=10".into(),
+        ));
+    }
     let query_token = q.token.as_deref().filter(|_| app.cfg.query_token);
     let token = bearer(headers)
         .or(query_token)
@@ -49,20 +54,30 @@ pub(crate) async fn open(
         .admit(ip, claims.sub.as_deref().unwrap_or(token))
         .map_err(ApiError::Limited)?;
     let resume = resume_point(live, headers, q.last_event_id.as_deref()).await?;
+    // A resume wins over `initial`.
+    let initial = q.initial.filter(|_| resume.is_none());
     let deadline = app.verifier.deadline(claims.exp);
-    let joined = live
-        .hub
-        .join(patterns.clone(), deadline, resume, q.heartbeat)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "join failed");
-            match e {
-                JoinError::ShuttingDown => ApiError::Unavailable("the relay is shutting down"),
-                JoinError::Subscribe(_) => {
-                    ApiError::Unavailable("NATS did not accept the subscription")
-                }
+    let joined = match initial {
+        None => {
+            live.hub
+                .join(patterns.clone(), deadline, resume, q.heartbeat)
+                .await
+        }
+        Some(_) => {
+            live.hub
+                .join_initial(patterns.clone(), deadline, q.heartbeat)
+                .await
+        }
+    }
+    .map_err(|e| {
+        tracing::warn!(error = %e, "join failed");
+        match e {
+            JoinError::ShuttingDown => ApiError::Unavailable("the relay is shutting down"),
+            JoinError::Subscribe(_) => {
+                ApiError::Unavailable("NATS did not accept the subscription")
             }
-        })?;
+        }
+    })?;
     tracing::debug!(
         client = %joined.id,
         sub = ?claims.sub.as_deref().unwrap_or("-"),
@@ -77,6 +92,7 @@ pub(crate) async fn open(
             Replay {
                 patterns,
                 after,
+                initial,
                 limit: app.cfg.replay_limit,
                 retry_ms: app.cfg.retry_ms,
             },
@@ -202,8 +218,19 @@ async fn resume_point(
 struct Replay {
     patterns: Vec<String>,
     after: u64,
+    /// A fresh stream's `initial=`: what to read instead of a resume.
+    initial: Option<Initial>,
     limit: u64,
     retry_ms: u64,
+}
+
+/// `initial=last` or `initial=<n>`: what a fresh stream gets before live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Initial {
+    /// The last stored event of every subject matching the request.
+    LastPerSubject,
+    /// The last n stored events matching the request.
+    Last(usize),
 }
 
 /// Replays the client's history from JetStream into its held queue, then
@@ -228,6 +255,28 @@ async fn replay(
     r: &Replay,
     queue: &ClientQueue,
 ) -> Result<u64, HistoryError> {
+    if let Some(initial) = r.initial {
+        // Read after the subscriptions are active, as a resume does: what
+        // is stored later reaches the hold.
+        let bounds = history.bounds().await?;
+        let frames = match initial {
+            Initial::LastPerSubject => {
+                history
+                    .last_per_subject(&r.patterns, bounds.last, r.limit)
+                    .await?
+            }
+            Initial::Last(n) => history.last_n(&r.patterns, n, bounds, r.limit).await?,
+        };
+        let mut sent = 0;
+        for (seq, frame) in &frames {
+            std::future::poll_fn(|cx| queue.poll_space(cx)).await;
+            if !queue.replay(*seq, frame) {
+                break;
+            }
+            sent += 1;
+        }
+        return Ok(sent);
+    }
     // Read after the client's subscriptions are active: anything stored
     // later reaches the hold, anything up to `last` comes from here.
     let plan = ResumePlan::new(r.after, history.bounds().await?, r.limit);
@@ -276,6 +325,9 @@ struct Query {
     subjects: Vec<String>,
     last_event_id: Option<String>,
     heartbeat: Heartbeat,
+    initial: Option<Initial>,
+    /// An `initial=` value that is neither `last` nor a count.
+    bad_initial: bool,
 }
 
 impl Query {
@@ -285,6 +337,8 @@ impl Query {
             subjects: Vec::new(),
             last_event_id: None,
             heartbeat: Heartbeat::Comment,
+            initial: None,
+            bad_initial: false,
         };
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             match &*k {
@@ -292,6 +346,11 @@ impl Query {
                 "subject" => out.subjects.push(v.into_owned()),
                 "last_event_id" => out.last_event_id = Some(v.into_owned()),
                 "heartbeat" if v == "event" => out.heartbeat = Heartbeat::Event,
+                "initial" => match (&*v, v.parse::<usize>()) {
+                    ("last", _) => out.initial = Some(Initial::LastPerSubject),
+                    (_, Ok(n)) if n > 0 => out.initial = Some(Initial::Last(n)),
+                    _ => out.bad_initial = true,
+                },
                 _ => {}
             }
         }

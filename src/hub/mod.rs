@@ -139,6 +139,8 @@ struct JoinRequest {
     patterns: Vec<String>,
     deadline: Instant,
     resume: Option<u64>,
+    /// A fresh stream that first gets stored events: never from memory.
+    initial: bool,
     heartbeat: Heartbeat,
     reply: oneshot::Sender<Result<Backfill, JoinError>>,
 }
@@ -233,6 +235,32 @@ impl Hub {
         resume: Option<u64>,
         heartbeat: Heartbeat,
     ) -> Result<Joined, JoinError> {
+        self.join_with(patterns, deadline, resume, false, heartbeat)
+            .await
+    }
+
+    /// Joins a fresh stream that first gets stored events (`initial=`):
+    /// its queue holds live frames from the moment its subscriptions are
+    /// active, and the answer is always [`Backfill::FromStream`] (from 0),
+    /// for the caller to read what it was asked for and then release.
+    pub(crate) async fn join_initial(
+        &self,
+        patterns: Vec<String>,
+        deadline: SystemTime,
+        heartbeat: Heartbeat,
+    ) -> Result<Joined, JoinError> {
+        self.join_with(patterns, deadline, Some(0), true, heartbeat)
+            .await
+    }
+
+    async fn join_with(
+        &self,
+        patterns: Vec<String>,
+        deadline: SystemTime,
+        resume: Option<u64>,
+        initial: bool,
+        heartbeat: Heartbeat,
+    ) -> Result<Joined, JoinError> {
         let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let queue = Arc::new(match resume {
             Some(after) => ClientQueue::held(self.cfg.client_queue, after),
@@ -253,6 +281,7 @@ impl Hub {
                 patterns,
                 deadline: deadline_after(left),
                 resume,
+                initial,
                 heartbeat,
                 reply,
             }))

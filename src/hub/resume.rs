@@ -16,6 +16,12 @@ impl<U: Upstream> Dispatcher<U> {
         let Some(c) = self.clients.get_mut(id) else {
             return;
         };
+        if c.initial {
+            if let Some(reply) = c.reply.take() {
+                let _ = reply.send(Ok(Backfill::FromStream { after: 0 }));
+            }
+            return;
+        }
         let Some(after) = c.resume else {
             // A fresh stream is live from here: before any event can reach
             // its queue (the dispatcher is the only one who fills it).

@@ -101,6 +101,7 @@ pub(super) struct Client {
     /// Subscriptions still being set up before the join can be answered.
     pub(super) pending: usize,
     pub(super) resume: Option<u64>,
+    pub(super) initial: bool,
     pub(super) heartbeat: Heartbeat,
     pub(super) reply: Option<oneshot::Sender<Result<Backfill, JoinError>>>,
 }
@@ -177,6 +178,7 @@ impl<U: Upstream> Dispatcher<U> {
             patterns,
             deadline,
             resume,
+            initial,
             heartbeat,
             reply,
         } = req;
@@ -185,6 +187,7 @@ impl<U: Upstream> Dispatcher<U> {
             topics: Vec::with_capacity(patterns.len()),
             pending: 0,
             resume,
+            initial,
             heartbeat,
             reply: Some(reply),
         };

@@ -126,6 +126,51 @@ impl History {
         Ok(RangeReader { scan: Some(scan) })
     }
 
+    /// The last stored event of every subject matching `patterns`, up to
+    /// `end`, in increasing id order: at most `limit` (0: no limit), the
+    /// most recent.
+    pub(crate) async fn last_per_subject(
+        &self,
+        patterns: &[String],
+        end: u64,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        let mut scan = Scan::open_last_per_subject(self, patterns, end).await?;
+        let mut out = Vec::new();
+        while let Some((seq, msg)) = scan.next().await? {
+            out.push((seq, super::event_frame(seq, &msg)));
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        if limit > 0 && out.len() as u64 > limit {
+            out.drain(..out.len() - limit as usize);
+        }
+        Ok(out)
+    }
+
+    /// The last `n` stored events matching `patterns` up to `bounds.last`,
+    /// looked for among the last `limit` (0: no limit) stream sequences.
+    pub(crate) async fn last_n(
+        &self,
+        patterns: &[String],
+        n: usize,
+        bounds: Bounds,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        let mut start = bounds.first.max(1);
+        if limit > 0 {
+            start = start.max(bounds.last.saturating_sub(limit) + 1);
+        }
+        let mut reader = self.range(patterns, start, bounds.last).await?;
+        let mut out = std::collections::VecDeque::with_capacity(n.min(1024));
+        while let Some(f) = reader.next().await? {
+            if out.len() == n {
+                out.pop_front();
+            }
+            out.push_back(f);
+        }
+        Ok(out.into())
+    }
+
     /// Every event of `pattern` in `(after, to]`, in order, or `Gone` when
     /// stream limits removed part of it (a window fill must be whole).
     pub(crate) async fn read(
@@ -290,8 +335,16 @@ struct Scan {
     progress: tokio::time::Instant,
     next_seq: u64,
     end: u64,
+    /// Last-per-subject reads come in the server's subject order.
+    unordered: bool,
     /// None for a catch-up, which must never wait behind client reads.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Where a scan starts.
+enum ScanStart {
+    Sequence(u64),
+    LastPerSubject,
 }
 
 impl Scan {
@@ -309,7 +362,14 @@ impl Scan {
             .acquire_owned()
             .await
             .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
-        Self::open_with(history, patterns, start, end, Some(permit)).await
+        Self::open_with(
+            history,
+            patterns,
+            ScanStart::Sequence(start),
+            end,
+            Some(permit),
+        )
+        .await
     }
 
     /// The catch-up's read: one per shard at a time by construction, and
@@ -319,16 +379,48 @@ impl Scan {
         start: u64,
         end: u64,
     ) -> Result<Scan, HistoryError> {
-        Self::open_with(history, &[], start, end, None).await
+        Self::open_with(history, &[], ScanStart::Sequence(start), end, None).await
+    }
+
+    /// The last stored message of every subject matching `patterns`, up to
+    /// `end`, in the order the server delivers them (a client read).
+    async fn open_last_per_subject(
+        history: &History,
+        patterns: &[String],
+        end: u64,
+    ) -> Result<Scan, HistoryError> {
+        let permit = history
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
+        Self::open_with(
+            history,
+            patterns,
+            ScanStart::LastPerSubject,
+            end,
+            Some(permit),
+        )
+        .await
     }
 
     async fn open_with(
         history: &History,
         patterns: &[String],
-        start: u64,
+        from: ScanStart,
         end: u64,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Scan, HistoryError> {
+        let (deliver_policy, start) = match from {
+            ScanStart::Sequence(start) => (
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                start,
+            ),
+            ScanStart::LastPerSubject => (consumer::DeliverPolicy::LastPerSubject, 0),
+        };
         let (filter_subject, filter_subjects) = match patterns {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
@@ -344,9 +436,7 @@ impl Scan {
             .create_consumer(consumer::pull::Config {
                 filter_subject,
                 filter_subjects,
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
+                deliver_policy,
                 ack_policy: consumer::AckPolicy::None,
                 // Removed by the server too, should the delete be lost.
                 inactive_threshold: Duration::from_secs(10),
@@ -363,6 +453,7 @@ impl Scan {
             pending,
             progress: tokio::time::Instant::now(),
             next_seq: start,
+            unordered: matches!(from, ScanStart::LastPerSubject),
             end,
             _permit: permit,
         })
@@ -409,6 +500,14 @@ impl Scan {
             let info = msg.info().map_err(nats_err)?;
             let seq = info.stream_sequence;
             self.pending = info.pending;
+            if self.unordered {
+                // Last-per-subject: one message per subject, in whatever
+                // order the server keeps its subjects; the caller sorts.
+                if seq > self.end {
+                    continue;
+                }
+                return Ok(Some((seq, msg.message)));
+            }
             // Sequences only grow (limits and filters may skip some); one
             // going backwards means the read lost its place.
             if seq < self.next_seq {

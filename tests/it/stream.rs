@@ -725,3 +725,109 @@ async fn relay_live_and_visible_heartbeats() {
     })
     .await
 }
+
+/// `initial=last` sends a fresh stream the last stored event of every
+/// subject it asked for, `initial=<n>` the last n, in increasing id order
+/// and spliced to live; a resume wins over `initial`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_state_on_connect() {
+    within(TEST_LIMIT, "initial_state_on_connect", async {
+        let nats = NatsServer::start().await;
+        let relay = InProcessRelay::start(&nats.url(), &[]).await;
+        let js = async_nats::jetstream::new(nats.client().await);
+        let tok = token(SECRET, &["events.>"], 300);
+        let auth = bearer(&tok);
+        let mut seq = std::collections::HashMap::new();
+        for (subject, payload) in [
+            ("events.init.a", "a1"),
+            ("events.init.b", "b1"),
+            ("events.init.a", "a2"),
+            ("events.other", "o1"),
+            ("events.init.a", "a3"),
+            ("events.init.b", "b2"),
+        ] {
+            let ack = js
+                .publish(subject, Bytes::from(payload))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            seq.insert(payload, ack.sequence);
+        }
+        let open = |query: &'static [(&'static str, &'static str)],
+                    extra: Option<(&'static str, String)>| {
+            let (relay, auth) = (&relay, auth.clone());
+            async move {
+                let path = with_query(&events_path(&["events.init.>"]), query);
+                let mut h = vec![("Authorization", auth)];
+                if let Some((k, v)) = extra {
+                    h.push((k, v));
+                }
+                let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                SseClient::connect(relay.addr(), &path, &h).await
+            }
+        };
+        let mut last = open(&[("initial", "last")], None).await;
+        assert_eq!(last.status, 200);
+        assert_eq!(
+            data_of(&mut last, 2).await,
+            [(seq["a3"], "a3".to_string()), (seq["b2"], "b2".to_string())],
+            "the last event of each subject, in id order"
+        );
+        let live = js
+            .publish("events.init.b", Bytes::from("b3"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(
+            data_of(&mut last, 1).await,
+            [(live.sequence, "b3".to_string())]
+        );
+        assert_eq!(
+            last.markers.first().map(|m| m.data.clone()),
+            Some(format!(r#"{{"last_event_id":{}}}"#, seq["b2"])),
+            "relay.live after the initial events"
+        );
+
+        let mut two = open(&[("initial", "2")], None).await;
+        assert_eq!(
+            data_of(&mut two, 2).await,
+            [
+                (seq["b2"], "b2".to_string()),
+                (live.sequence, "b3".to_string())
+            ],
+            "the last two matching events"
+        );
+
+        let mut resumed = open(
+            &[("initial", "last")],
+            Some(("Last-Event-ID", seq["a2"].to_string())),
+        )
+        .await;
+        assert_eq!(
+            data_of(&mut resumed, 3).await,
+            [
+                (seq["a3"], "a3".to_string()),
+                (seq["b2"], "b2".to_string()),
+                (live.sequence, "b3".to_string()),
+            ],
+            "a resume wins over initial"
+        );
+
+        let r = relay
+            .get(
+                &with_query(&events_path(&["events.init.>"]), &[("initial", "all")]),
+                &[("Authorization", &auth), ("Accept", "application/json")],
+            )
+            .await;
+        assert_json_error(&r, 400, "initial=all");
+    })
+    .await
+}
+
+/// `(id, data)` of the next `n` data events.
+async fn data_of(c: &mut SseClient, n: usize) -> Vec<(u64, String)> {
+    let evs = c.collect_data_events(n, WAIT, "data events").await;
+    evs.into_iter().map(|e| (e.seq(), e.data)).collect()
+}
