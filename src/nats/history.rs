@@ -347,6 +347,17 @@ enum ScanStart {
     LastPerSubject,
 }
 
+impl History {
+    /// One of the shard's [`CONCURRENT_READS`] permits for a client read.
+    async fn read_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, HistoryError> {
+        self.reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HistoryError::Nats("the relay is stopping".into()))
+    }
+}
+
 impl Scan {
     /// A read for clients (a resume, a window fill): waits for one of the
     /// shard's [`CONCURRENT_READS`] permits.
@@ -356,12 +367,7 @@ impl Scan {
         start: u64,
         end: u64,
     ) -> Result<Scan, HistoryError> {
-        let permit = history
-            .reads
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
+        let permit = history.read_permit().await?;
         Self::open_with(
             history,
             patterns,
@@ -389,12 +395,7 @@ impl Scan {
         patterns: &[String],
         end: u64,
     ) -> Result<Scan, HistoryError> {
-        let permit = history
-            .reads
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| HistoryError::Nats("the relay is stopping".into()))?;
+        let permit = history.read_permit().await?;
         Self::open_with(
             history,
             patterns,

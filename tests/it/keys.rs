@@ -95,6 +95,24 @@ fn jwks(keys: &[(&str, &str)]) -> String {
     json!({ "keys": keys }).to_string()
 }
 
+/// A one-shard relay taking its keys from `url`.
+fn jwks_relay(nats: &NatsServer, url: &str, extra: &[&str]) -> Relay {
+    let mut args: Vec<String> = [
+        "--nats-url",
+        &nats.url(),
+        "--create-stream",
+        "--workers",
+        "1",
+        "--jwks-url",
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Relay::spawn_serve(args, &[])
+}
+
 fn ed_token(pem: &[u8], kid: &str) -> String {
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid.into());
@@ -110,21 +128,7 @@ async fn keys_rotate_through_the_jwks_url() {
         async {
             let keys = KeyServer::start(&[("a", X_A)]).await;
             let nats = NatsServer::start().await;
-            let args: Vec<String> = [
-                "--nats-url",
-                &nats.url(),
-                "--create-stream",
-                "--workers",
-                "1",
-                "--jwks-url",
-                &keys.url(),
-                "--jwks-refresh",
-                "2",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let mut relay = Relay::spawn_serve(args, &[]);
+            let mut relay = jwks_relay(&nats, &keys.url(), &["--jwks-refresh", "2"]);
             relay.wait_ready(WAIT).await;
             // A subject the tokens do not grant: a token that verifies gets
             // 403 at once, one that does not gets 401; no stream stays open.
@@ -223,19 +227,7 @@ async fn streams_wait_for_the_first_key_set() {
         // Nothing listens here: the key set never loads.
         let url = format!("http://127.0.0.1:{}/jwks.json", free_port());
         let nats = NatsServer::start().await;
-        let args: Vec<String> = [
-            "--nats-url",
-            &nats.url(),
-            "--create-stream",
-            "--workers",
-            "1",
-            "--jwks-url",
-            &url,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut relay = Relay::spawn_serve(args, &[]);
+        let mut relay = jwks_relay(&nats, &url, &[]);
         relay.wait_ready(WAIT).await;
         let path = events_path(&["events.keys.>"]);
         let auth = bearer(&ed_token(KEY_A, "a"));
