@@ -114,10 +114,7 @@ async fn verify(app: &App, token: &str) -> Result<Claims, ApiError> {
     let Some(jwks) = app.verifier.jwks() else {
         return app.verifier.verify(token).map_err(ApiError::Auth);
     };
-    if jwks.is_stale() && jwks.is_loaded() {
-        let jwks = jwks.clone();
-        tokio::spawn(async move { jwks.refresh().await });
-    }
+    jwks.refresh_if_due();
     match app.verifier.verify(token) {
         Err(AuthError::UnknownKey) => {
             jwks.refresh().await;

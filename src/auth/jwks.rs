@@ -43,6 +43,8 @@ pub struct Jwks {
     started: AtomicU64,
     /// The number and end of the last fetch (held while fetching).
     fetched: tokio::sync::Mutex<(u64, Option<Instant>)>,
+    /// A periodic refresh is running: requests meanwhile start no other.
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -87,7 +89,13 @@ impl Jwks {
             loaded_at: Mutex::default(),
             started: AtomicU64::new(0),
             fetched: tokio::sync::Mutex::new((0, None)),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn refresh_interval(&self) -> Duration {
+        self.refresh
     }
 
     pub(crate) fn key(&self, kid: &str) -> Option<SetKey> {
@@ -106,8 +114,21 @@ impl Jwks {
             .is_some()
     }
 
+    /// Starts the periodic refresh when it is due, once however many
+    /// requests notice it.
+    pub(crate) fn refresh_if_due(self: &std::sync::Arc<Self>) {
+        if !self.is_loaded() || !self.is_stale() || self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let jwks = self.clone();
+        tokio::spawn(async move {
+            jwks.refresh().await;
+            jwks.refreshing.store(false, Ordering::Release);
+        });
+    }
+
     /// Whether the periodic refresh is due.
-    pub(crate) fn is_stale(&self) -> bool {
+    fn is_stale(&self) -> bool {
         self.loaded_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
