@@ -460,6 +460,28 @@ mod tests {
     }
 
     #[test]
+    fn jwks_url_with_its_default_refresh() {
+        let argv = [
+            "sse-relay",
+            "serve",
+            "--jwks-url",
+            "https://keys.example/jwks.json",
+        ];
+        let Command::Serve(a) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
+        let c = Config::from_args(*a).unwrap();
+        let KeySource::Jwks(j) = &c.key else {
+            panic!("{:?}", c.key)
+        };
+        assert_eq!(j.refresh_interval(), Duration::from_secs(300));
+        assert!(
+            Config::from_args(args(&["--jwks-url", "https://k.example/j"])).is_err(),
+            "with a secret too"
+        );
+    }
+
+    #[test]
     fn limits_from_flags() {
         let c = Config::from_args(args(&[
             "--max-connections-per-ip",

@@ -63,9 +63,14 @@ pub(crate) async fn serve(
     cancel: CancellationToken,
     peer: Peer,
 ) {
+    // Held for the connection's life; only its verdict is copied around.
+    let Peer {
+        ip,
+        permit: _permit,
+    } = peer;
     let info = ConnInfo {
-        peer: peer.ip,
-        over_capacity: peer.permit.over_capacity,
+        peer: ip,
+        over_capacity: _permit.over_capacity,
     };
     let mut pending: Vec<u8> = Vec::new();
     let mut first = true;
@@ -615,6 +620,20 @@ mod tests {
         let mut buf = [0u8; 1024];
         while client.read(&mut buf).await.is_ok_and(|n| n > 0) {}
         tokio::time::Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_comes_is_cut_after_its_timeout() {
+        let app = app();
+        let (mut client, conn) = connection(&app).await;
+        tokio::spawn(conn);
+        let start = tokio::time::Instant::now();
+        client
+            .write_all(b"POST /publish/events.a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+            .await
+            .unwrap();
+        let at = closed_at(&mut client).await;
+        assert_eq!(at - start, BODY_REQUEST_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
