@@ -63,7 +63,12 @@ impl<U: Upstream> Dispatcher<U> {
         let mut items: Vec<Delivery> = frames
             .into_iter()
             .filter(|(_, key, _)| self.topics.get(*key).is_some())
-            .map(|(seq, topic, frame)| Delivery { seq, topic, frame })
+            .map(|(seq, topic, frame)| Delivery {
+                seq,
+                topic,
+                frame,
+                previous: None,
+            })
             .collect();
         for (key, after) in topics {
             if self.topics.get(key).is_some() && !truncated.contains(&key) {
@@ -72,6 +77,14 @@ impl<U: Upstream> Dispatcher<U> {
         }
         // Topics whose backlog exceeded the replay limit cannot be caught up
         // in memory: their clients resume on their own (with a gap notice).
+        // Their subscriptions go on from what the shard has seen, so a live
+        // event does not report the skipped backlog as a hole.
+        let seen = self.seen();
+        for &key in &truncated {
+            if let Some(topic) = self.topics.get_mut(key) {
+                topic.last_seq = topic.last_seq.max(seen);
+            }
+        }
         let queues = truncated
             .iter()
             .filter_map(|&key| self.topics.get(key))

@@ -26,6 +26,10 @@ pub(super) struct Delivery {
     pub(super) seq: u64,
     pub(super) topic: TopicKey,
     pub(super) frame: Bytes,
+    /// For a live copy, RePublish's `Nats-Last-Sequence`: the previous
+    /// event stored on the same subject (0: none). None when read from the
+    /// stream.
+    pub(super) previous: Option<u64>,
 }
 
 /// Ticks per heartbeat interval: each looks at this share of the clients.

@@ -7,7 +7,7 @@ use super::dispatcher::{Delivery, Dispatcher};
 use super::topics::TopicKey;
 use super::{LiveMessage, Upstream};
 use crate::client::{EndReason, Offer};
-use crate::nats::{event_frame, republished_sequence};
+use crate::nats::{event_frame, republished};
 
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
@@ -49,10 +49,21 @@ impl<U: Upstream> Dispatcher<U> {
         }
         let mut delivered = 0u64;
         let mut evicted = 0usize;
-        for d in items {
+        for (i, d) in items.iter().enumerate() {
             let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
             };
+            if topic.skipped(d) {
+                // An event of this topic was stored but never reached it
+                // (a leader change between storing and republishing): fill
+                // the hole from the stream before delivering past it.
+                self.metrics.events_received.inc_by(i as u64);
+                self.metrics.deliveries.inc_by(delivered);
+                self.count_evicted(evicted);
+                self.start_catch_up("hole in the republished sequence");
+                self.deliver_now(&items[i..]);
+                return;
+            }
             topic.last_seq = topic.last_seq.max(d.seq);
             self.window.push(d.topic, d.seq, &d.frame);
             for (_, q) in &topic.clients {
@@ -68,6 +79,10 @@ impl<U: Upstream> Dispatcher<U> {
         }
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
+        self.count_evicted(evicted);
+    }
+
+    fn count_evicted(&self, evicted: usize) {
         if evicted > 0 {
             self.count_ends(EndReason::Slow, evicted);
             tracing::info!(clients = evicted, "evicted: slow");
@@ -104,19 +119,24 @@ impl<U: Upstream> Dispatcher<U> {
 /// Turns a merged batch into deliveries sorted by sequence, each event
 /// encoded once even when overlapping topics both received it.
 pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>) -> Vec<Delivery> {
-    let mut msgs: Vec<(u64, TopicKey, LiveMessage)> = batch
+    let mut msgs: Vec<(u64, u64, TopicKey, LiveMessage)> = batch
         .drain(..)
-        .filter_map(|(t, m)| republished_sequence(&m).map(|seq| (seq, t, m)))
+        .filter_map(|(t, m)| republished(&m).map(|(seq, previous)| (seq, previous, t, m)))
         .collect();
     // Stable: copies of one event from overlapping topics stay adjacent.
-    msgs.sort_by_key(|(seq, _, _)| *seq);
+    msgs.sort_by_key(|(seq, ..)| *seq);
     let mut out: Vec<Delivery> = Vec::with_capacity(msgs.len());
-    for (seq, topic, m) in msgs {
+    for (seq, previous, topic, m) in msgs {
         let frame = match out.last() {
             Some(d) if d.seq == seq => d.frame.clone(),
             _ => event_frame(seq, &m),
         };
-        out.push(Delivery { seq, topic, frame });
+        out.push(Delivery {
+            seq,
+            topic,
+            frame,
+            previous: Some(previous),
+        });
     }
     out
 }

@@ -37,8 +37,30 @@ pub(super) struct Topic {
     pub(super) waiting: Vec<ClientId>,
     /// Last sequence delivered for this pattern: where a catch-up starts.
     pub(super) last_seq: u64,
+    /// The stream's last sequence once the subscription was active: every
+    /// event of the pattern stored after it reaches the subscription. None
+    /// until known.
+    pub(super) since: Option<u64>,
+    /// The pattern takes every event of the stream, so live sequences on
+    /// it are consecutive and a jump is a missed event.
+    pub(super) dense: bool,
     /// A read that extends the window back, and the resumes waiting on it.
     pub(super) fill: Option<Fill>,
+}
+
+impl Topic {
+    /// Does live delivery `d` show that an earlier event of this topic,
+    /// stored after the subscription became active, never arrived? Either
+    /// the previous event on its subject (RePublish's `Nats-Last-Sequence`)
+    /// is newer than anything delivered here, or, on a pattern that takes
+    /// the whole stream, its sequence jumps.
+    pub(super) fn skipped(&self, d: &super::dispatcher::Delivery) -> bool {
+        let (Some(previous), Some(since)) = (d.previous, self.since) else {
+            return false;
+        };
+        let delivered = self.last_seq.max(since);
+        previous > delivered || (self.dense && d.seq > delivered + 1)
+    }
 }
 
 /// Single flight for resumes that reach back past a topic's window: the
@@ -62,13 +84,15 @@ impl Topics {
         self.by_pattern.get(pattern).copied()
     }
 
-    fn insert(&mut self, pattern: String) -> TopicKey {
+    fn insert(&mut self, pattern: String, dense: bool) -> TopicKey {
         let key = self.map.insert(Topic {
             pattern: pattern.clone(),
             slot: None,
             clients: Vec::new(),
             waiting: Vec::new(),
             last_seq: 0,
+            since: None,
+            dense,
             fill: None,
         });
         self.by_pattern.insert(pattern, key);
@@ -230,7 +254,8 @@ impl<U: Upstream> Dispatcher<U> {
         if let Some(key) = self.topics.find(&pattern) {
             return key;
         }
-        let key = self.topics.insert(pattern.clone());
+        let dense = self.upstream.dense(&pattern);
+        let key = self.topics.insert(pattern.clone(), dense);
         let upstream = self.upstream.clone();
         let done = self.done.clone();
         tokio::spawn(async move {
@@ -271,6 +296,7 @@ impl<U: Upstream> Dispatcher<U> {
         // The stream's last sequence is known now: resumes up to it need no
         // JetStream request to be validated, and new clients start after it.
         topic.last_seq = covered.unwrap_or(seen).max(seen);
+        topic.since = covered;
         topic.slot = Some(self.merge.insert(key, sub));
         if let Some(c) = covered {
             self.note_seen(c);

@@ -30,18 +30,21 @@ pub(crate) fn event_frame(seq: u64, msg: &async_nats::Message) -> Bytes {
     crate::sse::encode_event(seq, event, &msg.payload)
 }
 
-/// The stream sequence RePublish puts in `Nats-Sequence`. A message
-/// without it was not republished by the stream and has no resumable id.
-pub(crate) fn republished_sequence(msg: &async_nats::Message) -> Option<u64> {
-    let seq = msg
-        .headers
-        .as_ref()?
-        .get("Nats-Sequence")?
-        .as_str()
-        .parse()
-        .ok();
-    if seq.is_none() {
+/// What RePublish says of a live message: its stream sequence
+/// (`Nats-Sequence`) and the sequence of the previous message stored on the
+/// same subject (`Nats-Last-Sequence`; 0 when there was none). A message
+/// without a valid `Nats-Sequence` was not republished by the stream and
+/// has no resumable id.
+pub(crate) fn republished(msg: &async_nats::Message) -> Option<(u64, u64)> {
+    let headers = msg.headers.as_ref()?;
+    let seq = headers.get("Nats-Sequence")?.as_str().parse().ok();
+    let Some(seq) = seq else {
         tracing::warn!(subject = ?msg.subject.as_str(), "message without a valid Nats-Sequence ignored");
-    }
-    seq
+        return None;
+    };
+    let previous = headers
+        .get("Nats-Last-Sequence")
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0);
+    Some((seq, previous))
 }

@@ -82,6 +82,15 @@ impl Scope {
             && subject::contains(&self.src, pattern)
     }
 
+    /// Does `pattern` take every event the stream stores (and republishes)?
+    pub fn is_dense(&self, pattern: &str) -> bool {
+        !self.subjects.is_empty()
+            && self
+                .subjects
+                .iter()
+                .all(|s| subject::contains(pattern, s) && subject::contains(&self.src, s))
+    }
+
     /// The subject the relay subscribes to for live events of `pattern`.
     pub fn live_subject(&self, pattern: &str) -> Option<String> {
         subject::map_prefix(pattern, &self.src, &self.dest)
@@ -151,6 +160,8 @@ mod tests {
         assert!(scope.covers("events.orders.*"));
         assert!(!scope.covers("other.x"));
         assert!(!scope.covers(">"));
+        assert!(scope.is_dense("events.>"));
+        assert!(!scope.is_dense("events.orders.>"));
         assert_eq!(
             scope.live_subject("events.orders.*").as_deref(),
             Some("relay.events.orders.*")

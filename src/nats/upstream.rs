@@ -29,6 +29,10 @@ pub(crate) trait Upstream: Clone + Send + Sync + 'static {
         pattern: &str,
     ) -> impl Future<Output = Result<(Self::Live, Option<u64>), String>> + Send;
 
+    /// Does `pattern` take every event the stream stores? Then the live
+    /// sequences on its subscription are consecutive.
+    fn dense(&self, pattern: &str) -> bool;
+
     /// The stream's last sequence.
     fn last_sequence(&self) -> impl Future<Output = Result<u64, HistoryError>> + Send;
 
@@ -87,6 +91,10 @@ impl Upstream for NatsUpstream {
         self.client.flush().await.map_err(|e| e.to_string())?;
         let covered = self.history.bounds().await.ok().map(|b| b.last);
         Ok((sub, covered))
+    }
+
+    fn dense(&self, pattern: &str) -> bool {
+        self.scope.is_dense(pattern)
     }
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {

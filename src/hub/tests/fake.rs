@@ -49,9 +49,12 @@ impl Stream for FakeSub {
     }
 }
 
-fn message(seq: u64, subject: &str, payload: &Bytes) -> LiveMessage {
+/// The live copy RePublish makes of event `seq`; `previous` is the event
+/// stored before it on the same subject (0: none).
+fn message(seq: u64, previous: u64, subject: &str, payload: &Bytes) -> LiveMessage {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Last-Sequence", previous.to_string().as_str());
     async_nats::Message {
         subject: format!("relay.{subject}").into(),
         reply: None,
@@ -71,14 +74,25 @@ impl Fake {
     /// Stores an event and delivers it live to every matching subscription.
     pub(super) fn publish(&self, subject: &str) -> u64 {
         let seq = self.store(subject);
+        self.republish(seq);
+        seq
+    }
+
+    /// Delivers stored event `seq` live (again) to every matching
+    /// subscription, as RePublish would.
+    pub(super) fn republish(&self, seq: u64) {
         let st = self.lock();
-        let payload = st.stored[seq as usize - 1].2.clone();
+        let (_, subject, payload) = &st.stored[seq as usize - 1];
+        let previous = st.stored[..seq as usize - 1]
+            .iter()
+            .rev()
+            .find(|(_, s, _)| s == subject)
+            .map_or(0, |(s, _, _)| *s);
         for (pattern, tx) in &st.subs {
             if subject::matches(pattern, subject) {
-                let _ = tx.send(message(seq, subject, &payload));
+                let _ = tx.send(message(seq, previous, subject, payload));
             }
         }
-        seq
     }
 
     /// Stores an event that live delivery misses (NATS was away).
@@ -124,6 +138,11 @@ impl Upstream for Fake {
         let (tx, rx) = mpsc::unbounded_channel();
         st.subs.push((pattern.to_string(), tx));
         Ok((FakeSub(rx), Some(st.stored.len() as u64)))
+    }
+
+    /// The fake stream stores `events.>`.
+    fn dense(&self, pattern: &str) -> bool {
+        subject::contains(pattern, "events.>")
     }
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {

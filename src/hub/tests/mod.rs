@@ -260,6 +260,86 @@ async fn a_catch_up_over_the_limit_ends_its_streams() {
     assert_eq!(got.retries, 2, "opening retry and the closing one");
 }
 
+/// A stream leader that dies between storing an event and republishing it
+/// leaves a hole in the live feed. The next event on the same subject says
+/// (`Nats-Last-Sequence`) which event came before it: the hub fills the
+/// hole from the stream before delivering past it.
+#[tokio::test(start_paused = true)]
+async fn a_hole_on_a_subject_is_filled_before_delivering_past_it() {
+    let s = start(config());
+    let a = s.join(&["events.a"], None).await;
+    let b = s.join(&["events.b.*"], None).await;
+    s.fake.publish("events.a"); // 1
+    s.fake.publish("events.b.1"); // 2
+    s.fake.store("events.a"); // 3: stored, never republished
+    s.fake.publish("events.b.2"); // 4: nothing tells of 3 yet
+    s.fake.publish("events.a"); // 5: Nats-Last-Sequence 3
+    s.fake.publish("events.b.1"); // 6
+    let (mut got_a, mut got_b) = (Received::default(), Received::default());
+    until("every event", || {
+        drain(&a.queue, &mut got_a);
+        drain(&b.queue, &mut got_b);
+        got_a.ids.len() >= 3 && got_b.ids.len() >= 3
+    })
+    .await;
+    assert_eq!(got_a.ids, [1, 3, 5], "the hole filled, in order");
+    assert_eq!(got_b.ids, [2, 4, 6]);
+    assert_eq!(s.metrics.catchups.get(), 1);
+}
+
+/// On a pattern that takes the whole stream every sequence arrives, so a
+/// jump is a hole even when no later event shares the missed one's subject.
+#[tokio::test(start_paused = true)]
+async fn a_sequence_jump_on_a_whole_stream_subscription_is_filled() {
+    let s = start(config());
+    let j = s.join(&["events.>"], None).await;
+    s.fake.publish("events.a"); // 1
+    s.fake.store("events.b"); // 2: never republished
+    s.fake.publish("events.c"); // 3
+    let mut got = Received::default();
+    until("every event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 3
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3]);
+    assert_eq!(s.metrics.catchups.get(), 1);
+}
+
+/// Gaps between the sequences a narrower pattern receives are other
+/// subjects' events, and a duplicate republish is not a hole: no catch-up.
+#[tokio::test(start_paused = true)]
+async fn ordinary_gaps_and_repeats_are_not_holes() {
+    let s = start(config());
+    // Stored before anyone subscribed: not this subscription's business.
+    s.fake.store("events.a.1");
+    let j = s.join(&["events.a.*"], None).await;
+    let mut want = Vec::new();
+    for subject in [
+        "events.b",
+        "events.a.1",
+        "events.c",
+        "events.a.2",
+        "events.a.1",
+    ] {
+        let seq = s.fake.publish(subject);
+        if subject.starts_with("events.a.") {
+            want.push(seq);
+        }
+    }
+    s.fake.republish(want[1]);
+    s.fake.publish("events.a.2");
+    want.push(s.fake.last());
+    let mut got = Received::default();
+    until("every event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= want.len()
+    })
+    .await;
+    assert_eq!(got.ids, want);
+    assert_eq!(s.metrics.catchups.get(), 0, "no hole, no catch-up");
+}
+
 /// Moves the paused clock in steps of one sweep tick, letting the
 /// dispatcher run after each (bounded).
 async fn advance(by: Duration) {
