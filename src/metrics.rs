@@ -33,6 +33,7 @@ pub struct Metrics {
     pub gaps: Counter,
     pub nats_connected: Gauge,
     pub catchups: Counter,
+    pub stream_resets: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +54,7 @@ impl Default for Metrics {
             gaps: Counter::default(),
             nats_connected: Gauge::default(),
             catchups: Counter::default(),
+            stream_resets: Counter::default(),
         };
         for reason in crate::client::EndReason::ALL {
             let _ = m.disconnects.get_or_create(&Reason {
@@ -130,6 +132,11 @@ impl Metrics {
             "catchups",
             "Catch-ups of shared subscriptions after a NATS reconnect or a detected hole",
             self.catchups.clone(),
+        );
+        r.register(
+            "stream_resets",
+            "Times the stream was found deleted and created again (sequences restarted)",
+            self.stream_resets.clone(),
         );
         r
     }

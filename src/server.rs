@@ -254,7 +254,7 @@ async fn start_nats(
     let history = History::new(js, scope.stream.clone(), app.metrics.clone());
     // Subscribed to before the hub starts: no election is missed.
     let events = link.subscribe();
-    link.watch_leader(&client, &scope.stream).await;
+    link.watch_stream(&client, &scope.stream).await;
     let hub = Hub::start(
         NatsUpstream::new(client.clone(), scope.clone(), history.clone()),
         HubConfig {

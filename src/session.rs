@@ -55,17 +55,24 @@ pub(crate) async fn open(
         .map_err(ApiError::Limited)?;
     let resume = resume_point(live, headers, q.last_event_id.as_deref()).await?;
     // A resume wins over `initial`.
-    let initial = q.initial.filter(|_| resume.is_none());
+    let initial = q.initial.filter(|_| resume == Resume::Fresh);
     let deadline = app.verifier.deadline(claims.exp);
-    let joined = match initial {
-        None => {
-            live.hub
-                .join(patterns.clone(), deadline, resume, q.heartbeat)
+    let hub = &live.hub;
+    let joined = match (resume, initial) {
+        (Resume::Reset, _) => {
+            hub.join_reset(patterns.clone(), deadline, q.heartbeat)
                 .await
         }
-        Some(_) => {
-            live.hub
-                .join_initial(patterns.clone(), deadline, q.heartbeat)
+        (_, Some(_)) => {
+            hub.join_initial(patterns.clone(), deadline, q.heartbeat)
+                .await
+        }
+        (Resume::After(id), None) => {
+            hub.join(patterns.clone(), deadline, Some(id), q.heartbeat)
+                .await
+        }
+        (Resume::Fresh, None) => {
+            hub.join(patterns.clone(), deadline, None, q.heartbeat)
                 .await
         }
     }
@@ -178,37 +185,62 @@ async fn resume_point(
     live: &Live,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<Option<u64>, ApiError> {
+) -> Result<Resume, ApiError> {
     let raw = match headers.get("last-event-id") {
         Some(v) => v
             .to_str()
             .map_err(|_| ApiError::BadLastEventId("Last-Event-ID is not text".into()))?,
         None => match query {
             Some(q) => q,
-            None => return Ok(None),
+            None => return Ok(Resume::Fresh),
         },
     };
     let raw = raw.trim();
     // No id: a browser whose id was reset (`id:` with nothing) sends no
     // header at all; an empty one means the same, not "replay everything".
     if raw.is_empty() {
-        return Ok(None);
+        return Ok(Resume::Fresh);
     }
     let id: u64 = raw.parse().map_err(|_| {
         ApiError::BadLastEventId(format!(
             "last event id {raw:?} is not an event id (a stream sequence number)"
         ))
     })?;
-    let last = live.hub.last_sequence_reaching(id).await.map_err(|e| {
-        tracing::warn!(error = %e, "cannot read the stream's last sequence");
-        ApiError::Unavailable("JetStream did not answer")
-    })?;
-    if id > last {
-        return Err(ApiError::BadLastEventId(format!(
-            "last event id {id} is beyond the stream's last event ({last})"
-        )));
+    // An id beyond the stream's last event comes from a replica that is
+    // ahead (a mirror catching up: wait a little), from a stream that was
+    // deleted and created again, or from a buggy client. A native
+    // EventSource dies on any status but 200, so the answer is the reset
+    // signal and the stream from its beginning.
+    for ask in 0..BEYOND_ASKS {
+        let last = live.hub.last_sequence_reaching(id).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot read the stream's last sequence");
+            ApiError::Unavailable("JetStream did not answer")
+        })?;
+        if id <= last {
+            return Ok(Resume::After(id));
+        }
+        tracing::debug!(
+            id,
+            last,
+            ask,
+            "last event id beyond the stream's last event"
+        );
     }
-    Ok(Some(id))
+    Ok(Resume::Reset)
+}
+
+/// Asks (at most one a second, shared by every such client of a shard)
+/// before an id beyond the stream's end is taken for a reset stream's.
+const BEYOND_ASKS: usize = 3;
+
+/// Where a stream starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    Fresh,
+    After(u64),
+    /// The id is from a stream that no longer exists: `relay.reset`, then
+    /// the stream from its beginning.
+    Reset,
 }
 
 /// A resume the hub's memory could not serve.

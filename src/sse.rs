@@ -49,6 +49,17 @@ pub fn encode_gap(last_event_id: u64, first_available: u64) -> Bytes {
     encode_control("relay.gap", &data.to_string())
 }
 
+/// `relay.reset`: the stream the client's ids came from was deleted and
+/// created again, so its sequences restarted. `id: 0` moves the browser's
+/// Last-Event-ID to the new stream's beginning: the events that follow (or,
+/// after a reconnect, the resume from 0) are the new stream's, from its
+/// first. The page should reload its state.
+pub fn encode_reset() -> Bytes {
+    Bytes::from_static(
+        b"id: 0\nevent: relay.reset\ndata: {\"reason\":\"stream_recreated\",\"last_event_id\":0}\n\n",
+    )
+}
+
 /// `relay.live`: the stream is caught up (a resume spliced to live, or a
 /// fresh stream's subscriptions active); `last_event_id` is the last id
 /// the client has (null on a fresh stream). No `id:` line.

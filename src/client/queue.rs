@@ -31,6 +31,9 @@ pub enum EndReason {
     /// The relay could not keep the client's history whole (e.g. its NATS
     /// subscription failed); the client resumes by Last-Event-ID.
     Resync,
+    /// The stream was deleted and created again: its sequences restarted,
+    /// and the client starts over from the new stream's beginning.
+    Reset,
 }
 
 impl EndReason {
@@ -40,6 +43,7 @@ impl EndReason {
             EndReason::Expired => "token expired",
             EndReason::Shutdown => "shutdown",
             EndReason::Resync => "resync",
+            EndReason::Reset => "stream reset",
         }
     }
 
@@ -50,14 +54,16 @@ impl EndReason {
             EndReason::Expired => "token_expired",
             EndReason::Shutdown => "shutdown",
             EndReason::Resync => "resync",
+            EndReason::Reset => "stream_reset",
         }
     }
 
-    pub const ALL: [EndReason; 4] = [
+    pub const ALL: [EndReason; 5] = [
         EndReason::Slow,
         EndReason::Expired,
         EndReason::Shutdown,
         EndReason::Resync,
+        EndReason::Reset,
     ];
 }
 

@@ -60,6 +60,8 @@ pub(super) enum Done<U: Upstream> {
         /// The topics read, with the sequence each was read after.
         topics: Vec<(TopicKey, u64)>,
     },
+    /// The stream's bounds and creation time (None: not read).
+    Checked(Option<crate::nats::Bounds>),
     /// A window fill read `(from, to]` of a topic (None: it failed).
     Filled {
         topic: TopicKey,
@@ -92,9 +94,10 @@ pub(super) struct Dispatcher<U: Upstream> {
     pub(super) topics: Topics,
     pub(super) merge: MergeSet<U::Live, TopicKey>,
     pub(super) clients: Clients,
+    pub(super) stream_check: super::reset::StreamCheck,
     /// `retry: <ms>`: the last frame of every stream the hub ends, so the
     /// browser comes back (to this shard or another) after the delay.
-    retry: Bytes,
+    pub(super) retry: Bytes,
 }
 
 impl<U: Upstream> Dispatcher<U> {
@@ -121,6 +124,7 @@ impl<U: Upstream> Dispatcher<U> {
             topics: Topics::default(),
             merge: MergeSet::default(),
             clients: Clients::default(),
+            stream_check: Default::default(),
         }
     }
 
@@ -160,6 +164,9 @@ impl<U: Upstream> Dispatcher<U> {
         let mut sweep = Sweep::default();
         let comment = Bytes::from_static(sse::HEARTBEAT);
         let event = Bytes::from_static(sse::HEARTBEAT_EVENT);
+        // What the shard's sequences belong to, before anything hints at
+        // a reset.
+        self.check_stream("start", true);
         loop {
             let next = self.clients.next_expiry();
             if next != armed {
@@ -174,6 +181,7 @@ impl<U: Upstream> Dispatcher<U> {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Join(req)) => self.join(req),
                     Some(Cmd::Leave(id)) => self.leave(id),
+                    Some(Cmd::CheckStream) => self.check_stream("last sequence below the shard's", false),
                     None => break,
                 },
                 Some(d) = done.recv() => match d {
@@ -182,6 +190,7 @@ impl<U: Upstream> Dispatcher<U> {
                         self.caught_up(epoch, caught_up, topics).await;
                     }
                     Done::Filled { topic, from, to, frames } => self.filled(topic, from, to, frames),
+                    Done::Checked(bounds) => self.checked(bounds),
                 },
                 ev = link.recv() => match ev {
                     Ok(LinkEvent::Disconnected) => {
@@ -193,12 +202,15 @@ impl<U: Upstream> Dispatcher<U> {
                     Ok(LinkEvent::Connected) if self.disconnected => {
                         self.disconnected = false;
                         self.start_catch_up("nats reconnected");
+                        // The stream may have been recreated meanwhile.
+                        self.check_stream("nats reconnected", true);
                     }
                     Ok(LinkEvent::Connected) => {}
                     Ok(LinkEvent::SlowConsumer) => self.start_catch_up("slow consumer"),
                     Ok(LinkEvent::StreamLeaderElected) => {
                         self.start_catch_up("stream leader elected");
                     }
+                    Ok(LinkEvent::StreamCreated) => self.check_stream("stream created", true),
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.start_catch_up("missed connection events");
                     }

@@ -49,6 +49,7 @@ impl<U: Upstream> Dispatcher<U> {
         }
         let mut delivered = 0u64;
         let mut evicted = 0usize;
+        let mut behind = false;
         for (i, d) in items.iter().enumerate() {
             let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
@@ -64,6 +65,7 @@ impl<U: Upstream> Dispatcher<U> {
                 self.deliver_now(&items[i..]);
                 return;
             }
+            behind |= d.previous.is_some() && d.seq < topic.last_seq;
             topic.last_seq = topic.last_seq.max(d.seq);
             self.window.push(d.topic, d.seq, &d.frame);
             for (_, q) in &topic.clients {
@@ -80,6 +82,11 @@ impl<U: Upstream> Dispatcher<U> {
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
         self.count_evicted(evicted);
+        if behind {
+            // A live sequence below what its subscription delivered: usual
+            // right after subscribing, or the stream was recreated.
+            self.check_stream("a live sequence went back", false);
+        }
     }
 
     fn count_evicted(&self, evicted: usize) {

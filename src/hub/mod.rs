@@ -52,6 +52,7 @@ mod catch_up;
 mod dispatcher;
 mod fanout;
 mod merge;
+mod reset;
 mod resume;
 #[cfg(test)]
 mod tests;
@@ -149,6 +150,9 @@ struct JoinRequest {
 enum Cmd {
     Join(JoinRequest),
     Leave(ClientId),
+    /// The stream's last sequence is below what the shard has seen: was it
+    /// recreated?
+    CheckStream,
 }
 
 impl Departure for Hub {
@@ -216,9 +220,13 @@ impl Hub {
             tokio::time::sleep_until(at + ASK_INTERVAL).await;
         }
         let number = self.asks_started.fetch_add(1, Ordering::AcqRel) + 1;
-        let last = (self.last_sequence)().await;
+        let last = (self.last_sequence)().await?;
         *asked = (number, Some(Instant::now()));
-        self.max_seen.fetch_max(last?, Ordering::AcqRel);
+        if last < self.max_seen() {
+            let _ = self.cmds.send(Cmd::CheckStream);
+            return Ok(last);
+        }
+        self.max_seen.fetch_max(last, Ordering::AcqRel);
         Ok(self.max_seen())
     }
 
@@ -235,7 +243,21 @@ impl Hub {
         resume: Option<u64>,
         heartbeat: Heartbeat,
     ) -> Result<Joined, JoinError> {
-        self.join_with(patterns, deadline, resume, false, heartbeat)
+        self.join_with(patterns, deadline, resume, false, heartbeat, None)
+            .await
+    }
+
+    /// Joins a client whose Last-Event-ID is from a stream that no longer
+    /// exists (beyond the stream's end): `relay.reset` (`id: 0`) first,
+    /// then the stream from its beginning, like a resume from 0.
+    pub(crate) async fn join_reset(
+        &self,
+        patterns: Vec<String>,
+        deadline: SystemTime,
+        heartbeat: Heartbeat,
+    ) -> Result<Joined, JoinError> {
+        let notice = sse::encode_reset();
+        self.join_with(patterns, deadline, Some(0), false, heartbeat, Some(notice))
             .await
     }
 
@@ -249,7 +271,7 @@ impl Hub {
         deadline: SystemTime,
         heartbeat: Heartbeat,
     ) -> Result<Joined, JoinError> {
-        self.join_with(patterns, deadline, Some(0), true, heartbeat)
+        self.join_with(patterns, deadline, Some(0), true, heartbeat, None)
             .await
     }
 
@@ -260,6 +282,7 @@ impl Hub {
         resume: Option<u64>,
         initial: bool,
         heartbeat: Heartbeat,
+        notice: Option<bytes::Bytes>,
     ) -> Result<Joined, JoinError> {
         let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let queue = Arc::new(match resume {
@@ -270,6 +293,9 @@ impl Hub {
         });
         // The stream opens with the reconnect hint, before any event.
         queue.offer_unsequenced(&sse::encode_retry(self.cfg.retry_ms));
+        if let Some(notice) = notice {
+            queue.offer_unsequenced(&notice);
+        }
         let left = deadline
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);

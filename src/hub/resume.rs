@@ -117,7 +117,11 @@ impl<U: Upstream> Dispatcher<U> {
         let Some(topic) = self.topics.get_mut(key) else {
             return;
         };
-        let waiters = topic.fill.take().map(|f| f.waiters).unwrap_or_default();
+        // No fill: the stream was reset meanwhile and this read is stale.
+        let Some(fill) = topic.fill.take() else {
+            return;
+        };
+        let waiters = fill.waiters;
         if let Some(frames) = frames {
             self.window.prepend(key, from, to, frames);
         }

@@ -293,6 +293,8 @@ impl<U: Upstream> Dispatcher<U> {
                 return;
             }
         };
+        // The stream's last sequence went back: it was recreated?
+        let went_back = covered.is_some_and(|c| c < seen);
         // The stream's last sequence is known now: resumes up to it need no
         // JetStream request to be validated, and new clients start after it.
         topic.last_seq = covered.unwrap_or(seen).max(seen);
@@ -307,6 +309,9 @@ impl<U: Upstream> Dispatcher<U> {
             }
         }
         self.metrics.subscriptions.inc();
+        if went_back {
+            self.check_stream("a subscription found the stream behind the shard", false);
+        }
         self.drain_merge();
         let Some(topic) = self.topics.get_mut(key) else {
             return;

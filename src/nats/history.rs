@@ -30,11 +30,15 @@ const CATCH_UP_GIVE_UP: Duration = Duration::from_secs(30);
 /// A stored event: its stream sequence and its SSE frame.
 pub(crate) type Stored = (u64, Bytes);
 
-/// The stream's first and last sequence at the time of asking.
+/// The stream's first and last sequence at the time of asking, and when it
+/// was created: a stream deleted and made again under the same name numbers
+/// its events from 1 again, and only its creation time tells it apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Bounds {
     pub first: u64,
     pub last: u64,
+    /// Creation time, in nanoseconds since the Unix epoch.
+    pub created: i128,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,10 +108,11 @@ impl History {
     pub(crate) async fn bounds(&self) -> Result<Bounds, HistoryError> {
         self.metrics.jetstream_requests.inc();
         let s = self.js.get_stream(&self.stream).await.map_err(nats_err)?;
-        let st = &s.cached_info().state;
+        let info = s.cached_info();
         Ok(Bounds {
-            first: st.first_sequence,
-            last: st.last_sequence,
+            first: info.state.first_sequence,
+            last: info.state.last_sequence,
+            created: info.created.unix_timestamp_nanos(),
         })
     }
 
@@ -593,7 +598,11 @@ mod tests {
     use super::*;
 
     fn b(first: u64, last: u64) -> Bounds {
-        Bounds { first, last }
+        Bounds {
+            first,
+            last,
+            created: 0,
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(crate) enum LinkEvent {
     /// The stream has a new leader. Only the leader republishes, so events
     /// its predecessor stored just before dying may never have been.
     StreamLeaderElected,
+    /// A stream of this name was created (perhaps after being deleted: its
+    /// sequences may have restarted).
+    StreamCreated,
 }
 
 impl Link {
@@ -44,22 +47,41 @@ impl Link {
         self.events.subscribe()
     }
 
-    /// Forwards the stream's leader-election advisories as
-    /// [`LinkEvent::StreamLeaderElected`], for as long as the client lives.
-    pub(crate) async fn watch_leader(self: &Arc<Self>, client: &async_nats::Client, stream: &str) {
+    /// Forwards the stream's leader-election and creation advisories as
+    /// [`LinkEvent`]s, for as long as the client lives.
+    pub(crate) async fn watch_stream(self: &Arc<Self>, client: &async_nats::Client, stream: &str) {
+        let advisories = [
+            ("LEADER_ELECTED", LinkEvent::StreamLeaderElected),
+            ("CREATED", LinkEvent::StreamCreated),
+        ];
+        for (kind, event) in advisories {
+            self.forward(
+                client,
+                format!("$JS.EVENT.ADVISORY.STREAM.{kind}.{stream}"),
+                event,
+            )
+            .await;
+        }
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        client: &async_nats::Client,
+        subject: String,
+        event: LinkEvent,
+    ) {
         use futures_util::StreamExt;
-        let subject = format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}");
         let mut advisories = match client.subscribe(subject).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch stream leader changes");
+                tracing::warn!(error = %e, "cannot watch stream advisories");
                 return;
             }
         };
         let link = self.clone();
         tokio::spawn(async move {
             while advisories.next().await.is_some() {
-                let _ = link.events.send(LinkEvent::StreamLeaderElected);
+                let _ = link.events.send(event);
             }
         });
     }

@@ -9,7 +9,9 @@ mod upstream;
 
 use bytes::Bytes;
 
-pub(crate) use history::{CatchUpTopic, CaughtUp, History, HistoryError, ResumePlan, Stored};
+pub(crate) use history::{
+    Bounds, CatchUpTopic, CaughtUp, History, HistoryError, ResumePlan, Stored,
+};
 pub(crate) use link::{Link, LinkEvent, connect};
 pub use scope::{Scope, default_stream_config};
 pub(crate) use scope::{StreamError, load_scope};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_nats::Subscriber;
 use futures_util::Stream;
 
-use super::{CatchUpTopic, CaughtUp, History, HistoryError, Scope, Stored};
+use super::{Bounds, CatchUpTopic, CaughtUp, History, HistoryError, Scope, Stored};
 
 /// A live message: async-nats' type, so the hot path converts nothing.
 /// The stream sequence is in its `Nats-Sequence` header (RePublish).
@@ -35,6 +35,10 @@ pub(crate) trait Upstream: Clone + Send + Sync + 'static {
 
     /// The stream's last sequence.
     fn last_sequence(&self) -> impl Future<Output = Result<u64, HistoryError>> + Send;
+
+    /// The stream's bounds and creation time (which tells a recreated
+    /// stream from the one the hub has been serving).
+    fn bounds(&self) -> impl Future<Output = Result<Bounds, HistoryError>> + Send;
 
     /// Every stored event of `pattern` in `(after, to]`, in order; an error
     /// unless the whole range is still stored.
@@ -99,6 +103,10 @@ impl Upstream for NatsUpstream {
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {
         self.history.bounds().await.map(|b| b.last)
+    }
+
+    async fn bounds(&self) -> Result<Bounds, HistoryError> {
+        self.history.bounds().await
     }
 
     async fn read(&self, pattern: &str, after: u64, to: u64) -> Result<Vec<Stored>, HistoryError> {

@@ -19,6 +19,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod publish;
+mod recreate;
 mod resume;
 mod security;
 mod shards;

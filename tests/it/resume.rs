@@ -288,8 +288,9 @@ async fn last_event_id_header_wins_over_query_param() {
     .await
 }
 
-/// Ids that are not non-negative integers, or beyond the stream's last
-/// sequence, are refused with 400 + JSON, by header and by query.
+/// Ids that are not non-negative integers are refused with 400 + JSON, by
+/// header and by query. (Ids beyond the stream's end get 200 and
+/// `relay.reset`: `recreate::an_id_beyond_the_stream_gets_relay_reset_then_the_stream`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_last_event_id_is_400() {
     within(TEST_LIMIT, "bad_last_event_id_is_400", async {
@@ -299,20 +300,15 @@ async fn bad_last_event_id_is_400() {
         let pattern = "events.bad.>";
         let tok = token(SECRET, &[pattern], 300);
         let auth = bearer(&tok);
-        let published = publish_named(&js, &["events.bad.1"], "e", 5).await;
-        let last = published[4].0;
+        publish_named(&js, &["events.bad.1"], "e", 5).await;
         let path = events_path(&[pattern]);
 
-        let beyond = (last + 1).to_string();
-        let far = (last + 1_000_000).to_string();
         let bad: Vec<&str> = vec![
             "abc",
             "-1",
             "12abc",
             "1.5",
-            &beyond,
-            &far,
-            "18446744073709551616", // 2^64: not a u64, and beyond anyway
+            "18446744073709551616", // 2^64: not a u64
         ];
         for id in &bad {
             for accept in ["text/event-stream", "*/*"] {

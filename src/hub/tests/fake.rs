@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::ClientQueue;
 use crate::hub::{Heartbeat, Hub, HubConfig, Joined, LiveMessage, Upstream};
 use crate::metrics::Metrics;
-use crate::nats::{CatchUpTopic, CaughtUp, HistoryError, LinkEvent, Stored};
+use crate::nats::{Bounds, CatchUpTopic, CaughtUp, HistoryError, LinkEvent, Stored};
 use crate::subject;
 
 /// A stream in memory with live subscriptions.
@@ -35,6 +35,8 @@ pub(super) struct FakeState {
     pub(super) last_sequence_asks: usize,
     pub(super) catch_ups: usize,
     pub(super) fail_subscribe: bool,
+    /// The stream's creation time: a recreated stream gets a new one.
+    pub(super) created: i128,
 }
 
 pub(super) struct FakeSub(mpsc::UnboundedReceiver<LiveMessage>);
@@ -104,6 +106,13 @@ impl Fake {
         seq
     }
 
+    /// Deletes the stream and creates it again: sequences restart at 1.
+    pub(super) fn recreate(&self) {
+        let mut st = self.lock();
+        st.stored.clear();
+        st.created += 1;
+    }
+
     pub(super) fn last(&self) -> u64 {
         self.lock().stored.len() as u64
     }
@@ -138,6 +147,15 @@ impl Upstream for Fake {
         let (tx, rx) = mpsc::unbounded_channel();
         st.subs.push((pattern.to_string(), tx));
         Ok((FakeSub(rx), Some(st.stored.len() as u64)))
+    }
+
+    async fn bounds(&self) -> Result<Bounds, HistoryError> {
+        let st = self.lock();
+        Ok(Bounds {
+            first: 1,
+            last: st.stored.len() as u64,
+            created: st.created,
+        })
     }
 
     /// The fake stream stores `events.>`.
@@ -266,7 +284,12 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
             Poll::Ready(Some(chunk)) => {
                 let text = std::str::from_utf8(&chunk).unwrap().to_string();
                 for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-                    if let Some(id) = frame.strip_prefix("id: ") {
+                    if let Some(rest) = frame.strip_prefix("id: 0\nevent: relay.reset\n") {
+                        // A control with an id: it moves Last-Event-ID.
+                        let data = rest.trim_start_matches("data: ");
+                        into.order.push(format!("relay.reset id 0 {data}"));
+                        into.controls.push("relay.reset".into());
+                    } else if let Some(id) = frame.strip_prefix("id: ") {
                         let id = id.lines().next().unwrap();
                         into.ids.push(id.parse().unwrap());
                         into.order.push(format!("id {id}"));

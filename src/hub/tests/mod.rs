@@ -667,3 +667,84 @@ async fn heartbeat_event_goes_to_the_clients_that_ask_for_it() {
     assert_eq!(v.comments, 0);
     assert!(v.ids.is_empty(), "a heartbeat never moves the id");
 }
+
+/// Deleted and created again, the stream numbers its events from 1: the
+/// creation advisory makes the shard forget the old sequences, and every
+/// stream ends with `relay.reset` (`id: 0`) so its client replays the new
+/// stream from the beginning. Fresh clients get the new stream's events.
+#[tokio::test(start_paused = true)]
+async fn a_recreated_stream_restarts_every_stream_from_its_beginning() {
+    let s = start(config());
+    let old = s.join(&["events.a"], None).await;
+    for _ in 0..3 {
+        s.fake.publish("events.a");
+    }
+    let mut got = Received::default();
+    until("three events", || {
+        drain(&old.queue, &mut got);
+        got.ids.len() == 3
+    })
+    .await;
+    s.fake.recreate();
+    s.link.send(LinkEvent::StreamCreated).unwrap();
+    until("the stream ends with relay.reset", || {
+        drain(&old.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert_eq!(
+        got.order[got.order.len() - 2..],
+        [
+            r#"relay.reset id 0 {"reason":"stream_recreated","last_event_id":0}"#.to_string(),
+            "retry".into()
+        ]
+    );
+    assert_eq!(s.metrics.stream_resets.get(), 1);
+    assert_eq!(s.hub.max_seen(), 0, "the old sequences are forgotten");
+    let fresh = s.join(&["events.a"], None).await;
+    s.fake.publish("events.a");
+    let mut fresh_got = Received::default();
+    until("the new stream's first event", || {
+        drain(&fresh.queue, &mut fresh_got);
+        !fresh_got.ids.is_empty()
+    })
+    .await;
+    assert_eq!(fresh_got.ids, [1]);
+    // The old client comes back with Last-Event-ID 0: everything the new
+    // stream holds, from the memory window.
+    let back = s.join(&["events.a"], Some(0)).await;
+    assert_eq!(received(&back.queue).ids, [1]);
+}
+
+/// Without an advisory (the relay was away when it came), a live sequence
+/// below what its subscription delivered makes the shard check the stream.
+#[tokio::test(start_paused = true)]
+async fn a_sequence_going_back_reveals_a_recreated_stream() {
+    let s = start(config());
+    let old = s.join(&["events.a"], None).await;
+    for _ in 0..3 {
+        s.fake.publish("events.a");
+    }
+    until("seen", || s.hub.max_seen() == 3).await;
+    s.fake.recreate();
+    // Checks on such hints are at most one a second.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    s.fake.publish("events.a"); // 1 of the new stream
+    let mut got = Received::default();
+    until("the stream ends with relay.reset", || {
+        drain(&old.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3]);
+    assert!(got.controls.contains(&"relay.reset".to_string()));
+    let fresh = s.join(&["events.a"], None).await;
+    s.fake.publish("events.a"); // 2
+    let mut fresh_got = Received::default();
+    until("a fresh client gets the new stream's events", || {
+        drain(&fresh.queue, &mut fresh_got);
+        !fresh_got.ids.is_empty()
+    })
+    .await;
+    assert_eq!(fresh_got.ids, [2]);
+}
