@@ -18,7 +18,8 @@ pub const DEFAULT_RETRY_MS: u64 = 2000;
 pub const DEFAULT_CLIENT_QUEUE: usize = 1024;
 pub const DEFAULT_REPLAY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_REPLAY_LIMIT: u64 = 100_000;
-pub const DEFAULT_DRAIN_SECS: u64 = 8;
+/// Inside Fly's default 5 s kill timeout (and Kubernetes' 30 s grace).
+pub const DEFAULT_DRAIN_SECS: u64 = 4;
 
 /// Most shards one process runs; more is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
@@ -138,9 +139,16 @@ pub struct ServeArgs {
     /// Most events one resume replays; older ones are reported as a gap.
     #[arg(long, env = "RELAY_REPLAY_LIMIT", default_value_t = DEFAULT_REPLAY_LIMIT)]
     pub replay_limit: u64,
-    /// Seconds to wait for streams to end on shutdown.
-    #[arg(long, env = "RELAY_DRAIN_TIMEOUT", default_value_t = DEFAULT_DRAIN_SECS)]
-    pub drain_timeout: u64,
+    /// Seconds over which shutdown (SIGTERM/SIGINT) spreads the closing of
+    /// streams, each with a jittered `retry:`, so clients come back to other
+    /// machines gradually; 0 closes them all at once.
+    #[arg(long, env = "RELAY_DRAIN_SECONDS", default_value_t = DEFAULT_DRAIN_SECS)]
+    pub drain_seconds: u64,
+    /// End streams older than this (plus up to 10% at random) with a
+    /// `retry:`, so load rebalances after scale-out; clients resume by
+    /// Last-Event-ID and lose nothing. E.g. 30m, 6h. [default: off]
+    #[arg(long, env = "RELAY_MAX_STREAM_AGE", value_parser = parse_duration)]
+    pub max_stream_age: Option<Duration>,
     /// Set SO_REUSEPORT so several relay processes can share the port.
     #[arg(long, env = "RELAY_REUSE_PORT")]
     pub reuse_port: bool,
@@ -250,7 +258,8 @@ pub struct Config {
     pub cors: Cors,
     pub replay_cache_bytes: u64,
     pub replay_limit: u64,
-    pub drain_timeout: Duration,
+    pub drain: Duration,
+    pub max_stream_age: Option<Duration>,
     pub reuse_port: bool,
     /// Shards to run (at least 1).
     pub workers: usize,
@@ -369,7 +378,8 @@ impl Config {
             cors: parse_cors(a.cors_origins.as_deref())?,
             replay_cache_bytes: a.replay_cache_bytes,
             replay_limit: a.replay_limit,
-            drain_timeout: Duration::from_secs(a.drain_timeout),
+            drain: Duration::from_secs(a.drain_seconds),
+            max_stream_age: a.max_stream_age.filter(|d| !d.is_zero()),
             reuse_port: a.reuse_port,
             workers,
             max_subjects: a.max_subjects,

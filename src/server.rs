@@ -25,6 +25,10 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::nats::{self, History, Link, LinkEvent, NatsUpstream, Scope, StreamError};
 
+/// After the drain has closed every stream: time for their last bytes and
+/// for replays still running to end.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
 /// How long an unresponsive NATS gets to answer the final drain.
 const NATS_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -165,7 +169,7 @@ pub async fn run(
     // `cancel`); idle keep-alive connections end on `cancel` directly;
     // replays end with their streams.
     app.tasks.close();
-    if tokio::time::timeout(cfg.drain_timeout, app.tasks.wait())
+    if tokio::time::timeout(cfg.drain + DRAIN_GRACE, app.tasks.wait())
         .await
         .is_err()
     {
@@ -263,6 +267,8 @@ async fn start_nats(
             retry_ms: cfg.retry_ms,
             replay_cache_bytes: cfg.replay_cache_bytes,
             replay_limit: cfg.replay_limit,
+            drain: cfg.drain,
+            max_stream_age: cfg.max_stream_age,
         },
         app.metrics.clone(),
         events,

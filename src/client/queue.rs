@@ -34,6 +34,9 @@ pub enum EndReason {
     /// The stream was deleted and created again: its sequences restarted,
     /// and the client starts over from the new stream's beginning.
     Reset,
+    /// The stream reached `--max-stream-age`: it resumes (perhaps on
+    /// another machine) so load rebalances.
+    MaxAge,
 }
 
 impl EndReason {
@@ -44,6 +47,7 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Resync => "resync",
             EndReason::Reset => "stream reset",
+            EndReason::MaxAge => "max stream age",
         }
     }
 
@@ -55,15 +59,17 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Resync => "resync",
             EndReason::Reset => "stream_reset",
+            EndReason::MaxAge => "max_stream_age",
         }
     }
 
-    pub const ALL: [EndReason; 5] = [
+    pub const ALL: [EndReason; 6] = [
         EndReason::Slow,
         EndReason::Expired,
         EndReason::Shutdown,
         EndReason::Resync,
         EndReason::Reset,
+        EndReason::MaxAge,
     ];
 }
 
@@ -234,10 +240,12 @@ impl ClientQueue {
 
     /// Ends the stream: after what is queued (or immediately for a slow
     /// client, whose backlog is dropped) the body writes `tail` and finishes.
-    pub fn close(&self, reason: EndReason, tail: Option<Bytes>) {
+    /// Ends the stream after what is queued and `tail`; false when it had
+    /// already ended.
+    pub fn close(&self, reason: EndReason, tail: Option<Bytes>) -> bool {
         let mut st = self.lock();
         if st.end.is_some() {
-            return;
+            return false;
         }
         if reason == EndReason::Slow {
             st.frames = VecDeque::new();
@@ -254,6 +262,7 @@ impl ClientQueue {
         if let Some(w) = space {
             w.wake();
         }
+        true
     }
 
     /// Takes everything queued as one chunk, or registers the waker.

@@ -98,6 +98,10 @@ pub(super) struct Dispatcher<U: Upstream> {
     /// `retry: <ms>`: the last frame of every stream the hub ends, so the
     /// browser comes back (to this shard or another) after the delay.
     pub(super) retry: Bytes,
+    /// Jitter for closing `retry:`s and stream age limits.
+    pub(super) rng: u64,
+    /// Shutdown in progress: streams close a slice at a time.
+    pub(super) drain: Option<super::drain::Drain>,
 }
 
 impl<U: Upstream> Dispatcher<U> {
@@ -125,6 +129,8 @@ impl<U: Upstream> Dispatcher<U> {
             merge: MergeSet::default(),
             clients: Clients::default(),
             stream_check: Default::default(),
+            rng: seed(),
+            drain: None,
         }
     }
 
@@ -162,6 +168,8 @@ impl<U: Upstream> Dispatcher<U> {
         let mut batch = Vec::new();
         let mut ended = Vec::new();
         let mut sweep = Sweep::default();
+        let mut drain_tick = tokio::time::interval(super::drain::DRAIN_TICK);
+        drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let comment = Bytes::from_static(sse::HEARTBEAT);
         let event = Bytes::from_static(sse::HEARTBEAT_EVENT);
         // What the shard's sequences belong to, before anything hints at
@@ -177,7 +185,16 @@ impl<U: Upstream> Dispatcher<U> {
             }
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled(), if self.drain.is_none() => {
+                    if self.start_drain() {
+                        break;
+                    }
+                }
+                _ = drain_tick.tick(), if self.drain.is_some() => {
+                    if self.drain_step() {
+                        break;
+                    }
+                }
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Join(req)) => self.join(req),
                     Some(Cmd::Leave(id)) => self.leave(id),
@@ -230,7 +247,7 @@ impl<U: Upstream> Dispatcher<U> {
             }
         }
         let n = self.end_streams(self.clients.queues(), EndReason::Shutdown);
-        tracing::info!(clients = n, "hub stopped: streams ended");
+        tracing::info!(clients = n, "hub stopped: remaining streams ended");
     }
 
     /// Ends `queues`' streams after a `retry:` hint (the clients resume by
@@ -288,10 +305,49 @@ impl<U: Upstream> Dispatcher<U> {
 
     fn expire(&mut self) {
         let tail = sse::encode_control("relay.expired", "{}");
-        let n = self.clients.close_expired(Instant::now(), &tail);
-        if n > 0 {
-            self.count_ends(EndReason::Expired, n);
-            tracing::info!(clients = n, "token expired");
+        let (retry_ms, rng) = (self.cfg.retry_ms, &mut self.rng);
+        let (expired, aged) = self
+            .clients
+            .close_due(Instant::now(), &tail, || jittered_retry(retry_ms, rng));
+        if expired > 0 {
+            self.count_ends(EndReason::Expired, expired);
+            tracing::info!(clients = expired, "token expired");
+        }
+        if aged > 0 {
+            self.count_ends(EndReason::MaxAge, aged);
+            tracing::debug!(clients = aged, "max stream age reached");
         }
     }
+
+    /// When a stream joining now reaches `--max-stream-age`: the age plus
+    /// up to a tenth of it at random, so streams opened together (after a
+    /// deploy) do not all end together.
+    pub(super) fn age_limit(&mut self) -> Option<Instant> {
+        let age = self.cfg.max_stream_age?;
+        let spread = (age.as_millis() as u64 / 10).max(1);
+        let extra = Duration::from_millis(next_random(&mut self.rng) % spread);
+        Instant::now().checked_add(age + extra)
+    }
+}
+
+/// xorshift64: the dispatcher's cheap source of jitter (not for secrets).
+pub(super) fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
+}
+
+/// A closing `retry:` of `ms` plus up to half again at random, so the
+/// clients of streams ended together do not all come back together.
+pub(super) fn jittered_retry(ms: u64, rng: &mut u64) -> Bytes {
+    sse::encode_retry(ms + next_random(rng) % (ms / 2 + 1))
+}
+
+/// A seed for [`next_random`] that differs between processes and shards.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) | 1
 }

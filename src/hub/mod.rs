@@ -50,6 +50,7 @@ use crate::sse;
 
 mod catch_up;
 mod dispatcher;
+mod drain;
 mod fanout;
 mod merge;
 mod reset;
@@ -69,6 +70,10 @@ pub(crate) struct HubConfig {
     pub replay_cache_bytes: u64,
     /// Most events one resume or catch-up replays (0: no limit).
     pub replay_limit: u64,
+    /// On shutdown, the closing of streams is spread over this long.
+    pub drain: Duration,
+    /// Streams older than this (plus jitter) end with a `retry:`.
+    pub max_stream_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -121,6 +121,8 @@ impl Topics {
 
 pub(super) struct Client {
     pub(super) queue: Arc<ClientQueue>,
+    /// When the token expires; the expiry heap also holds the age limit.
+    pub(super) token_deadline: Instant,
     pub(super) topics: Vec<TopicKey>,
     /// Subscriptions still being set up before the join can be answered.
     pub(super) pending: usize,
@@ -130,7 +132,8 @@ pub(super) struct Client {
     pub(super) reply: Option<oneshot::Sender<Result<Backfill, JoinError>>>,
 }
 
-/// Every client, and the one heap of token deadlines that serves them all.
+/// Every client, and the one heap of deadlines (token expiry, stream age)
+/// that serves them all.
 #[derive(Default)]
 pub(super) struct Clients {
     map: HashMap<ClientId, Client>,
@@ -141,14 +144,17 @@ pub(super) struct Clients {
 }
 
 impl Clients {
-    fn insert(&mut self, id: ClientId, client: Client, deadline: Instant) {
+    fn insert(&mut self, id: ClientId, client: Client, age_limit: Option<Instant>) {
+        self.expiries.push(Reverse((client.token_deadline, id)));
+        if let Some(at) = age_limit.filter(|at| *at < client.token_deadline) {
+            self.expiries.push(Reverse((at, id)));
+        }
         self.map.insert(id, client);
-        self.expiries.push(Reverse((deadline, id)));
     }
 
     fn remove(&mut self, id: ClientId) -> Option<Client> {
         let c = self.map.remove(&id)?;
-        if self.expiries.len() > 2 * self.map.len() + 1024 {
+        if self.expiries.len() > 3 * self.map.len() + 1024 {
             let map = &self.map;
             self.expiries
                 .retain(|Reverse((_, id))| map.contains_key(id));
@@ -177,20 +183,33 @@ impl Clients {
         self.expiries.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Ends the streams whose deadline is at or before `now` with `tail`.
-    pub(super) fn close_expired(&mut self, now: Instant, tail: &Bytes) -> usize {
-        let mut n = 0;
+    /// Ends the streams whose token expired at or before `now` with
+    /// `expired`, and those that reached their age limit with `aged()`.
+    /// Returns how many of each ended.
+    pub(super) fn close_due(
+        &mut self,
+        now: Instant,
+        expired: &Bytes,
+        mut aged: impl FnMut() -> Bytes,
+    ) -> (usize, usize) {
+        let (mut n_expired, mut n_aged) = (0, 0);
         while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
             if at > now {
                 break;
             }
             self.expiries.pop();
-            if let Some(c) = self.map.get(&id) {
-                c.queue.close(EndReason::Expired, Some(tail.clone()));
-                n += 1;
+            let Some(c) = self.map.get(&id) else {
+                continue;
+            };
+            if c.token_deadline <= now {
+                if c.queue.close(EndReason::Expired, Some(expired.clone())) {
+                    n_expired += 1;
+                }
+            } else if c.queue.close(EndReason::MaxAge, Some(aged())) {
+                n_aged += 1;
             }
         }
-        n
+        (n_expired, n_aged)
     }
 }
 
@@ -208,6 +227,7 @@ impl<U: Upstream> Dispatcher<U> {
         } = req;
         let mut client = Client {
             queue,
+            token_deadline: deadline,
             topics: Vec::with_capacity(patterns.len()),
             pending: 0,
             resume,
@@ -225,7 +245,8 @@ impl<U: Upstream> Dispatcher<U> {
             client.topics.push(key);
         }
         let ready = client.pending == 0;
-        self.clients.insert(id, client, deadline);
+        let age_limit = self.age_limit();
+        self.clients.insert(id, client, age_limit);
         self.metrics.connections.inc();
         self.metrics.connections_total.inc();
         if ready {

@@ -12,6 +12,7 @@
 mod support;
 
 mod cors;
+mod drain;
 mod errors;
 mod failover;
 mod harness;

@@ -219,6 +219,8 @@ pub(super) fn config() -> HubConfig {
         retry_ms: 2000,
         replay_cache_bytes: 1 << 20,
         replay_limit: 100_000,
+        drain: Duration::ZERO,
+        max_stream_age: None,
     }
 }
 
@@ -270,6 +272,8 @@ pub(super) struct Received {
     pub(super) comments: usize,
     pub(super) controls: Vec<String>,
     pub(super) retries: usize,
+    /// The `retry:` values, in order.
+    pub(super) retry_ms: Vec<u64>,
     pub(super) ended: bool,
     /// Every frame in order: `id 5`, `relay.live {"last_event_id":4}`,
     /// `:`, `retry`.
@@ -296,8 +300,9 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
                     } else if frame == ":" {
                         into.comments += 1;
                         into.order.push(":".into());
-                    } else if frame.starts_with("retry: ") {
+                    } else if let Some(ms) = frame.strip_prefix("retry: ") {
                         into.retries += 1;
+                        into.retry_ms.push(ms.trim().parse().unwrap());
                         into.order.push("retry".into());
                     } else if let Some(ev) = frame.strip_prefix("event: ") {
                         let mut lines = ev.lines();

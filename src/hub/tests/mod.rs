@@ -748,3 +748,128 @@ async fn a_sequence_going_back_reveals_a_recreated_stream() {
     .await;
     assert_eq!(fresh_got.ids, [2]);
 }
+
+/// SIGTERM spreads the end of the shard's streams over the drain period,
+/// each with a jittered `retry:`; streams not yet closed keep receiving
+/// events, and no second of the period closes more than its share.
+#[tokio::test(start_paused = true)]
+async fn a_drain_spreads_the_end_of_streams_over_its_period() {
+    let s = start(HubConfig {
+        drain: Duration::from_secs(4),
+        ..config()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push((s.join(&["events.a"], None).await, Received::default()));
+    }
+    s.shutdown.cancel();
+    let mut ended_at = Vec::new();
+    let start = tokio::time::Instant::now();
+    let mut published = Vec::new();
+    for step in 0..100u32 {
+        if step % 10 == 0 {
+            published.push(s.fake.publish("events.a"));
+        }
+        tokio::time::advance(Duration::from_millis(50)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        for (j, got) in &mut clients {
+            let was = got.ended;
+            drain(&j.queue, got);
+            if got.ended && !was {
+                ended_at.push(start.elapsed());
+                // Every event published before its end, in order.
+                let due = published.iter().filter(|&&seq| seq <= s.hub.max_seen());
+                assert_eq!(got.ids, due.copied().collect::<Vec<_>>());
+            }
+        }
+        if ended_at.len() == clients.len() {
+            break;
+        }
+    }
+    assert_eq!(ended_at.len(), 100, "every stream ended");
+    assert!(
+        *ended_at.last().unwrap() <= Duration::from_millis(4_100),
+        "all within the period: {:?}",
+        ended_at.last()
+    );
+    for second in 0..4 {
+        let from = Duration::from_secs(second);
+        let n = ended_at
+            .iter()
+            .filter(|t| **t > from && **t <= from + Duration::from_secs(1))
+            .count();
+        assert!((20..=30).contains(&n), "second {second}: {n} of 100 closed");
+    }
+    let retries: BTreeSet<u64> = clients
+        .iter()
+        .map(|(_, got)| *got.retry_ms.last().unwrap())
+        .collect();
+    let retry = config().retry_ms;
+    assert!(
+        retries
+            .iter()
+            .all(|ms| (retry..=retry * 3 / 2).contains(ms)),
+        "closing retries within [retry, 1.5 retry]: {retries:?}"
+    );
+    assert!(
+        retries.len() > 10,
+        "jittered: {} distinct values",
+        retries.len()
+    );
+}
+
+/// `--max-stream-age`: a stream ends with a `retry:` (no `relay.expired`)
+/// between the age and a tenth more, and resumes elsewhere by its id; a
+/// token that expires first still ends with `relay.expired`.
+#[tokio::test(start_paused = true)]
+async fn max_stream_age_ends_streams_with_a_retry() {
+    let s = start(HubConfig {
+        max_stream_age: Some(Duration::from_secs(600)),
+        ..config()
+    });
+    let aging = s.join(&["events.a"], None).await;
+    let short = s
+        .hub
+        .join(
+            vec!["events.a".into()],
+            SystemTime::now() + Duration::from_secs(300),
+            None,
+            Heartbeat::Comment,
+        )
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let mut got = Received::default();
+    until("the short token expires", || {
+        drain(&short.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert!(got.controls.contains(&"relay.expired".to_string()));
+    tokio::time::advance(Duration::from_secs(298)).await;
+    let mut got = Received::default();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    drain(&aging.queue, &mut got);
+    assert!(!got.ended, "still open before its age");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    until("the age limit ends it", || {
+        drain(&aging.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert_eq!(got.controls, ["relay.live"], "no relay.expired");
+    assert_eq!(got.retries, 2, "the opening retry and the closing one");
+    assert_eq!(
+        s.metrics
+            .disconnects
+            .get_or_create(&crate::metrics::Reason {
+                reason: "max_stream_age"
+            })
+            .get(),
+        1
+    );
+}
