@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the relay's hot paths: SSE encoding, subject
 //! matching/containment, JWT verification (HS256, ES256) and the fan-out of
-//! one frame into 10,000 client queues.
+//! one frame into 10,000 client queues, and what the metrics add per write.
 //!
 //! `cargo bench --bench micro` (about a minute and a half in all).
 
@@ -182,6 +182,31 @@ fn fanout_run(iters: u64, frame: &Bytes) -> Duration {
     total
 }
 
+/// What each write of a live chunk adds for the publish-to-write histogram:
+/// reading the clock and one observation (a short mutex-guarded update).
+fn bench_metrics(c: &mut Criterion) {
+    let mut g = c.benchmark_group("metrics");
+    let metrics = sse_relay::metrics::Metrics::default();
+    let stored_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        - 3_000;
+    g.bench_function("publish_to_write_per_write", |b| {
+        b.iter(|| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            let secs = now.saturating_sub(black_box(stored_us)) as f64 / 1e6;
+            metrics.write_latency.observe(secs);
+        })
+    });
+    g.bench_function("bytes_written_per_write", |b| {
+        b.iter(|| metrics.bytes_written.inc_by(black_box(140)))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -192,6 +217,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = bench_encode, bench_subject, bench_jwt, bench_fanout
+    targets = bench_encode, bench_subject, bench_jwt, bench_fanout, bench_metrics
 }
 criterion_main!(micro);

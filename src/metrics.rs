@@ -5,6 +5,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +36,61 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     pub catchups: Counter,
     pub stream_resets: Counter,
+    /// Stream bytes handed to the socket.
+    pub bytes_written: Counter,
+    /// From the stream storing an event to its frame being handed to the
+    /// socket, per write (the oldest live event in it), in seconds.
+    pub write_latency: Histogram,
+    /// The deepest client queue each delivery batch left, in frames.
+    pub queue_depth: Histogram,
+    /// How long streams lasted, in seconds, observed when they end.
+    pub stream_duration: Histogram,
+    pub nats_reconnects: Counter,
+    /// Highest stream sequence any shard delivered or saw.
+    pub last_sequence_seen: std::sync::atomic::AtomicU64,
+}
+
+/// Buckets of the publish-to-write latency: 1 ms to 30 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets of stream durations: 1 s to a day.
+const DURATION_BUCKETS: [f64; 10] = [
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 43200.0, 86400.0,
+];
+
+/// What `/metrics` reads when it is scraped rather than as it happens.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scrape {
+    /// The stream's last sequence (None: NATS did not answer).
+    pub stream_last: Option<u64>,
+    pub resident_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+}
+
+impl Scrape {
+    /// The process' resident memory and open file descriptors, from
+    /// `/proc/self` (None elsewhere). Counting descriptors lists a
+    /// directory of every open socket: call it off the event loop.
+    pub fn process() -> Scrape {
+        // `VmRSS:   123456 kB` (kB are KiB there).
+        let resident_bytes = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map(|kib| kib * 1024);
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        Scrape {
+            stream_last: None,
+            resident_bytes,
+            open_fds,
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -55,6 +112,12 @@ impl Default for Metrics {
             nats_connected: Gauge::default(),
             catchups: Counter::default(),
             stream_resets: Counter::default(),
+            bytes_written: Counter::default(),
+            write_latency: Histogram::new(LATENCY_BUCKETS),
+            queue_depth: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            stream_duration: Histogram::new(DURATION_BUCKETS),
+            nats_reconnects: Counter::default(),
+            last_sequence_seen: Default::default(),
         };
         for reason in crate::client::EndReason::ALL {
             let _ = m.disconnects.get_or_create(&Reason {
@@ -70,8 +133,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn registry(&self) -> Registry {
+    pub fn registry(&self, scrape: &Scrape) -> Registry {
         let mut r = Registry::with_prefix("sse_relay");
+        r.register(
+            "build",
+            "The relay's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         r.register("connections", "Open SSE streams", self.connections.clone());
         r.register(
             "connections_opened",
@@ -138,6 +206,68 @@ impl Metrics {
             "Times the stream was found deleted and created again (sequences restarted)",
             self.stream_resets.clone(),
         );
+        r.register(
+            "bytes_written",
+            "Stream bytes handed to the socket",
+            self.bytes_written.clone(),
+        );
+        r.register_with_unit(
+            "publish_to_write",
+            "From the stream storing an event (Nats-Time-Stamp) to its frame being handed to the socket",
+            prometheus_client::registry::Unit::Seconds,
+            self.write_latency.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Deepest client queue after each delivery batch, in frames",
+            self.queue_depth.clone(),
+        );
+        r.register_with_unit(
+            "stream_duration",
+            "How long SSE streams lasted",
+            prometheus_client::registry::Unit::Seconds,
+            self.stream_duration.clone(),
+        );
+        r.register(
+            "nats_reconnects",
+            "NATS connections re-established after a loss (one per shard)",
+            self.nats_reconnects.clone(),
+        );
+        let seen = self
+            .last_sequence_seen
+            .load(std::sync::atomic::Ordering::Relaxed);
+        r.register(
+            "last_sequence_seen",
+            "Highest stream sequence the relay delivered or saw",
+            Gauge::<i64>::default().tap(seen as i64),
+        );
+        if let Some(last) = scrape.stream_last {
+            r.register(
+                "stream_last_sequence",
+                "The stream's last sequence, read at scrape time",
+                Gauge::<i64>::default().tap(last as i64),
+            );
+            r.register(
+                "stream_lag_events",
+                "Events the stream holds beyond the highest sequence the relay has seen",
+                Gauge::<i64>::default().tap(last.saturating_sub(seen) as i64),
+            );
+        }
+        if let Some(bytes) = scrape.resident_bytes {
+            r.register_with_unit(
+                "process_resident_memory",
+                "Resident memory of the relay process",
+                prometheus_client::registry::Unit::Bytes,
+                Gauge::<i64>::default().tap(bytes as i64),
+            );
+        }
+        if let Some(fds) = scrape.open_fds {
+            r.register(
+                "process_open_fds",
+                "Open file descriptors (sockets included) of the relay process",
+                Gauge::<i64>::default().tap(fds as i64),
+            );
+        }
         r
     }
 
@@ -154,11 +284,23 @@ impl Metrics {
         "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
     /// Renders the OpenMetrics text exposition (ends with `# EOF`).
-    pub fn render(&self) -> String {
+    pub fn render(&self, scrape: &Scrape) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry(scrape));
         out
+    }
+}
+
+/// A gauge set to a value in one expression.
+trait Tap {
+    fn tap(self, v: i64) -> Self;
+}
+
+impl Tap for Gauge<i64> {
+    fn tap(self, v: i64) -> Self {
+        self.set(v);
+        self
     }
 }
 
@@ -170,7 +312,7 @@ mod tests {
     /// family: what `promtool check metrics` and Prometheus' parser hold.
     #[test]
     fn labelled_series_exist_at_zero_with_snake_case_labels() {
-        let text = Metrics::default().render();
+        let text = Metrics::default().render(&Scrape::default());
         for series in [
             r#"sse_relay_disconnects_total{reason="evicted_slow"} 0"#,
             r#"sse_relay_disconnects_total{reason="token_expired"} 0"#,
@@ -190,7 +332,7 @@ mod tests {
         m.connections_total.inc();
         m.count_resume("memory", 3);
         m.refusals.get_or_create(&Reason { reason: "x" }).inc();
-        let text = m.render();
+        let text = m.render(&Scrape::default());
         assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
         let mut families = std::collections::HashSet::new();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
@@ -207,11 +349,10 @@ mod tests {
             let sample = line.split(['{', ' ']).next().unwrap();
             assert!(
                 families.iter().any(|f| sample == f
-                    || sample
-                        .strip_prefix(f.as_str())
-                        .is_some_and(
-                            |s| ["_total", "_created", "_bucket", "_sum", "_count"].contains(&s)
-                        )),
+                    || sample.strip_prefix(f.as_str()).is_some_and(|s| [
+                        "_total", "_created", "_bucket", "_sum", "_count", "_info"
+                    ]
+                    .contains(&s))),
                 "sample {sample} of no declared family:\n{text}"
             );
         }

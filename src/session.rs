@@ -11,7 +11,7 @@ use hyper::header::{self, HeaderMap};
 
 use crate::app::{App, Live};
 use crate::auth::{AuthError, Claims};
-use crate::client::{ClientQueue, EndReason, SseBody};
+use crate::client::{ClientQueue, EndReason, STREAM_LOG, SseBody, StreamLog};
 use crate::error::ApiError;
 use crate::hub::{Backfill, Heartbeat, JoinError};
 use crate::metrics::Metrics;
@@ -90,6 +90,21 @@ pub(crate) async fn open(
         sub = ?claims.sub.as_deref().unwrap_or("-"),
         "stream opened"
     );
+    // The end-of-stream line's facts, kept only when it will be logged.
+    let log = tracing::enabled!(target: STREAM_LOG, tracing::Level::DEBUG).then(|| {
+        Box::new(StreamLog {
+            peer: ip,
+            sub: claims.sub.clone().unwrap_or_else(|| "-".into()),
+            subjects: patterns.clone(),
+            start: match (resume, initial) {
+                (Resume::Reset, _) => "reset".into(),
+                (_, Some(_)) => "initial".into(),
+                (Resume::After(id), None) => format!("after {id}"),
+                (Resume::Fresh, None) => "fresh".into(),
+            },
+            bytes: 0,
+        })
+    });
     if let Backfill::FromStream { after } = joined.backfill {
         // The queue holds live frames meanwhile and the body streams what
         // is replayed; the drain waits for this task like a connection.
@@ -111,6 +126,8 @@ pub(crate) async fn open(
         joined.id,
         live.hub.clone(),
         permit,
+        app.metrics.clone(),
+        log,
     ))
 }
 

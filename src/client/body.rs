@@ -12,6 +12,24 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::{ClientId, ClientQueue};
 use crate::limits::StreamPermit;
+use crate::metrics::Metrics;
+
+/// What the line logged when a stream ends says of it; kept only while
+/// that line is enabled (`RUST_LOG=sse_relay::stream=debug`), so streams
+/// carry nothing for it otherwise.
+#[derive(Debug)]
+pub struct StreamLog {
+    pub peer: std::net::IpAddr,
+    /// The token's `sub` ("-" without one).
+    pub sub: String,
+    pub subjects: Vec<String>,
+    /// Where the stream started: `fresh`, `after <id>`, `initial`, `reset`.
+    pub start: String,
+    pub bytes: u64,
+}
+
+/// The target of the per-stream end line.
+pub const STREAM_LOG: &str = "sse_relay::stream";
 
 /// Called when a streaming body is dropped (the client went away or the
 /// stream ended), so the hub can forget the client.
@@ -36,6 +54,9 @@ enum BodyKind {
         /// The stream's place under the per-IP and per-token limits, given
         /// back when the body is dropped.
         _permit: Option<Box<StreamPermit>>,
+        metrics: Arc<Metrics>,
+        opened: std::time::Instant,
+        log: Option<Box<StreamLog>>,
     },
 }
 
@@ -58,6 +79,8 @@ impl SseBody {
         client: ClientId,
         hub: Arc<dyn Departure>,
         permit: Option<Box<StreamPermit>>,
+        metrics: Arc<Metrics>,
+        log: Option<Box<StreamLog>>,
     ) -> Self {
         SseBody {
             kind: BodyKind::Stream {
@@ -66,6 +89,9 @@ impl SseBody {
                 hub,
                 done: false,
                 _permit: permit,
+                metrics,
+                opened: std::time::Instant::now(),
+                log,
             },
         }
     }
@@ -81,12 +107,28 @@ impl Body for SseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match &mut self.get_mut().kind {
             BodyKind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            BodyKind::Stream { queue, done, .. } => {
+            BodyKind::Stream {
+                queue,
+                done,
+                metrics,
+                log,
+                ..
+            } => {
                 if *done {
                     return Poll::Ready(None);
                 }
-                match queue.poll_chunk(cx) {
-                    Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                match queue.poll_chunk_stored(cx) {
+                    Poll::Ready(Some((chunk, stored_us))) => {
+                        let n = chunk.len() as u64;
+                        metrics.bytes_written.inc_by(n);
+                        if let Some(log) = log {
+                            log.bytes += n;
+                        }
+                        if stored_us != 0 {
+                            metrics.write_latency.observe(seconds_since(stored_us));
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(chunk))))
+                    }
                     Poll::Ready(None) => {
                         *done = true;
                         Poll::Ready(None)
@@ -115,8 +157,44 @@ impl Body for SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
-        if let BodyKind::Stream { client, hub, .. } = &self.kind {
+        if let BodyKind::Stream {
+            client,
+            hub,
+            queue,
+            metrics,
+            opened,
+            log,
+            ..
+        } = &self.kind
+        {
             hub.depart(*client);
+            let lasted = opened.elapsed();
+            metrics.stream_duration.observe(lasted.as_secs_f64());
+            if let Some(log) = log {
+                let (events, end) = queue.summary();
+                let why = end.map_or("client left", |r| r.label());
+                tracing::debug!(
+                    target: STREAM_LOG,
+                    peer = %log.peer,
+                    sub = ?log.sub,
+                    subjects = ?log.subjects,
+                    start = %log.start,
+                    events,
+                    bytes = log.bytes,
+                    seconds = lasted.as_secs_f64(),
+                    ended = why,
+                    "stream ended"
+                );
+            }
         }
     }
+}
+
+/// Seconds from `us` (µs since the Unix epoch) to now; 0 when the clocks
+/// disagree (NATS' ahead of ours).
+fn seconds_since(us: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    now.saturating_sub(us) as f64 / 1e6
 }

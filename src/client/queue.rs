@@ -105,11 +105,17 @@ struct QueueState {
     waker: Option<Waker>,
     /// While a resume replays history, live frames wait here (bounded by
     /// the capacity) and are released after the replayed ones.
-    held: Option<VecDeque<(u64, Bytes)>>,
+    /// Each with when the stream stored it (see `stored_us`).
+    held: Option<VecDeque<(u64, Bytes, u64)>>,
     /// The replay writer waiting for room in `frames`.
     space_waker: Option<Waker>,
     /// Something was queued since the heartbeat sweep last looked.
     wrote: bool,
+    /// When the stream stored the oldest live event not yet taken by the
+    /// body (µs since the Unix epoch; 0: none or unknown).
+    stored_us: u64,
+    /// Events queued so far (replayed or live).
+    events: u64,
 }
 
 impl ClientQueue {
@@ -139,6 +145,20 @@ impl ClientQueue {
 
     /// Queues an event frame with sequence `seq` unless the client already has it.
     pub fn offer(&self, seq: u64, frame: &Bytes) -> Offer {
+        self.offer_live(seq, frame, 0, &mut 0)
+    }
+
+    /// [`ClientQueue::offer`] for a live event the stream stored at
+    /// `stored_us` (µs since the Unix epoch; 0: unknown), so the body can
+    /// measure how long it took to reach the socket. Raises `deepest` to
+    /// the queue's length once the frame is queued.
+    pub fn offer_live(
+        &self,
+        seq: u64,
+        frame: &Bytes,
+        stored_us: u64,
+        deepest: &mut usize,
+    ) -> Offer {
         let mut st = self.lock();
         if st.end.is_some() {
             return Offer::Closed;
@@ -148,19 +168,24 @@ impl ClientQueue {
         }
         let capacity = self.capacity;
         if let Some(held) = &mut st.held {
-            if held.back().is_some_and(|(s, _)| *s >= seq) {
+            if held.back().is_some_and(|(s, ..)| *s >= seq) {
                 return Offer::Duplicate;
             }
             if held.len() >= capacity {
                 return Offer::Full;
             }
-            held.push_back((seq, frame.clone()));
+            held.push_back((seq, frame.clone(), stored_us));
             return Offer::Queued;
         }
         if st.frames.len() >= self.capacity {
             return Offer::Full;
         }
         st.last_seq = seq;
+        st.events += 1;
+        if st.stored_us == 0 {
+            st.stored_us = stored_us;
+        }
+        *deepest = (*deepest).max(st.frames.len() + 1);
         push_and_wake(st, frame);
         Offer::Queued
     }
@@ -174,9 +199,16 @@ impl ClientQueue {
         }
         if seq > st.last_seq {
             st.last_seq = seq;
+            st.events += 1;
             push_and_wake(st, frame);
         }
         true
+    }
+
+    /// Events queued so far, and why the stream ended (None: still open).
+    pub fn summary(&self) -> (u64, Option<EndReason>) {
+        let st = self.lock();
+        (st.events, st.end)
     }
 
     /// Ready when the replay writer may queue more (or the stream ended).
@@ -199,10 +231,14 @@ impl ClientQueue {
         let Some(held) = st.held.take() else { return };
         let marker = crate::sse::encode_live(Some(st.last_seq));
         st.frames.push_back(marker);
-        for (seq, f) in held {
+        for (seq, f, stored_us) in held {
             if seq > st.last_seq {
                 st.last_seq = seq;
+                st.events += 1;
                 st.frames.push_back(f);
+                if st.stored_us == 0 {
+                    st.stored_us = stored_us;
+                }
             }
         }
         st.wrote = true;
@@ -239,9 +275,8 @@ impl ClientQueue {
     }
 
     /// Ends the stream: after what is queued (or immediately for a slow
-    /// client, whose backlog is dropped) the body writes `tail` and finishes.
-    /// Ends the stream after what is queued and `tail`; false when it had
-    /// already ended.
+    /// client, whose backlog is dropped) the body writes `tail` and
+    /// finishes. False when it had already ended.
     pub fn close(&self, reason: EndReason, tail: Option<Bytes>) -> bool {
         let mut st = self.lock();
         if st.end.is_some() {
@@ -266,7 +301,15 @@ impl ClientQueue {
     }
 
     /// Takes everything queued as one chunk, or registers the waker.
+    #[cfg(test)]
     pub(crate) fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.poll_chunk_stored(cx)
+            .map(|c| c.map(|(chunk, _)| chunk))
+    }
+
+    /// [`ClientQueue::poll_chunk`], with when the stream stored the oldest
+    /// live event in the chunk (µs since the Unix epoch; 0: none known).
+    pub(crate) fn poll_chunk_stored(&self, cx: &mut Context<'_>) -> Poll<Option<(Bytes, u64)>> {
         let mut st = self.lock();
         let chunk = match st.frames.len() {
             0 => None,
@@ -298,10 +341,17 @@ impl ClientQueue {
             }
         }
         if let Some(chunk) = chunk {
-            return Poll::Ready(Some(chunk));
+            // What is left (a chunk is capped) is newer: keep the older
+            // time, an upper bound for it.
+            let stored = if st.frames.is_empty() {
+                std::mem::take(&mut st.stored_us)
+            } else {
+                st.stored_us
+            };
+            return Poll::Ready(Some((chunk, stored)));
         }
         if st.end.is_some() {
-            return Poll::Ready(st.tail.take());
+            return Poll::Ready(st.tail.take().map(|t| (t, 0)));
         }
         match &st.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -383,6 +433,39 @@ mod tests {
         let live = "event: relay.live\ndata: {\"last_event_id\":14}\n\n";
         assert_eq!(text(&chunk), format!("11;12;14;{live}15;"));
         assert!(!q.is_held());
+    }
+
+    /// The body learns when the stream stored the oldest live event of each
+    /// chunk it takes, held or not; replayed events carry no time.
+    #[test]
+    fn chunks_carry_the_oldest_store_time_of_their_live_events() {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let f = Bytes::from_static(b"x");
+        let q = ClientQueue::new(8, 0);
+        let mut deepest = 0;
+        assert_eq!(q.offer_live(1, &f, 100, &mut deepest), Offer::Queued);
+        assert_eq!(q.offer_live(2, &f, 200, &mut deepest), Offer::Queued);
+        assert_eq!(deepest, 2, "the queue's length after the last offer");
+        assert!(matches!(
+            q.poll_chunk_stored(&mut cx),
+            Poll::Ready(Some((_, 100)))
+        ));
+        assert!(q.replay(3, &f));
+        assert!(matches!(
+            q.poll_chunk_stored(&mut cx),
+            Poll::Ready(Some((_, 0)))
+        ));
+
+        let q = ClientQueue::held(8, 0);
+        assert_eq!(q.offer_live(5, &f, 500, &mut deepest), Offer::Queued);
+        assert!(q.replay(4, &f));
+        q.release();
+        assert!(matches!(
+            q.poll_chunk_stored(&mut cx),
+            Poll::Ready(Some((_, 500)))
+        ));
+        assert_eq!(q.summary(), (2, None), "two events queued, still open");
     }
 
     #[test]

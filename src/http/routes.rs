@@ -105,7 +105,7 @@ where
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
         "/metrics" if get => {
-            let mut res = text(StatusCode::OK, app.metrics.render());
+            let mut res = text(StatusCode::OK, app.metrics.render(&scrape(app).await));
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(crate::metrics::Metrics::CONTENT_TYPE),
@@ -140,5 +140,26 @@ where
             Some((_, allow)) => Err(ApiError::MethodNotAllowed(allow)),
             None => Err(ApiError::NotFound),
         },
+    }
+}
+
+/// What `/metrics` reads at scrape time: the process' memory and
+/// descriptors (off the event loop: listing descriptors visits every
+/// socket), and the stream's last sequence when NATS answers in time.
+async fn scrape(app: &App) -> crate::metrics::Scrape {
+    let process = tokio::task::spawn_blocking(crate::metrics::Scrape::process);
+    let stream_last = async {
+        let live = app.live().ok()?;
+        let bounds = live.history.bounds_uncounted();
+        tokio::time::timeout(std::time::Duration::from_millis(500), bounds)
+            .await
+            .ok()?
+            .ok()
+            .map(|b| b.last)
+    };
+    let (process, stream_last) = tokio::join!(process, stream_last);
+    crate::metrics::Scrape {
+        stream_last,
+        ..process.unwrap_or_default()
     }
 }

@@ -68,6 +68,7 @@ impl<U: Upstream> Dispatcher<U> {
                 topic,
                 frame,
                 previous: None,
+                stored_us: 0,
             })
             .collect();
         for (key, after) in topics {

@@ -30,6 +30,8 @@ pub(super) struct Delivery {
     /// event stored on the same subject (0: none). None when read from the
     /// stream.
     pub(super) previous: Option<u64>,
+    /// When the stream stored it (µs since the Unix epoch; 0: unknown).
+    pub(super) stored_us: u64,
 }
 
 /// Ticks per heartbeat interval: each looks at this share of the clients.
@@ -143,6 +145,9 @@ impl<U: Upstream> Dispatcher<U> {
 
     pub(super) fn note_seen(&self, seq: u64) {
         self.max_seen.fetch_max(seq, Ordering::AcqRel);
+        self.metrics
+            .last_sequence_seen
+            .fetch_max(seq, Ordering::Relaxed);
     }
 
     pub(super) fn seen(&self) -> u64 {
@@ -218,6 +223,7 @@ impl<U: Upstream> Dispatcher<U> {
                     }
                     Ok(LinkEvent::Connected) if self.disconnected => {
                         self.disconnected = false;
+                        self.metrics.nats_reconnects.inc();
                         self.start_catch_up("nats reconnected");
                         // The stream may have been recreated meanwhile.
                         self.check_stream("nats reconnected", true);

@@ -7,7 +7,7 @@ use super::dispatcher::{Delivery, Dispatcher};
 use super::topics::TopicKey;
 use super::{LiveMessage, Upstream};
 use crate::client::{EndReason, Offer};
-use crate::nats::{event_frame, republished};
+use crate::nats::{Republished, event_frame, republished};
 
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
@@ -50,6 +50,7 @@ impl<U: Upstream> Dispatcher<U> {
         let mut delivered = 0u64;
         let mut evicted = 0usize;
         let mut behind = false;
+        let mut deepest = 0;
         for (i, d) in items.iter().enumerate() {
             let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
@@ -69,7 +70,7 @@ impl<U: Upstream> Dispatcher<U> {
             topic.last_seq = topic.last_seq.max(d.seq);
             self.window.push(d.topic, d.seq, &d.frame);
             for (_, q) in &topic.clients {
-                match q.offer(d.seq, &d.frame) {
+                match q.offer_live(d.seq, &d.frame, d.stored_us, &mut deepest) {
                     Offer::Queued => delivered += 1,
                     Offer::Duplicate | Offer::Closed => {}
                     Offer::Full => {
@@ -81,6 +82,9 @@ impl<U: Upstream> Dispatcher<U> {
         }
         self.metrics.events_received.inc_by(items.len() as u64);
         self.metrics.deliveries.inc_by(delivered);
+        if deepest > 0 {
+            self.metrics.queue_depth.observe(deepest as f64);
+        }
         self.count_evicted(evicted);
         if behind {
             // A live sequence below what its subscription delivered: usual
@@ -126,23 +130,24 @@ impl<U: Upstream> Dispatcher<U> {
 /// Turns a merged batch into deliveries sorted by sequence, each event
 /// encoded once even when overlapping topics both received it.
 pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>) -> Vec<Delivery> {
-    let mut msgs: Vec<(u64, u64, TopicKey, LiveMessage)> = batch
+    let mut msgs: Vec<(Republished, TopicKey, LiveMessage)> = batch
         .drain(..)
-        .filter_map(|(t, m)| republished(&m).map(|(seq, previous)| (seq, previous, t, m)))
+        .filter_map(|(t, m)| republished(&m).map(|r| (r, t, m)))
         .collect();
     // Stable: copies of one event from overlapping topics stay adjacent.
-    msgs.sort_by_key(|(seq, ..)| *seq);
+    msgs.sort_by_key(|(r, ..)| r.seq);
     let mut out: Vec<Delivery> = Vec::with_capacity(msgs.len());
-    for (seq, previous, topic, m) in msgs {
+    for (r, topic, m) in msgs {
         let frame = match out.last() {
-            Some(d) if d.seq == seq => d.frame.clone(),
-            _ => event_frame(seq, &m),
+            Some(d) if d.seq == r.seq => d.frame.clone(),
+            _ => event_frame(r.seq, &m),
         };
         out.push(Delivery {
-            seq,
+            seq: r.seq,
             topic,
             frame,
-            previous: Some(previous),
+            previous: Some(r.previous),
+            stored_us: r.stored_us,
         });
     }
     out

@@ -87,6 +87,9 @@ impl<U: Upstream> Dispatcher<U> {
         self.window.stop_all();
         self.max_seen
             .store(b.last, std::sync::atomic::Ordering::Release);
+        self.metrics
+            .last_sequence_seen
+            .store(b.last, std::sync::atomic::Ordering::Relaxed);
         let whole = self.live_is_whole();
         let keys: Vec<_> = self.topics.active().map(|(k, _)| k).collect();
         for key in keys {

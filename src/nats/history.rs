@@ -107,6 +107,12 @@ impl History {
     /// The stream's first and last sequence (one JetStream request).
     pub(crate) async fn bounds(&self) -> Result<Bounds, HistoryError> {
         self.metrics.jetstream_requests.inc();
+        self.bounds_uncounted().await
+    }
+
+    /// [`History::bounds`] for `/metrics`, which must not move the count of
+    /// requests made for replay and catch-up it reports.
+    pub(crate) async fn bounds_uncounted(&self) -> Result<Bounds, HistoryError> {
         let s = self.js.get_stream(&self.stream).await.map_err(nats_err)?;
         let info = s.cached_info();
         Ok(Bounds {

@@ -20,6 +20,10 @@ pub(crate) struct Link {
     /// Wakes whoever waits for the first (or next) connection.
     up: tokio::sync::Notify,
     events: broadcast::Sender<LinkEvent>,
+    /// The client, once made: its server info names the server in logs.
+    client: std::sync::OnceLock<async_nats::Client>,
+    /// The server last connected to, for the line that says it was lost.
+    server: std::sync::Mutex<String>,
 }
 
 /// What happened to the connection, for whoever keeps the live path whole.
@@ -86,6 +90,18 @@ impl Link {
         });
     }
 
+    /// `name (host:port)` of the server the client is connected to, noted
+    /// for the line that says when it is lost; the configured URLs before
+    /// the client exists.
+    fn server_name(&self) -> String {
+        let mut last = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = self.client.get() {
+            let info = c.server_info();
+            *last = format!("{} ({}:{})", info.server_name, info.host, info.port);
+        }
+        last.clone()
+    }
+
     /// Resolves once the connection is up.
     pub(crate) async fn connected(&self) {
         loop {
@@ -110,6 +126,8 @@ pub(crate) async fn connect(
         connected: AtomicBool::new(false),
         up: tokio::sync::Notify::new(),
         events,
+        client: std::sync::OnceLock::new(),
+        server: std::sync::Mutex::new(cfg.nats_urls.join(",")),
     });
     let cb_link = link.clone();
     let mut opts = async_nats::ConnectOptions::new()
@@ -127,12 +145,14 @@ pub(crate) async fn connect(
                     async_nats::Event::Connected => {
                         link.connected.store(true, Ordering::Release);
                         link.up.notify_waiters();
-                        tracing::info!("nats connected");
+                        let server = link.server_name();
+                        tracing::info!(%server, shard, "nats connected");
                         LinkEvent::Connected
                     }
                     async_nats::Event::Disconnected => {
                         link.connected.store(false, Ordering::Release);
-                        tracing::warn!("nats disconnected");
+                        let server = link.server.lock().map(|s| s.clone()).unwrap_or_default();
+                        tracing::warn!(%server, shard, "nats disconnected; reconnecting in the background");
                         LinkEvent::Disconnected
                     }
                     async_nats::Event::SlowConsumer(sid) => {
@@ -140,7 +160,7 @@ pub(crate) async fn connect(
                         LinkEvent::SlowConsumer
                     }
                     other => {
-                        tracing::info!(event = %other, "nats event");
+                        tracing::info!(event = %other, shard, "nats event");
                         return;
                     }
                 };
@@ -165,6 +185,7 @@ pub(crate) async fn connect(
         .connect(addrs)
         .await
         .map_err(|e| format!("cannot start the NATS client: {e}"))?;
+    let _ = link.client.set(client.clone());
     Ok((client, link))
 }
 

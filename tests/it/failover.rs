@@ -412,6 +412,24 @@ async fn nats_restart(
     )
     .await;
     eprintln!("NATS killed after {killed_at} acked events; relay ready again");
+    assert_eq!(
+        relay.metric("sse_relay_nats_reconnects_total", &[]).await,
+        1.0,
+        "one reconnect counted"
+    );
+    // One line per state change, naming the server, however many attempts
+    // the outage took.
+    let log = relay.log();
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).collect::<Vec<_>>();
+    let (lost, back) = (lines("nats disconnected"), lines("nats connected"));
+    assert_eq!((lost.len(), back.len()), (1, 2), "state changes:\n{log}");
+    let port = nats.url().rsplit(':').next().unwrap().to_string();
+    for line in lost.iter().chain(&back) {
+        assert!(
+            line.contains(&format!(":{port}")),
+            "names the server: {line}"
+        );
+    }
 
     let (acked, retries) = join_task("publisher", publisher).await;
     eprintln!("publisher: {} acked, {retries} retries", acked.len());

@@ -19,6 +19,7 @@ mod harness;
 mod keys;
 mod lifecycle;
 mod limits;
+mod observe;
 mod publish;
 mod recreate;
 mod resume;

@@ -468,7 +468,7 @@ async fn a_slow_client_is_dropped_without_slowing_others() {
     let slow_got = received(&slow.queue);
     assert!(slow_got.ended, "the slow client's stream ended");
     assert!(slow_got.ids.is_empty(), "its backlog was dropped, not sent");
-    let text = s.metrics.render();
+    let text = s.metrics.render(&crate::metrics::Scrape::default());
     assert!(
         text.contains(r#"sse_relay_disconnects_total{reason="evicted_slow"} 1"#),
         "{text}"
