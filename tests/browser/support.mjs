@@ -46,7 +46,11 @@ async function kill(child, signal = 'SIGKILL') {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise((r) => child.once('exit', r));
   child.kill(signal);
-  await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
+  const timeout = new Promise((r) => setTimeout(() => r('timeout'), 5000));
+  if ((await Promise.race([exited, timeout])) === 'timeout') {
+    child.kill('SIGKILL');
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
+  }
 }
 
 /** `nats-server -js` on a free loopback port with a temporary store. */
@@ -128,6 +132,29 @@ export class Relay {
     const line = text.split('\n').find((l) => l.startsWith('sse_relay_connections '));
     return Number(line.split(' ')[1]);
   }
+}
+
+/**
+ * `sse-relay dev` on a free port: its own nats-server, the demo page at
+ * `/`. Stopped with SIGTERM, so it stops its nats-server too.
+ */
+export async function startDev(cleanup) {
+  const child = spawn(RELAY_BIN, ['dev', '--listen', '127.0.0.1:0'],
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info' } });
+  cleanup.add(() => kill(child, 'SIGTERM'));
+  let log = '';
+  const port = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`dev did not listen: ${log}`)), 15000);
+    child.stderr.on('data', (d) => {
+      log += d;
+      const m = /listening addr=[\d.]+:(\d+)/.exec(log);
+      if (m) { clearTimeout(timer); resolve(Number(m[1])); }
+    });
+    child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`dev exited with ${code}: ${log}`)); });
+  });
+  const origin = `http://127.0.0.1:${port}`;
+  await until('dev /readyz', async () => (await fetch(`${origin}/readyz`).catch(() => null))?.ok);
+  return { origin };
 }
 
 /** A token signed by `sse-relay token`. */

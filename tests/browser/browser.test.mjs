@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
 import { connect, headers, StringCodec } from 'nats';
 import {
-  CHROMIUM, Cleanup, Relay, mintToken, startNats, startPages, until,
+  CHROMIUM, Cleanup, Relay, mintToken, startDev, startNats, startPages, until,
 } from './support.mjs';
 
 const SECRET = 'browser-test-secret';
@@ -281,4 +281,50 @@ test('three tabs share one connection; closing the leader hands over without los
     assert.deepEqual(await ids(tab), range(1, 8));
   }
   await until('still one stream', async () => (await relay.streams()) === 1);
+});
+
+test('the dev demo page connects on load, resumes on Reconnect and shows why a subscription was refused', async (t) => {
+  const cleanup = new Cleanup();
+  t.after(() => cleanup.run());
+  const dev = await startDev(cleanup);
+  const context = await browser.newContext();
+  cleanup.add(() => context.close());
+  const page = await context.newPage();
+  await page.goto(`${dev.origin}/`);
+  const state = page.locator('#state');
+  await state.filter({ hasText: /^live$/ }).waitFor({ timeout: 10000 });
+
+  // Published from the page's own form.
+  await page.fill('#pub-data', '{"n":1}');
+  await page.click('#pub-form button[type=submit]');
+  const rows = page.locator('#events li');
+  const row = (id) => rows.filter({ has: page.locator('.id', { hasText: new RegExp(`^id ${id}$`) }) });
+  await row(1).waitFor({ timeout: 10000 });
+
+  // Disconnected, two events are published; Reconnect brings them.
+  await page.click('#disconnect');
+  await state.filter({ hasText: 'closed' }).waitFor({ timeout: 10000 });
+  for (const n of [2, 3]) {
+    const res = await fetch(`${dev.origin}/dev/publish`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ subject: 'events.demo', data: `{"n":${n}}` }),
+    });
+    assert.equal(res.status, 201);
+  }
+  assert.equal(await rows.filter({ hasText: '"n": 2' }).count(), 0);
+  await page.click('#connect');
+  await row(3).waitFor({ timeout: 10000 });
+  await row(2).waitFor({ timeout: 10000 });
+  const ids = await page.locator('#events .id').allTextContents();
+  assert.deepEqual(ids.filter((s) => s !== 'no id'), ['id 3', 'id 2', 'id 1'], 'newest first, each once');
+  const live = await page.locator('#events li', { hasText: 'relay.live' }).first().locator('pre').textContent();
+  assert.deepEqual(JSON.parse(live), { last_event_id: 3 });
+
+  // A subject outside the stream: the page shows the relay's reason.
+  await page.fill('#subject', 'other.things');
+  await page.click('#connect');
+  await state.filter({ hasText: 'refused' }).waitFor({ timeout: 10000 });
+  assert.equal(await page.locator('#refusal').textContent(),
+    '400 subject_outside_stream: subject "other.things" is not stored by this relay\'s stream');
 });
