@@ -91,6 +91,14 @@
  * @property {boolean} leader Whether this tab holds the connection.
  */
 
+/** The defaults of the tuning options. */
+export const DEFAULTS = Object.freeze({
+  watchdogMs: 60000,
+  refreshMarginMs: 30000,
+  backoffMs: 1000,
+  maxBackoffMs: 30000,
+});
+
 const noop = () => {};
 
 /**
@@ -257,8 +265,8 @@ class Connection {
     this.close();
     let delayMs = 0;
     if (failed) {
-      const base = this.o.backoffMs ?? 1000;
-      const cap = Math.min(this.o.maxBackoffMs ?? 30000, base * 2 ** this.failures);
+      const base = this.o.backoffMs ?? DEFAULTS.backoffMs;
+      const cap = Math.min(this.o.maxBackoffMs ?? DEFAULTS.maxBackoffMs, base * 2 ** this.failures);
       this.failures++;
       delayMs = Math.round(cap / 2 + (Math.random() * cap) / 2);
     }
@@ -344,12 +352,12 @@ class Connection {
     const gen = this.generation;
     this.watchdog = setTimeout(() => {
       if (gen === this.generation) this.reopen('watchdog', true);
-    }, this.o.watchdogMs ?? 60000);
+    }, this.o.watchdogMs ?? DEFAULTS.watchdogMs);
   }
 
   /** Reopens with a fresh token before this one's `exp`. @param {string | null | undefined} token */
   scheduleRefresh(token) {
-    const margin = this.o.refreshMarginMs ?? 30000;
+    const margin = this.o.refreshMarginMs ?? DEFAULTS.refreshMarginMs;
     const exp = token ? expiry(token) : null;
     if (!margin || exp === null) return;
     const left = exp - Date.now();

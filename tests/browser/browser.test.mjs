@@ -82,6 +82,9 @@ test('events published with a plain NATS publish and with POST /publish reach th
   });
   await waitRec(page, (r) => r.lives.length === 1);
   assert.deepEqual(await page.evaluate(() => window.rec.lives), [{ last_event_id: null }]);
+  assert.deepEqual(await page.evaluate(async () => ({ ...(await import('/client/relay.js')).DEFAULTS })),
+    { watchdogMs: 60000, refreshMarginMs: 30000, backoffMs: 1000, maxBackoffMs: 30000 },
+    'the defaults README states');
 
   // A core NATS publish (no acknowledgement): the stream stores it.
   const h = headers();
@@ -97,6 +100,13 @@ test('events published with a plain NATS publish and with POST /publish reach th
   });
   assert.equal(res.status, 200);
   assert.equal((await res.json()).id, 2);
+
+  // A subject the token does not grant: refused for good, with the reason.
+  await context.exposeFunction('ordersOnly', () => mintToken(SECRET, ['--subjects', 'events.orders.>']));
+  const denied = await open(context, { url: relay.events, subjects: ['events.users.>'], tokenBinding: 'ordersOnly' });
+  await waitRec(denied, (r) => r.statuses.some((s) => s.state === 'refused'));
+  const refusal = (await denied.evaluate(() => window.rec.statuses)).find((s) => s.state === 'refused');
+  assert.deepEqual([refusal.status, refusal.error], [403, 'forbidden_subject']);
 
   await waitRec(page, (r) => r.events.length === 2);
   assert.deepEqual(await page.evaluate(() => window.rec.events), [
@@ -114,8 +124,21 @@ test('the relay is killed and restarted while the page stays open: every missed 
   for (let i = 1; i <= 3; i++) await publish('events.a', `before ${i}`);
   await waitRec(page, (r) => r.events.length === 3);
 
+  // A tab with the default backoff beside it: its first retry waits 0.5-1 s.
+  const byDefault = await open(context, { url: relay.events, subjects: ['events.>'], tokenBinding: 'relayToken', shared: false });
+  await waitRec(byDefault, (r) => r.lives.length === 1);
+
   await relay.kill('SIGKILL');
-  await waitRec(page, (r) => r.statuses.some((s) => s.state === 'reconnecting'));
+  // Four failed connects: each delay is within [cap/2, cap], the cap
+  // doubling from 100 ms up to 400 ms.
+  await waitRec(page, (r) => r.statuses.filter((s) => s.state === 'reconnecting').length >= 4);
+  const delays = (await page.evaluate(() => window.rec.statuses))
+    .filter((s) => s.state === 'reconnecting').map((s) => s.delayMs);
+  [100, 200, 400, 400].forEach((cap, i) =>
+    assert.ok(delays[i] >= cap / 2 && delays[i] <= cap, `retry ${i + 1} after ${delays[i]} ms (cap ${cap})`));
+  await waitRec(byDefault, (r) => r.statuses.some((s) => s.state === 'reconnecting'));
+  const first = (await byDefault.evaluate(() => window.rec.statuses)).find((s) => s.state === 'reconnecting');
+  assert.ok(first.delayMs >= 500 && first.delayMs <= 1000, `first retry after ${first.delayMs} ms`);
   for (let i = 4; i <= 8; i++) await publish('events.a', `while down ${i}`);
   await relay.start(); // same port
 
@@ -128,6 +151,8 @@ test('the relay is killed and restarted while the page stays open: every missed 
   const reasons = await page.evaluate(() => window.rec.statuses.filter((s) => s.state === 'reconnecting'));
   assert.ok(reasons.every((s) => s.reason === 'error' && s.delayMs >= 50 && s.delayMs <= 400),
     `backed off with jitter within the bounds: ${JSON.stringify(reasons)}`);
+  // shared: false: the other tab holds a stream of its own.
+  await until('two streams', async () => (await relay.streams()) === 2);
 });
 
 test('cross-origin with the relay_token cookie and withCredentials', async (t) => {
@@ -224,6 +249,12 @@ test('relay.gap, relay.live and relay.heartbeat reach the page; the watchdog reo
   assert.deepEqual(rec.events.map((e) => e.id), [4, 5, 6]);
   assert.deepEqual(rec.lives, [{ last_event_id: 6 }]);
 
+  // First state on connect: the last two events, then live.
+  const fresh = await open(context, { url: relay.events, tokenBinding: 'relayToken', initial: 2, shared: false });
+  await waitRec(fresh, (r) => r.lives.length === 1);
+  assert.deepEqual(await ids(fresh), [5, 6]);
+  await fresh.close();
+
   // The heartbeat as a page sees it, on a plain EventSource.
   const token = await mintToken(SECRET, ['--subjects', 'events.>', '--ttl', '1h']);
   const beats = await page.evaluate(({ url, token }) => new Promise((resolve, reject) => {
@@ -262,6 +293,9 @@ test('three tabs share one connection; closing the leader hands over without los
   const leaders = [];
   for (const tab of tabs) if (await tab.evaluate(() => window.sub.leader)) leaders.push(tab);
   assert.equal(leaders.length, 1);
+  for (const tab of tabs.filter((x) => x !== leaders[0])) {
+    assert.deepEqual((await tab.evaluate(() => window.rec.statuses)).at(-1), { state: 'live', leader: false });
+  }
 
   for (let i = 1; i <= 3; i++) await publish('events.tabs', `e${i}`);
   for (const tab of tabs) await waitRec(tab, (r) => r.events.length === 3);
