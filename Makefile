@@ -44,11 +44,11 @@ test: nats-server
 
 CHROMIUM := /usr/bin/chromium
 
-# The web client, the dev page and the publishing recipes, in Debian's
-# Chromium against a real nats-server and relay (tests/browser). Installs
-# what is missing: Chromium and Node.js with apt-get (CI runs as root), the
-# npm packages with `npm ci`. Skipped, saying so, only when Chromium cannot
-# be installed.
+# The web client and the dev page in Debian's Chromium, and the publishing
+# recipes (recipes/, examples/publish.rs), against a real nats-server and
+# relay (tests/browser). Installs what is missing: Chromium and Node.js with
+# apt-get (CI runs as root), the npm packages with `npm ci`, nats-py from
+# PyPI. Skipped, saying so, only when Chromium cannot be installed.
 browser-test: nats-server
 	@missing=""; [ -x $(CHROMIUM) ] || missing="chromium"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
@@ -60,7 +60,11 @@ browser-test: nats-server
 	@if [ -x $(CHROMIUM) ]; then :; else \
 		echo "SKIPPED browser tests: $(CHROMIUM) is missing and apt-get could not install chromium"; exit 0; fi; \
 	set -e; \
-	cargo build --quiet; \
+	python3 -c 'import nats.aio' 2>/dev/null || { echo "installing nats-py from PyPI"; \
+		python3 -m pip install --quiet --disable-pip-version-check nats-py 2>/dev/null \
+		|| python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages nats-py; }; \
+	cargo build --quiet --bins --examples; \
+	(cd recipes && npm ci --no-audit --no-fund --loglevel=error); \
 	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && npm test
 
 bench:
