@@ -315,6 +315,17 @@ test('three tabs share one connection; closing the leader hands over without los
     assert.deepEqual(await ids(tab), range(1, 8));
   }
   await until('still one stream', async () => (await relay.streams()) === 1);
+
+  // close() in the new leader: the last tab takes over; the closed one
+  // reports nothing more.
+  const [closing, last] = (await rest[0].evaluate(() => window.sub.leader)) ? rest : [rest[1], rest[0]];
+  await closing.evaluate(() => window.sub.close());
+  await publish('events.tabs', 'e9');
+  await waitRec(last, (r) => r.events.length >= 9);
+  assert.deepEqual(await ids(last), range(1, 9));
+  assert.ok(await last.evaluate(() => window.sub.leader));
+  assert.deepEqual(await ids(closing), range(1, 8));
+  assert.deepEqual((await closing.evaluate(() => window.rec.statuses)).at(-1), { state: 'closed', leader: true });
 });
 
 test('the dev demo page connects on load, resumes on Reconnect and shows why a subscription was refused', async (t) => {
