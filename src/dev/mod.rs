@@ -1,6 +1,7 @@
 //! `sse-relay dev`: a first run in one command. Starts a child `nats-server
 //! -js` on a free port with a temporary store (unless NATS_URL is given),
-//! creates the stream, and installs [`DevRoutes`]: the demo page at `/` and
+//! creates the stream, and installs [`DevRoutes`]: the demo page at `/`,
+//! the web client it uses at `/client/relay.js` (clients/web) and
 //! `POST /dev/publish`. `serve` never has these routes.
 
 use std::sync::Arc;
@@ -20,6 +21,9 @@ mod nats_server;
 pub use nats_server::{NatsServer, NatsServerOptions};
 
 const DEMO_HTML: &str = include_str!("demo.html");
+/// The web client, served as it is published: no build step.
+const CLIENT_JS: &str = include_str!("../../clients/web/relay.js");
+const CLIENT_PATH: &str = "/client/relay.js";
 pub const DEMO_SUBJECT: &str = "events.demo";
 
 /// The dev routes, with a token filled into the demo page.
@@ -40,7 +44,7 @@ impl DevRoutes {
 impl Extension for DevRoutes {
     fn allows(&self, path: &str) -> Option<&'static str> {
         match path {
-            "/" => Some("GET"),
+            "/" | CLIENT_PATH => Some("GET"),
             "/dev/publish" => Some("POST"),
             _ => None,
         }
@@ -53,12 +57,14 @@ impl Extension for DevRoutes {
         path: String,
         body: Bytes,
     ) -> BoxFuture<'static, Result<Response<SseBody>, ApiError>> {
-        if path == "/" && method == Method::GET {
-            let mut res = text(StatusCode::OK, self.page.clone());
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
+        if method == Method::GET {
+            let (body, content_type) = match path.as_str() {
+                CLIENT_PATH => (CLIENT_JS.to_string(), "text/javascript; charset=utf-8"),
+                _ => (self.page.clone(), "text/html; charset=utf-8"),
+            };
+            let mut res = text(StatusCode::OK, body);
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             return Box::pin(std::future::ready(Ok(res)));
         }
         Box::pin(async move { publish(&app, body).await })
