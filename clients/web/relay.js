@@ -41,6 +41,13 @@
  */
 
 /**
+ * `relay.reset`: the stream was deleted and created again, so its ids
+ * restarted. What follows is the new stream from its first event; the page
+ * should reload its state.
+ * @typedef {{reason: string, last_event_id: 0}} Reset
+ */
+
+/**
  * @typedef {object} Status
  * @property {'connecting' | 'live' | 'reconnecting' | 'refused' | 'closed'} state
  *   `refused` is final: the relay said no for a reason a retry cannot fix.
@@ -65,6 +72,7 @@
  * @property {(event: RelayEvent) => void} [onEvent]
  * @property {(gap: Gap) => void} [onGap]
  * @property {(live: Live) => void} [onLive]
+ * @property {(reset: Reset) => void} [onReset]
  * @property {(status: Status) => void} [onStatus]
  * @property {boolean} [withCredentials] Send cookies cross-origin.
  * @property {number} [lastEventId] Resume after this id (e.g. kept in storage).
@@ -111,6 +119,7 @@ export function subscribe(options) {
   const onEvent = o.onEvent ?? noop;
   const onGap = o.onGap ?? noop;
   const onLive = o.onLive ?? noop;
+  const onReset = o.onReset ?? noop;
   const onStatus = o.onStatus ?? noop;
   /** @type {number | null} */
   let lastId = o.lastEventId ?? null;
@@ -150,6 +159,12 @@ export function subscribe(options) {
       channel?.postMessage({ kind: 'gap', g });
       onGap(g);
     },
+    /** @param {Reset} r */
+    reset(r) {
+      channel?.postMessage({ kind: 'reset', r });
+      lastId = 0;
+      onReset(r);
+    },
     /** @param {Live} l */
     live(l) {
       channel?.postMessage({ kind: 'live', l });
@@ -184,6 +199,10 @@ export function subscribe(options) {
       } else if (m.kind === 'event') deliver(m.ev);
       else if (m.kind === 'gap') onGap(m.g);
       else if (m.kind === 'live') onLive(m.l);
+      else if (m.kind === 'reset') {
+        lastId = 0;
+        onReset(m.r);
+      }
       else if (m.kind === 'status') onStatus({ ...m.s, leader: false });
     };
     onStatus({ state: 'connecting', leader: false });
@@ -220,7 +239,7 @@ export function subscribe(options) {
 class Connection {
   /**
    * @param {Options} o
-   * @param {{event(ev: RelayEvent): void, gap(g: Gap): void, live(l: Live): void,
+   * @param {{event(ev: RelayEvent): void, gap(g: Gap): void, live(l: Live): void, reset(r: Reset): void,
    *          status(s: Omit<Status, 'leader'>): void, lastId(): number | null}} sink
    */
   constructor(o, sink) {
@@ -310,6 +329,9 @@ class Connection {
       this.sink.live(JSON.parse(e.data));
     });
     on('relay.expired', () => this.reopen('expired', false));
+    // Its `id: 0` restarts the ids: the next connection resumes from the
+    // new stream's beginning.
+    on('relay.reset', (e) => this.sink.reset(JSON.parse(e.data)));
     es.onerror = () => {
       if (gen !== this.generation) return;
       // CONNECTING: a network error or the relay ended the stream; the

@@ -283,6 +283,25 @@ test('relay.gap, relay.live and relay.heartbeat reach the page; the watchdog reo
   assert.deepEqual(await ids(page), [4, 5, 6, 7]);
 });
 
+test('a recreated stream: the page is told (relay.reset) and gets the new stream from its first event', async (t) => {
+  const { relay, nc, publish, context } = await setup(t);
+  const page = await open(context, { url: relay.events, subjects: ['events.re.>'], tokenBinding: 'relayToken' });
+  await waitRec(page, (r) => r.lives.length === 1);
+  for (let i = 0; i < 3; i++) await publish('events.re.1', `old${i}`);
+  await waitRec(page, (r) => r.events.length === 3);
+  const jsm = await nc.jetstreamManager();
+  const config = (await jsm.streams.info('EVENTS')).config;
+  await jsm.streams.delete('EVENTS');
+  await jsm.streams.add(config);
+  // Published at once: whether the relay has noticed yet or not.
+  for (let i = 0; i < 2; i++) await publish('events.re.1', `new${i}`);
+  await waitRec(page, (r) => r.events.length === 5);
+  assert.deepEqual(await page.evaluate(() => window.rec.resets),
+    [{ reason: 'stream_recreated', last_event_id: 0 }]);
+  assert.deepEqual(await page.evaluate(() => window.rec.events.map((e) => [e.id, e.data])),
+    [[1, 'old0'], [2, 'old1'], [3, 'old2'], [1, 'new0'], [2, 'new1']]);
+});
+
 test('three tabs share one connection; closing the leader hands over without loss', async (t) => {
   const { relay, publish, context } = await setup(t);
   const opts = { url: relay.events, subjects: ['events.>'], tokenBinding: 'relayToken', backoffMs: 100 };
