@@ -74,6 +74,11 @@ fn init_tracing(format: LogFormat) {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr (a supervisor gone, a pipe cut) must not take the
+        // relay down: the default reports a failed write with eprintln!,
+        // which panics on that same stderr, in whatever thread logged (the
+        // signal thread included, and SIGTERM would then be ignored).
+        .log_internal_errors(false)
         // Colour codes only for a person at a terminal, never into files.
         .with_ansi(std::io::stderr().is_terminal());
     match format {

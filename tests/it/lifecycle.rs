@@ -448,3 +448,58 @@ async fn token_subcommand_grants_publishing() {
     })
     .await
 }
+
+/// A relay whose stderr was closed (its supervisor's pipe cut) keeps
+/// serving, and SIGTERM still stops it with exit 0: a failed log write
+/// must not panic the thread that logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_stop_shutdown() {
+    within(
+        TEST_LIMIT,
+        "a_closed_stderr_does_not_stop_shutdown",
+        async {
+            let nats = NatsServer::start().await;
+            let port = free_port();
+            let addr = format!("127.0.0.1:{port}");
+            let mut args = vec!["serve".to_string(), "--listen".into(), addr.clone()];
+            args.extend(Relay::default_args(&nats.url()));
+            let mut child = std::process::Command::new(relay_bin())
+                .args(&args)
+                .env("RUST_LOG", "debug")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("the relay starts");
+            wait_readyz(&addr, WAIT, || None).await.expect("ready");
+            drop(child.stderr.take());
+            // Something to log about once nobody reads it.
+            let tok = token(SECRET, &["events.>"], 300);
+            let r = http_get(
+                &addr,
+                "/events?subject=events.x",
+                &[("Authorization", "Bearer nope")],
+            )
+            .await;
+            assert_eq!(r.status, 401);
+            let r = http_get(&addr, "/healthz", &[("Authorization", &bearer(&tok))]).await;
+            assert_eq!(r.status, 200, "still serving with stderr closed");
+            let pid = child.id().to_string();
+            let kill = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            assert!(kill.success());
+            let status = poll_until(
+                Duration::from_secs(15),
+                "the relay exits after SIGTERM",
+                || {
+                    let st = child.try_wait().unwrap();
+                    async move { st }
+                },
+            )
+            .await;
+            assert_eq!(status.code(), Some(0), "exit after SIGTERM: {status}");
+        },
+    )
+    .await
+}
