@@ -82,8 +82,7 @@
  *   where Web Locks and BroadcastChannel exist).
  * @property {number} [watchdogMs] Reopen after this long without a word
  *   (default 60000: four of the relay's default 15 s heartbeat intervals;
- *   a new stream's first heartbeat may come almost three after its last
- *   event).
+ *   a silent stream hears something at least every two).
  * @property {number} [refreshMarginMs] Fetch a new token this long before
  *   the current one's `exp` (default 30000; 0 waits for `relay.expired`).
  * @property {number} [backoffMs] First retry delay (default 1000), doubled

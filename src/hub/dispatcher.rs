@@ -37,11 +37,20 @@ pub(super) struct Delivery {
 /// Ticks per heartbeat interval: each looks at this share of the clients.
 const HEARTBEAT_SLICES: usize = 16;
 
-/// Where the heartbeat sweep is in its cycle over the clients.
+/// The heartbeat sweep: clients in HEARTBEAT_SLICES buckets by id, one
+/// bucket looked at per tick, so every client (a new one too) is looked at
+/// once per interval. Departed clients are dropped from their bucket when
+/// it is next looked at.
 #[derive(Default)]
-struct Sweep {
-    ids: Vec<ClientId>,
+pub(super) struct Sweep {
+    buckets: [Vec<ClientId>; HEARTBEAT_SLICES],
     tick: usize,
+}
+
+impl Sweep {
+    pub(super) fn add(&mut self, id: ClientId) {
+        self.buckets[(id.0 % HEARTBEAT_SLICES as u64) as usize].push(id);
+    }
 }
 
 /// One sweep tick: 1/HEARTBEAT_SLICES of the interval, in whole
@@ -104,6 +113,7 @@ pub(super) struct Dispatcher<U: Upstream> {
     pub(super) rng: u64,
     /// Shutdown in progress: streams close a slice at a time.
     pub(super) drain: Option<super::drain::Drain>,
+    pub(super) sweep: Sweep,
 }
 
 impl<U: Upstream> Dispatcher<U> {
@@ -133,6 +143,7 @@ impl<U: Upstream> Dispatcher<U> {
             stream_check: Default::default(),
             rng: seed(),
             drain: None,
+            sweep: Sweep::default(),
         }
     }
 
@@ -172,7 +183,6 @@ impl<U: Upstream> Dispatcher<U> {
         let mut armed: Option<Instant> = None;
         let mut batch = Vec::new();
         let mut ended = Vec::new();
-        let mut sweep = Sweep::default();
         let mut drain_tick = tokio::time::interval(super::drain::DRAIN_TICK);
         drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let comment = Bytes::from_static(sse::HEARTBEAT);
@@ -248,7 +258,7 @@ impl<U: Upstream> Dispatcher<U> {
                         self.subscription_ended(topic);
                     }
                 }
-                _ = heartbeat.tick() => self.sweep_heartbeats(&mut sweep, &comment, &event),
+                _ = heartbeat.tick() => self.sweep_heartbeats(&comment, &event),
                 () = &mut expiry, if armed.is_some() => self.expire(),
             }
         }
@@ -272,30 +282,23 @@ impl<U: Upstream> Dispatcher<U> {
         n
     }
 
-    /// One tick of the heartbeat sweep: the next slice of the clients of
-    /// this cycle gets a heartbeat if its stream wrote nothing since the
-    /// sweep last looked (one interval ago).
-    fn sweep_heartbeats(&mut self, sweep: &mut Sweep, comment: &Bytes, event: &Bytes) {
-        if sweep.tick == 0 {
-            // A new cycle over the clients there are now.
-            sweep.ids = self.clients.ids();
-        }
-        // Tick k of the cycle looks at the k-th sixteenth: every client once
-        // per cycle, however few there are.
-        let n = sweep.ids.len();
-        let (start, end) = (
-            n * sweep.tick / HEARTBEAT_SLICES,
-            n * (sweep.tick + 1) / HEARTBEAT_SLICES,
-        );
-        sweep.tick = (sweep.tick + 1) % HEARTBEAT_SLICES;
-        for id in &sweep.ids[start..end] {
-            if let Some(c) = self.clients.get(*id) {
-                c.queue.heartbeat(match c.heartbeat {
-                    Heartbeat::Comment => comment,
-                    Heartbeat::Event => event,
-                });
-            }
-        }
+    /// One tick of the heartbeat sweep: the clients of the next bucket get
+    /// a heartbeat if their stream wrote nothing since the sweep last
+    /// looked (one interval ago).
+    fn sweep_heartbeats(&mut self, comment: &Bytes, event: &Bytes) {
+        let tick = self.sweep.tick;
+        self.sweep.tick = (tick + 1) % HEARTBEAT_SLICES;
+        let clients = &self.clients;
+        self.sweep.buckets[tick].retain(|id| {
+            let Some(c) = clients.get(*id) else {
+                return false;
+            };
+            c.queue.heartbeat(match c.heartbeat {
+                Heartbeat::Comment => comment,
+                Heartbeat::Event => event,
+            });
+            true
+        });
     }
 
     pub(super) fn count_ends(&self, reason: EndReason, n: usize) {

@@ -247,6 +247,7 @@ impl<U: Upstream> Dispatcher<U> {
         let ready = client.pending == 0;
         let age_limit = self.age_limit();
         self.clients.insert(id, client, age_limit);
+        self.sweep.add(id);
         self.metrics.connections.inc();
         self.metrics.connections_total.inc();
         if ready {

@@ -383,6 +383,34 @@ async fn heartbeats_go_only_to_streams_silent_for_an_interval() {
     );
 }
 
+/// A stream that opens in the middle of a sweep cycle is looked at within
+/// the interval like the others: its first heartbeat comes at most two
+/// intervals after it last wrote, whenever it joined.
+#[tokio::test(start_paused = true)]
+async fn a_new_stream_hears_within_two_intervals() {
+    let s = start(config());
+    let interval = config().heartbeat;
+    let tick = super::dispatcher::sweep_tick(interval);
+    let _early = s.join(&["events.early"], None).await;
+    for offset in 0..16u32 {
+        // Joins at every point of a cycle.
+        advance(tick).await;
+        let j = s.join(&["events.late"], None).await;
+        let mut got = received(&j.queue);
+        let mut waited = Duration::ZERO;
+        while got.comments == 0 {
+            assert!(
+                waited <= 2 * interval,
+                "joined at tick {offset}: no heartbeat after {waited:?}"
+            );
+            advance(tick).await;
+            waited += tick;
+            drain(&j.queue, &mut got);
+        }
+        s.hub.depart(j.id);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeats_are_spread_over_the_interval() {
     let s = start(config());
