@@ -251,7 +251,7 @@ async fn start_nats(
         }
     };
     tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, mirror_of = ?scope.origin, shard, "stream ready");
-    let history = History::new(js, scope.stream.clone(), app.metrics.clone());
+    let history = History::new(js, &scope, app.metrics.clone());
     // Subscribed to before the hub starts: no election is missed.
     let events = link.subscribe();
     link.watch_leader(&client, &scope.stream).await;

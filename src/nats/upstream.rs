@@ -90,7 +90,7 @@ impl Upstream for NatsUpstream {
     }
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {
-        self.history.bounds().await.map(|b| b.last)
+        self.history.last_sequence().await
     }
 
     async fn read(&self, pattern: &str, after: u64, to: u64) -> Result<Vec<Stored>, HistoryError> {
