@@ -19,6 +19,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod publish;
+mod regions;
 mod resume;
 mod security;
 mod shards;
