@@ -254,8 +254,8 @@ async fn start_nats(
             return;
         }
     };
-    tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, shard, "stream ready");
-    let history = History::new(js, scope.stream.clone(), app.metrics.clone());
+    tracing::info!(stream = %scope.stream, subjects = ?scope.subjects, live = %scope.dest, mirror_of = ?scope.origin, shard, "stream ready");
+    let history = History::new(js, &scope, app.metrics.clone());
     // Subscribed to before the hub starts: no election is missed.
     let events = link.subscribe();
     link.watch_stream(&client, &scope.stream).await;

@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::Scope;
 use crate::metrics::Metrics;
 
 /// Longest wait for the next stored message before the read is abandoned.
@@ -26,6 +27,13 @@ const CATCH_UP_MAX_DELAY: Duration = Duration::from_secs(2);
 /// A catch-up that cannot read the stream for this long ends its streams
 /// instead of holding live delivery (they resume by Last-Event-ID).
 const CATCH_UP_GIVE_UP: Duration = Duration::from_secs(30);
+
+/// Longest wait for a mirror's origin to say where it is.
+const ORIGIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for a mirror to reach its origin's last sequence, and the
+/// longest pause between two looks at it.
+const MIRROR_WAIT: Duration = Duration::from_secs(2);
+const MIRROR_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// A stored event: its stream sequence and its SSE frame.
 pub(crate) type Stored = (u64, Bytes);
@@ -49,6 +57,10 @@ pub(crate) enum HistoryError {
     Stalled(Duration),
     #[error("events after {after} are gone from the stream (it starts at {first})")]
     Gone { after: u64, first: u64 },
+    #[error("the mirror's origin did not answer: {0}")]
+    OriginAway(String),
+    #[error("the mirror is at {mirror}, behind its origin at {origin}")]
+    MirrorBehind { mirror: u64, origin: u64 },
 }
 
 fn nats_err(e: impl std::fmt::Display) -> HistoryError {
@@ -64,6 +76,8 @@ pub(crate) struct History {
     metrics: Arc<Metrics>,
     /// Permits for concurrent reads (see [`CONCURRENT_READS`]).
     reads: Arc<tokio::sync::Semaphore>,
+    /// A mirror's origin, through its JetStream API, and its stream name.
+    origin: Option<(jetstream::Context, String)>,
 }
 
 /// Where a resume's replay starts, and the gap it must report first (events
@@ -95,12 +109,53 @@ impl ResumePlan {
 }
 
 impl History {
-    pub(crate) fn new(js: jetstream::Context, stream: String, metrics: Arc<Metrics>) -> History {
+    pub(crate) fn new(js: jetstream::Context, scope: &Scope, metrics: Arc<Metrics>) -> History {
+        let origin = scope.origin.as_ref().map(|o| {
+            let mut api = jetstream::with_prefix(js.client(), &o.api);
+            api.set_timeout(ORIGIN_TIMEOUT);
+            (api, o.stream.clone())
+        });
         History {
             js,
-            stream,
+            stream: scope.stream.clone(),
             metrics,
             reads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS)),
+            origin,
+        }
+    }
+
+    /// The highest event id a client may hold: the stream's last sequence.
+    /// A mirror is only as far as its origin was when asked: it first asks
+    /// the origin for its last sequence (any id a client got elsewhere is at
+    /// or below it), then waits, at most [`MIRROR_WAIT`], for the mirror to
+    /// get there, and answers with the mirror's own last sequence. Until
+    /// then it fails (`OriginAway`, `MirrorBehind`): the relay cannot tell an
+    /// id the mirror has yet to receive from one that does not exist, and
+    /// answers with a transient refusal, so the client comes back later
+    /// instead of being refused for good, and nothing above what the mirror
+    /// holds is taken as stored.
+    pub(crate) async fn last_sequence(&self) -> Result<u64, HistoryError> {
+        let Some((api, name)) = &self.origin else {
+            return Ok(self.bounds().await?.last);
+        };
+        self.metrics.jetstream_requests.inc();
+        // One request (the stream's info), bounded by the context's timeout.
+        let origin = match api.get_stream(name).await {
+            Ok(s) => s.cached_info().state.last_sequence,
+            Err(e) => return Err(HistoryError::OriginAway(e.to_string())),
+        };
+        let give_up = tokio::time::Instant::now() + MIRROR_WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let mirror = self.bounds().await?.last;
+            if mirror >= origin {
+                return Ok(mirror);
+            }
+            if tokio::time::Instant::now() + pause > give_up {
+                return Err(HistoryError::MirrorBehind { mirror, origin });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MIRROR_POLL_MAX);
         }
     }
 

@@ -102,7 +102,7 @@ impl Upstream for NatsUpstream {
     }
 
     async fn last_sequence(&self) -> Result<u64, HistoryError> {
-        self.history.bounds().await.map(|b| b.last)
+        self.history.last_sequence().await
     }
 
     async fn bounds(&self) -> Result<Bounds, HistoryError> {

@@ -22,6 +22,7 @@ mod limits;
 mod observe;
 mod publish;
 mod recreate;
+mod regions;
 mod resume;
 mod security;
 mod shards;

@@ -6,6 +6,7 @@
 //! - `nats`: one nats-server (the library's `dev::NatsServer` with its
 //!   monitoring port), the `EVENTS` stream, JetStream publishing.
 //! - `cluster`: a JetStream cluster of nats-server processes on loopback.
+//! - `regions`: a hub and a regional leaf node with a mirror, from `nats/`.
 //! - `relay`: the relay binary as a child process, and the requests tests
 //!   make to any relay.
 //! - `in_process`: the relay as one shard on a thread of the test process.
@@ -26,6 +27,7 @@ mod in_process;
 mod metrics;
 mod nats;
 mod reader;
+mod regions;
 mod relay;
 mod sse;
 mod tokens;
@@ -36,6 +38,7 @@ pub use in_process::*;
 pub use metrics::*;
 pub use nats::*;
 pub use reader::*;
+pub use regions::*;
 pub use relay::*;
 pub use sse::*;
 pub use tokens::*;
