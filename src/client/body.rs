@@ -167,6 +167,8 @@ impl Drop for SseBody {
             ..
         } = &self.kind
         {
+            // Nothing drains the queue from here on: a replay into it stops.
+            queue.abandon();
             hub.depart(*client);
             let lasted = opened.elapsed();
             metrics.stream_duration.observe(lasted.as_secs_f64());
@@ -197,4 +199,65 @@ fn seconds_since(us: u64) -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
     now.saturating_sub(us) as f64 / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Wake, Waker};
+
+    struct NoHub;
+
+    impl Departure for NoHub {
+        fn depart(&self, _: ClientId) {}
+    }
+
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A resume's replay waits for the body to take what is queued. When
+    /// the client hangs up mid-replay nothing ever will: dropping the body
+    /// must wake the replay and stop it, or it waits forever and keeps one
+    /// of the shard's JetStream read permits (with all of them kept, every
+    /// later resume stalls, open and silent).
+    #[test]
+    fn dropping_the_body_stops_a_replay_waiting_for_room() {
+        let queue = Arc::new(ClientQueue::held(4, 0));
+        let metrics = Arc::new(Metrics::default());
+        let body = SseBody::stream(
+            queue.clone(),
+            ClientId(1),
+            Arc::new(NoHub),
+            None,
+            metrics,
+            None,
+        );
+        let flag = Arc::new(Flag::default());
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let frame = Bytes::from_static(b"data: x\n\n");
+        let mut seq = 0;
+        while queue.poll_space(&mut cx).is_ready() {
+            seq += 1;
+            assert!(queue.replay(seq, &frame));
+            assert!(seq < 10, "the queue never asked the replay to wait");
+        }
+        drop(body);
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "the waiting replay was not woken"
+        );
+        assert_eq!(queue.poll_space(&mut cx), Poll::Ready(()));
+        assert!(
+            !queue.replay(seq + 1, &frame),
+            "the replay goes on into a queue nobody reads"
+        );
+    }
 }

@@ -116,6 +116,9 @@ struct QueueState {
     stored_us: u64,
     /// Events queued so far (replayed or live).
     events: u64,
+    /// The body that drained the queue is gone (the client left): nothing
+    /// will take frames again, so nothing may wait for room or add more.
+    abandoned: bool,
 }
 
 impl ClientQueue {
@@ -160,7 +163,7 @@ impl ClientQueue {
         deepest: &mut usize,
     ) -> Offer {
         let mut st = self.lock();
-        if st.end.is_some() {
+        if st.end.is_some() || st.abandoned {
             return Offer::Closed;
         }
         if seq <= st.last_seq {
@@ -194,7 +197,7 @@ impl ClientQueue {
     /// stream has ended. Callers bound the amount (see `poll_space`).
     pub fn replay(&self, seq: u64, frame: &Bytes) -> bool {
         let mut st = self.lock();
-        if st.end.is_some() {
+        if st.end.is_some() || st.abandoned {
             return false;
         }
         if seq > st.last_seq {
@@ -211,10 +214,11 @@ impl ClientQueue {
         (st.events, st.end)
     }
 
-    /// Ready when the replay writer may queue more (or the stream ended).
+    /// Ready when the replay writer may queue more (or the stream ended,
+    /// or its body is gone: then [`ClientQueue::replay`] says stop).
     pub fn poll_space(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = self.lock();
-        if st.end.is_some() || st.frames.len() < self.capacity / 2 + 1 {
+        if st.end.is_some() || st.abandoned || st.frames.len() < self.capacity / 2 + 1 {
             return Poll::Ready(());
         }
         st.space_waker = Some(cx.waker().clone());
@@ -253,7 +257,7 @@ impl ClientQueue {
     /// Returns false when the queue is full or ended.
     pub fn offer_unsequenced(&self, frame: &Bytes) -> bool {
         let st = self.lock();
-        if st.end.is_some() || st.frames.len() >= self.capacity {
+        if st.end.is_some() || st.abandoned || st.frames.len() >= self.capacity {
             return false;
         }
         push_and_wake(st, frame);
@@ -266,7 +270,7 @@ impl ClientQueue {
     pub fn heartbeat(&self, frame: &Bytes) -> bool {
         let mut st = self.lock();
         let wrote = std::mem::take(&mut st.wrote);
-        if st.end.is_some() || wrote || !st.frames.is_empty() {
+        if st.end.is_some() || st.abandoned || wrote || !st.frames.is_empty() {
             return false;
         }
         // The heartbeat itself is not writing: the next look decides anew.
@@ -298,6 +302,23 @@ impl ClientQueue {
             w.wake();
         }
         true
+    }
+
+    /// The body that drained this queue was dropped (the client left):
+    /// frees what is queued and held, and wakes a replay waiting for room,
+    /// which then stops. Without this a replay of a client that hung up
+    /// would wait forever, keeping its JetStream read permit.
+    pub fn abandon(&self) {
+        let mut st = self.lock();
+        st.abandoned = true;
+        st.frames = VecDeque::new();
+        st.held = None;
+        st.tail = None;
+        let space = st.space_waker.take();
+        drop(st);
+        if let Some(w) = space {
+            w.wake();
+        }
     }
 
     /// Takes everything queued as one chunk, or registers the waker.

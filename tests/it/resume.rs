@@ -988,6 +988,91 @@ async fn randomized_reconnects_lose_and_duplicate_nothing() {
     .await
 }
 
+/// Clients that hang up in the middle of a JetStream replay give its read
+/// back. A shard runs at most 32 client reads at once; a replay waiting for
+/// room in the queue of a client that left would wait forever (nothing
+/// drains it) and keep its read, and with 32 kept every later resume would
+/// stay open and silent. Here 33 clients resume from 0 over more history
+/// than the socket buffers hold (so no replay can end while they read
+/// nothing) and hang up; a resume after them still gets its 100 events
+/// (more than half of `--client-queue 16`: from JetStream, not memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hang_ups_during_replays_do_not_stall_later_resumes() {
+    let _load = load_group(module_path!()).await;
+    within(
+        Duration::from_secs(60),
+        "hang_ups_during_replays_do_not_stall_later_resumes",
+        async {
+            const CONCURRENT_READS: usize = 32;
+            // Small events: 33 reads of 1,000-message batches stay within
+            // what NATS lets a connection have pending.
+            const SIZE: usize = 1 << 10;
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &["--client-queue", "16"], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            let pattern = "events.left";
+            let tok = token(SECRET, &[pattern], 300);
+            let auth = bearer(&tok);
+            let path = events_path(&[pattern]);
+
+            // The relay's send buffer autotunes up to tcp_wmem's max; the
+            // client's 4 KiB receive buffer and hyper's read buffer hold
+            // little more: 1 MiB over that bound cannot all be written.
+            let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+                .unwrap_or(4 << 20);
+            let n = (wmem_max + (1 << 20)) / SIZE + 1;
+            let items: Vec<(String, Bytes)> = (0..n)
+                .map(|i| {
+                    let mut p = format!("{i:06}-").into_bytes();
+                    p.resize(SIZE, b'x');
+                    (pattern.to_string(), Bytes::from(p))
+                })
+                .collect();
+            let published = publish_all(&js, &items).await;
+
+            let mut left = Vec::new();
+            for i in 0..=CONCURRENT_READS {
+                let c = SseClient::connect_with_rcvbuf(
+                    relay.addr(),
+                    &path,
+                    &[("Authorization", &auth), ("Last-Event-ID", "0")],
+                    4096,
+                )
+                .await;
+                assert_eq!(c.status, 200, "replayed client {i}: {:?}", c.headers);
+                left.push(c);
+            }
+            drop(left);
+
+            let from = published[n - 101].0.to_string();
+            let mut c = SseClient::connect(
+                relay.addr(),
+                &path,
+                &[("Authorization", &auth), ("Last-Event-ID", &from)],
+            )
+            .await;
+            assert_eq!(c.status, 200, "resume after the hang-ups: {:?}", c.headers);
+            // Within less than the relay's 10 s read timeout: a resume that
+            // got its read only because a stuck one timed out still fails.
+            let evs = c
+                .collect_data_events(
+                    100,
+                    Duration::from_secs(5),
+                    "resume after 33 hang-ups mid-replay",
+                )
+                .await;
+            assert_same_events(
+                "resume after 33 hang-ups mid-replay",
+                &ids_data("resume", &evs),
+                &published[n - 100..],
+            );
+        },
+    )
+    .await
+}
+
 /// A storm on a relay whose window does not reach back far enough (it
 /// subscribed after the events were stored, as right after a restart):
 /// the first resume reads the missing range once into the window and the

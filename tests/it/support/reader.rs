@@ -54,12 +54,16 @@ pub struct ReaderReport {
     pub last_refusal: Option<String>,
     /// Streams the reader hung up right after the response head.
     pub immediate_hang_ups: usize,
+    /// The last stream opened: its number, where it resumed from, what it
+    /// delivered and how it ended (to tell a stalled stream from a gap).
+    pub last_stream: String,
 }
 
 impl ReaderReport {
     /// Asserts the reader got exactly the expected events, in order, once.
     pub fn assert_complete(&self) {
-        assert_same_events(&self.name, &self.events, &self.expected);
+        let who = format!("{} (last stream: {})", self.name, self.last_stream);
+        assert_same_events(&who, &self.events, &self.expected);
     }
 }
 
@@ -109,6 +113,7 @@ impl ResumingReader {
             refused: 0,
             last_refusal: None,
             immediate_hang_ups: 0,
+            last_stream: "none".into(),
         };
         let path = events_path(&self.patterns);
         let mut last = 0u64;
@@ -149,6 +154,8 @@ impl ResumingReader {
                 continue;
             }
             let mut read = 0;
+            let opened = Instant::now();
+            let mut last_event_at = opened;
             while read < budget && !self.finished(last) {
                 let ev = tokio::select! {
                     ev = c.next_data_event(Duration::from_millis(250)) => ev,
@@ -179,6 +186,7 @@ impl ResumingReader {
                         last = seq;
                         rep.events.push((seq, ev.data));
                         read += 1;
+                        last_event_at = Instant::now();
                         let _ = self.progress.send(seq);
                     }
                     None if c.is_closed() => {
@@ -198,6 +206,17 @@ impl ResumingReader {
                     None => {}
                 }
             }
+            rep.last_stream = format!(
+                "#{} resumed from {last_s}, {read} events in {:?}, none for the last {:?}, markers {:?}, {}",
+                rep.connections,
+                opened.elapsed(),
+                last_event_at.elapsed(),
+                c.markers
+                    .iter()
+                    .map(|m| m.event.clone())
+                    .collect::<Vec<_>>(),
+                if c.is_closed() { "ended" } else { "open" }
+            );
         }
         rep
     }
