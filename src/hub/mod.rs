@@ -123,7 +123,7 @@ pub(crate) struct Hub {
     max_seen: Arc<AtomicU64>,
     /// Asks the stream for its last sequence (one request for any number of
     /// concurrent callers: a storm on a shard that has just started).
-    last_sequence: Box<dyn Fn() -> LastSequence + Send + Sync>,
+    last_sequence: Box<dyn Fn(u64) -> LastSequence + Send + Sync>,
     /// Asks started so far; a caller is answered by any ask that started
     /// after it arrived.
     asks_started: AtomicU64,
@@ -191,9 +191,9 @@ impl Hub {
             next_id: AtomicU64::new(1),
             cfg,
             max_seen,
-            last_sequence: Box::new(move || {
+            last_sequence: Box::new(move |reaching| {
                 let u = upstream.clone();
-                Box::pin(async move { u.last_sequence().await })
+                Box::pin(async move { u.last_sequence(reaching).await })
             }),
             asks_started: AtomicU64::new(0),
             asked: tokio::sync::Mutex::new((0, None)),
@@ -225,7 +225,7 @@ impl Hub {
             tokio::time::sleep_until(at + ASK_INTERVAL).await;
         }
         let number = self.asks_started.fetch_add(1, Ordering::AcqRel) + 1;
-        let last = (self.last_sequence)().await?;
+        let last = (self.last_sequence)(id).await?;
         *asked = (number, Some(Instant::now()));
         if last < self.max_seen() {
             let _ = self.cmds.send(Cmd::CheckStream);

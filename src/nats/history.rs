@@ -134,10 +134,17 @@ impl History {
     /// answers with a transient refusal, so the client comes back later
     /// instead of being refused for good, and nothing above what the mirror
     /// holds is taken as stored.
-    pub(crate) async fn last_sequence(&self) -> Result<u64, HistoryError> {
+    /// An id the mirror itself holds (`reaching`) needs no origin: it
+    /// answers from the mirror alone, so resumes the mirror can serve work
+    /// while the hub is out of reach.
+    pub(crate) async fn last_sequence(&self, reaching: u64) -> Result<u64, HistoryError> {
         let Some((api, name)) = &self.origin else {
             return Ok(self.bounds().await?.last);
         };
+        let own = self.bounds().await?.last;
+        if reaching <= own {
+            return Ok(own);
+        }
         self.metrics.jetstream_requests.inc();
         // One request (the stream's info), bounded by the context's timeout.
         let origin = match api.get_stream(name).await {

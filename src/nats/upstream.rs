@@ -34,7 +34,11 @@ pub(crate) trait Upstream: Clone + Send + Sync + 'static {
     fn dense(&self, pattern: &str) -> bool;
 
     /// The stream's last sequence.
-    fn last_sequence(&self) -> impl Future<Output = Result<u64, HistoryError>> + Send;
+    /// (`reaching`: the id the caller wants to know exists.)
+    fn last_sequence(
+        &self,
+        reaching: u64,
+    ) -> impl Future<Output = Result<u64, HistoryError>> + Send;
 
     /// The stream's bounds and creation time (which tells a recreated
     /// stream from the one the hub has been serving).
@@ -101,8 +105,8 @@ impl Upstream for NatsUpstream {
         self.scope.is_dense(pattern)
     }
 
-    async fn last_sequence(&self) -> Result<u64, HistoryError> {
-        self.history.last_sequence().await
+    async fn last_sequence(&self, reaching: u64) -> Result<u64, HistoryError> {
+        self.history.last_sequence(reaching).await
     }
 
     async fn bounds(&self) -> Result<Bounds, HistoryError> {

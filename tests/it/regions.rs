@@ -176,6 +176,13 @@ async fn a_resume_at_the_edge_is_served_by_the_local_mirror() {
         assert_eq!(got, vec![sent[4].clone(), sent[5].clone()]);
         expect_live(&mut first, Some(sent[5].0), "initial=last").await;
 
+        // A relay that starts while the hub is out of reach has seen no id
+        // yet: what the mirror holds is answered by the mirror alone.
+        let fresh_edge = relay_at(&regions.leaf.url()).await;
+        let mut late = resume(&fresh_edge, &auth, &["events.orders.1"], sent[2].0).await;
+        let got = next_events(&mut late, 1, "a new edge relay, hub cut off").await;
+        assert_eq!(got, vec![sent[4].clone()]);
+
         // The resumed client goes on live, with nothing skipped or repeated.
         regions.restore_link().await;
         let next = publish(&hub_js, "events.orders.1", &["o3"]).await;

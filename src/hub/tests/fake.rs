@@ -163,7 +163,7 @@ impl Upstream for Fake {
         subject::contains(pattern, "events.>")
     }
 
-    async fn last_sequence(&self) -> Result<u64, HistoryError> {
+    async fn last_sequence(&self, _reaching: u64) -> Result<u64, HistoryError> {
         self.lock().last_sequence_asks += 1;
         Ok(self.last())
     }
