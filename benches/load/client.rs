@@ -80,6 +80,8 @@ struct Ctx {
     failed: Cell<usize>,
     closed: Cell<u64>,
     reconnects: Cell<u64>,
+    /// When each reconnect was made (ms since the Unix epoch).
+    reconnect_ms: RefCell<Vec<u64>>,
     control: Cell<u64>,
     done: Cell<usize>,
     errors: RefCell<Vec<String>>,
@@ -124,6 +126,7 @@ async fn worker() {
         failed: Cell::new(0),
         closed: Cell::new(0),
         reconnects: Cell::new(0),
+        reconnect_ms: RefCell::default(),
         control: Cell::new(0),
         done: Cell::new(0),
         errors: RefCell::default(),
@@ -171,8 +174,11 @@ fn final_report(ctx: &Ctx, expect: u64) -> Value {
     json!({"type": "final", "received": ctx.received.get(), "lost": lost,
         "excess": excess, "gaps": gaps, "closed": ctx.closed.get(),
         "reconnects": ctx.reconnects.get(),
+        "reconnect_ms": *ctx.reconnect_ms.borrow(),
         "control": ctx.control.get(), "ok": ctx.ok.get(), "failed": ctx.failed.get(),
         "min_last_id": if clients.is_empty() { 0 } else { min_last },
+        "short": clients.iter().enumerate().filter(|(_, c)| c.count < expect).take(5)
+            .map(|(i, c)| json!([ctx.p.first + i, c.last, c.count])).collect::<Vec<_>>(),
         "max_last_id": max_last, "hist": ctx.hist_total.borrow().to_json(),
         "errors": *ctx.errors.borrow()})
 }
@@ -207,6 +213,7 @@ async fn connection(ctx: Rc<Ctx>, i: usize) {
     for attempt in 0u64.. {
         if attempt > 0 {
             ctx.reconnects.set(ctx.reconnects.get() + 1);
+            ctx.reconnect_ms.borrow_mut().push(now_ns() / 1_000_000);
         }
         let resume = match ctx.clients.borrow()[i] {
             c if c.count > 0 => Some(c.last),
@@ -290,9 +297,13 @@ async fn session(
         if st.retry_ms.is_some() {
             *retry_ms = st.retry_ms;
         }
+        // The connect permit bounds connects in flight, not open streams:
+        // given back once the head is read, on reconnects too.
+        if st.header_done {
+            permit.take();
+        }
         if st.header_done && first {
             first = false;
-            permit.take();
             settled(ctx, true);
         }
         match r {

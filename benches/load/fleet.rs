@@ -179,7 +179,10 @@ impl Fleet {
     pub(crate) async fn finish(&mut self, expect: u64) -> Result<Totals, String> {
         self.send(&format!("final {expect}"))?;
         let all = self.wait_all("final", Duration::from_secs(20)).await?;
-        let mut t = Totals::default();
+        let mut t = Totals {
+            min_last_id: u64::MAX,
+            ..Totals::default()
+        };
         for v in &all {
             let g = |k: &str| v[k].as_u64().unwrap_or(0);
             t.received += g("received");
@@ -188,6 +191,21 @@ impl Fleet {
             t.gaps += g("gaps");
             t.closed += g("closed");
             t.reconnects += g("reconnects");
+            t.min_last_id = t.min_last_id.min(g("min_last_id"));
+            if !v["short"].as_array().is_none_or(|a| a.is_empty()) {
+                eprintln!(
+                    "clients short of events (index, last id, count): {}",
+                    v["short"]
+                );
+            }
+            t.max_last_id = t.max_last_id.max(g("max_last_id"));
+            t.reconnect_ms.extend(
+                v["reconnect_ms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_u64()),
+            );
             t.control += g("control");
             t.ok += g("ok");
             t.failed += g("failed");
@@ -211,6 +229,11 @@ pub(crate) struct Totals {
     pub(crate) gaps: u64,
     pub(crate) closed: u64,
     pub(crate) reconnects: u64,
+    /// When each reconnect was made (ms since the Unix epoch).
+    pub(crate) reconnect_ms: Vec<u64>,
+    /// The lowest and highest last id any client holds.
+    pub(crate) min_last_id: u64,
+    pub(crate) max_last_id: u64,
     pub(crate) control: u64,
     pub(crate) ok: u64,
     pub(crate) failed: u64,

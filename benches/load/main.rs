@@ -5,6 +5,7 @@
 //! plain `cargo bench`) it prints the usage and exits 0. See [`USAGE`].
 
 mod client;
+mod drain;
 mod fleet;
 mod procs;
 mod publish;
@@ -30,6 +31,9 @@ scenarios:
   many-subjects  client i on events.bench.<i>, each subject gets --rate msg/s
   storm          --clients resume at once with Last-Event-ID = last-<back>
   cold-start     100 events stored, relay spawned, a client resumes last-50
+  drain          2 relays share the port, clients on events.bench.0 reconnect
+                 by Last-Event-ID; one relay gets SIGTERM: reconnects per
+                 100 ms, the largest share of any second (pass: <= 40%), loss
 
 options:
   --clients N               connections (default 1000; storm 500; cold-start 1)
@@ -46,6 +50,9 @@ options:
   --connect-concurrency C   connects in flight per client process (default 256;
                             storm: unlimited unless given)
 
+Environment: LOAD_RELAY_LOG sets the relays' RUST_LOG; LOAD_KEEP_LOGS=<dir>
+(drain) copies the relays' logs there.
+
 Prints a table and one JSON line; exits 1 when events were lost (not in
 saturate), 2 on a set-up error, 3 when the watchdog (duration + 120 s) fires.
 ";
@@ -58,6 +65,7 @@ pub(crate) enum Scenario {
     ManySubjects,
     Storm,
     ColdStart,
+    Drain,
 }
 
 impl Scenario {
@@ -69,6 +77,7 @@ impl Scenario {
             "many-subjects" => Scenario::ManySubjects,
             "storm" => Scenario::Storm,
             "cold-start" => Scenario::ColdStart,
+            "drain" => Scenario::Drain,
             _ => return None,
         })
     }
@@ -81,6 +90,7 @@ impl Scenario {
             Scenario::ManySubjects => "many-subjects",
             Scenario::Storm => "storm",
             Scenario::ColdStart => "cold-start",
+            Scenario::Drain => "drain",
         }
     }
 }
@@ -207,6 +217,7 @@ fn main() -> ExitCode {
         match opts.scenario {
             Scenario::Storm => storm::storm(&opts).await,
             Scenario::ColdStart => storm::cold_start(&opts).await,
+            Scenario::Drain => drain::drain(&opts).await,
             _ => scenarios::live(&opts).await,
         }
     });

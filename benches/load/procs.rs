@@ -178,7 +178,10 @@ impl Relay {
             .args(["--workers", &spec.workers.to_string()])
             .args(["--heartbeat", "60"])
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "warn,sse_relay=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LOAD_RELAY_LOG").unwrap_or_else(|_| "warn,sse_relay=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file);
