@@ -12,6 +12,7 @@
 mod support;
 
 mod cors;
+mod deploy;
 mod errors;
 mod failover;
 mod harness;
