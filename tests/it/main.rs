@@ -15,6 +15,7 @@ mod cors;
 mod deploy;
 mod errors;
 mod failover;
+mod h2c;
 mod harness;
 mod keys;
 mod lifecycle;
