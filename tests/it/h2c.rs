@@ -28,11 +28,22 @@ struct H2 {
 
 impl H2 {
     async fn connect(addr: &str) -> H2 {
+        Self::connect_with(
+            addr,
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new()),
+        )
+        .await
+    }
+
+    async fn connect_with(
+        addr: &str,
+        builder: hyper::client::conn::http2::Builder<TokioExecutor>,
+    ) -> H2 {
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2c handshake");
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
         H2 {
             sender,
             connection: tokio::spawn(conn),
@@ -345,6 +356,56 @@ async fn sigterm_ends_h2c_streams_with_a_retry_hint() {
                 .await
                 .expect("the relay exits after SIGTERM");
             assert_eq!(st.code(), Some(0), "{st}");
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_reading_is_dropped_without_stalling_its_neighbour() {
+    within(
+        TEST_LIMIT,
+        "a_stream_that_stops_reading_is_dropped_without_stalling_its_neighbour",
+        async {
+            const MAX_EVENTS: usize = 400;
+            let nats = NatsServer::start().await;
+            let relay = InProcessRelay::start(&nats.url(), &["--client-queue", "16"]).await;
+            let tok = token(SECRET, &["events.load"], 300);
+            let auth = bearer(&tok);
+            let path = events_path(&["events.load"]);
+            // A 64 KiB stream window: the stream that is never read stops
+            // taking data after 64 KiB; the connection's window (5 MiB by
+            // default) keeps room for its neighbour.
+            let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            builder.initial_stream_window_size(64 * 1024);
+            let mut h2 = H2::connect_with(relay.addr(), builder).await;
+            let slow = h2.get(&path, &[("authorization", &auth)]).await;
+            assert_eq!(slow.status(), 200);
+            let mut fast = H2Stream::new(h2.get(&path, &[("authorization", &auth)]).await);
+            nats.wait_relay_subs(&["events.load"], WAIT).await;
+
+            let js = async_nats::jetstream::new(nats.client().await);
+            let payload = "x".repeat(4096);
+            let mut evicted = false;
+            for i in 0..MAX_EVENTS {
+                let seq = js_publish(&js, "events.load", payload.clone()).await;
+                let ev = fast.next_data_event(WAIT).await;
+                assert_eq!(ev.seq(), seq, "the reading stream's event #{i}");
+                if i % 10 == 9 {
+                    let slow_drops = relay
+                        .metric("sse_relay_disconnects_total", &[("reason", "evicted_slow")])
+                        .await;
+                    if slow_drops == 1.0 {
+                        evicted = true;
+                        break;
+                    }
+                }
+            }
+            assert!(
+                evicted,
+                "the stream that never reads was not dropped within {MAX_EVENTS} events of 4 KiB"
+            );
+            drop(slow);
         },
     )
     .await
