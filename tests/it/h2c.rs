@@ -478,3 +478,37 @@ async fn idle_memory_per_stream_http1_and_h2c() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connection_holds_one_place_under_max_connections() {
+    within(
+        TEST_LIMIT,
+        "an_h2c_connection_holds_one_place_under_max_connections",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = InProcessRelay::start(&nats.url(), &["--max-connections", "1"]).await;
+            let tok = token(SECRET, &["events.a"], 300);
+            let auth = bearer(&tok);
+            let path = events_path(&["events.a"]);
+            let mut first = H2::connect(relay.addr()).await;
+            let open = H2Stream::new(first.get(&path, &[("authorization", &auth)]).await);
+            // Streams on the connection that holds the place are served...
+            let again = first.get(&path, &[("authorization", &auth)]).await;
+            assert_eq!(again.status(), 200);
+            // ... a second connection is over the limit: health checks only.
+            let mut second = H2::connect(relay.addr()).await;
+            let r = second.request(&path, &[("authorization", &auth)]).await;
+            assert_json_error(&r, 503, "a stream on a connection over --max-connections");
+            assert_eq!(second.request("/healthz", &[]).await.status, 200);
+            drop((open, again, first, second));
+            // Both places are given back: a new connection is served.
+            poll_until(WAIT, "a new connection under the limit", || async {
+                let mut h2 = H2::connect(relay.addr()).await;
+                let res = h2.get(&path, &[("authorization", &auth)]).await;
+                (res.status() == 200).then_some(())
+            })
+            .await;
+        },
+    )
+    .await
+}
