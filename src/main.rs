@@ -54,6 +54,26 @@ fn main() -> ExitCode {
             Err(msg) => config_error(&msg),
         },
         Command::Dev(args) => dev(args),
+        Command::Health(args) => health(&args),
+    }
+}
+
+/// `sse-relay health`: one line on stdout when healthy, on stderr when not.
+fn health(args: &sse_relay::health::HealthArgs) -> ExitCode {
+    use sse_relay::health::{Target, check_blocking};
+    let target = match Target::from_args(args) {
+        Ok(t) => t,
+        Err(msg) => return config_error(&msg),
+    };
+    match check_blocking(&target, std::time::Duration::from_secs(args.timeout)) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("unhealthy: {why}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! its socket, its queue and a small task. Here the request head is read
 //! into a buffer that is freed before the stream starts, and the body is
 //! written straight from the client's queue: chunked on HTTP/1.1,
-//! close-delimited on HTTP/1.0.
+//! close-delimited on HTTP/1.0. A connection that opens with the HTTP/2
+//! preface goes to [`super::h2`] (h2c).
 //!
 //! One file of ~440 lines with its tests: the head parser, the response
 //! writer and the stream copy are one connection's state machine.
@@ -32,15 +33,15 @@ use crate::client::SseBody;
 use crate::limits::ConnectionPermit;
 
 /// Largest request head accepted (431 beyond).
-const MAX_HEAD: usize = 16 * 1024;
+pub(super) const MAX_HEAD: usize = 16 * 1024;
 /// Time a request head may take from its first byte (and a new connection
 /// from its accept) to its end.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time an idle keep-alive connection is kept for its next request.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a request with a body (extension routes only) has to be read and
 /// answered.
-const BODY_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const BODY_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who is on the other end, and its place under `--max-connections`.
 pub(crate) struct Peer {
@@ -78,7 +79,27 @@ pub(crate) async fn serve(
         // Boxed, like routing below: the timers and parser state of this
         // phase would otherwise size the task for the stream's whole life.
         let mut head = match Box::pin(next_head(&mut stream, &mut pending, first, &cancel)).await {
-            Some(head) => head,
+            Some(Opening::Http1(head)) => head,
+            Some(Opening::H2) => {
+                // A task of its own on this shard: awaited here, its state
+                // would size every HTTP/1.1 connection's task. It takes
+                // this connection's place under the limits before this
+                // task gives it back; `info` keeps the verdict taken at
+                // the accept.
+                let permit = app.limits.connection();
+                let pending = std::mem::take(&mut pending);
+                let h2 = super::h2::serve(
+                    app.clone(),
+                    stream,
+                    pending,
+                    cancel.clone(),
+                    info,
+                    permit,
+                    KEEP_ALIVE_TIMEOUT,
+                );
+                app.tasks.spawn(h2);
+                return;
+            }
             None => return,
         };
         head.req.extensions_mut().insert(info);
@@ -142,6 +163,16 @@ pub(crate) async fn serve(
     }
 }
 
+/// How a connection goes on: an HTTP/1.1 request, or (first thing on the
+/// connection only) the HTTP/2 preface.
+// As large as the head it carries (an `Option<Head>` before h2c): boxing
+// it would cost every HTTP/1.1 request an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Opening {
+    Http1(Head),
+    H2,
+}
+
 /// Waits for the next request head; None when the connection should close
 /// (EOF, timeout, shutdown, or a malformed head, which is answered here).
 /// The first request of a connection has [`HEAD_TIMEOUT`] from the accept;
@@ -152,7 +183,7 @@ async fn next_head(
     pending: &mut Vec<u8>,
     first: bool,
     cancel: &CancellationToken,
-) -> Option<Head> {
+) -> Option<Opening> {
     let read = async {
         if !first && pending.is_empty() {
             match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, stream.read_buf(pending)).await {
@@ -160,8 +191,8 @@ async fn next_head(
                 _ => return Err(HeadError::Io),
             }
         }
-        match tokio::time::timeout(HEAD_TIMEOUT, read_head(stream, pending)).await {
-            Ok(Ok(Some(head))) => Ok(head),
+        match tokio::time::timeout(HEAD_TIMEOUT, read_opening(stream, pending, first)).await {
+            Ok(Ok(Some(opening))) => Ok(opening),
             Ok(Ok(None)) | Err(_) => Err(HeadError::Io),
             Ok(Err(e)) => Err(e),
         }
@@ -180,6 +211,25 @@ async fn next_head(
     };
     let _ = stream.write_all(&reply).await;
     None
+}
+
+/// The first head of a connection, or the HTTP/2 preface: looked for only
+/// once the HTTP/1.1 parser has refused the bytes (it refuses the preface's
+/// `HTTP/2.0` as soon as it reads it), so a valid HTTP/1.1 request costs
+/// nothing more.
+async fn read_opening(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    first: bool,
+) -> Result<Option<Opening>, HeadError> {
+    match read_head(stream, pending).await {
+        Err(HeadError::Malformed(_)) if first && super::h2::may_be_preface(pending) => {
+            Ok(super::h2::read_preface(stream, pending)
+                .await?
+                .then_some(Opening::H2))
+        }
+        other => other.map(|head| head.map(Opening::Http1)),
+    }
 }
 
 /// Why a body on a request that takes none is refused.
@@ -207,7 +257,7 @@ struct Head {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum HeadError {
+pub(super) enum HeadError {
     Io,
     TooLarge,
     /// Answered with 400 and this sentence.
@@ -526,9 +576,9 @@ fn put_chunk_size(buf: &mut Vec<u8>, n: usize) {
 }
 
 /// A stream that first yields bytes already read from it.
-struct Rewind {
-    pre: Bytes,
-    inner: TcpStream,
+pub(super) struct Rewind {
+    pub(super) pre: Bytes,
+    pub(super) inner: TcpStream,
 }
 
 impl AsyncRead for Rewind {
@@ -686,6 +736,107 @@ mod tests {
         let answered = tokio::time::Instant::now();
         let at = closed_at(&mut idle).await;
         assert_eq!(at - answered, KEEP_ALIVE_TIMEOUT);
+    }
+
+    /// An h2c client on `client` (the preface goes out with the handshake),
+    /// and its connection's task, which ends when the server closes it.
+    async fn h2c<B>(
+        client: TcpStream,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<B>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    )
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        (send, tokio::spawn(conn))
+    }
+
+    /// The idle timeout of an h2c connection, on a short interval of real
+    /// time (the loop passes [`KEEP_ALIVE_TIMEOUT`]): under a paused clock
+    /// the closing handshake races the clock's jumps.
+    #[tokio::test]
+    async fn an_h2c_connection_without_streams_closes_after_its_idle_interval() {
+        use http_body_util::BodyExt;
+        const IDLE: Duration = Duration::from_millis(200);
+        let app = app();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let info = ConnInfo {
+            peer: std::net::IpAddr::from([127, 0, 0, 1]),
+            over_capacity: false,
+        };
+        let cancel = CancellationToken::new();
+        let permit = app.limits.connection();
+        let h2 =
+            super::super::h2::serve(app.clone(), server, Vec::new(), cancel, info, permit, IDLE);
+        tokio::spawn(h2);
+        let (mut send, client_conn) = h2c(client).await;
+        let req = Request::get("http://x/healthz")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = send.send_request(req).await.unwrap();
+        assert_eq!(res.version(), Version::HTTP_2);
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.unwrap();
+        let answered = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(10), client_conn).await;
+        assert!(closed.is_ok(), "the idle connection was never closed");
+        drop(send);
+        let idle = answered.elapsed();
+        assert!(
+            idle >= IDLE && idle < 2 * IDLE + Duration::from_secs(1),
+            "closed after {idle:?} without a stream"
+        );
+    }
+
+    /// A request body that sends two bytes and then nothing, forever.
+    struct Stalled(bool);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            if self.0 {
+                return Poll::Pending;
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"ab",
+            )))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_body_that_never_ends_is_reset_after_its_timeout() {
+        let app = app();
+        let (client, conn) = connection(&app).await;
+        tokio::spawn(conn);
+        let (mut send, _client_conn) = h2c(client).await;
+        let req = Request::post("http://x/publish/events.a")
+            .body(Stalled(false))
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let res = send.send_request(req).await;
+        assert!(res.is_err(), "the stream is reset, not answered: {res:?}");
+        let took = tokio::time::Instant::now() - start;
+        assert!(
+            took >= BODY_REQUEST_TIMEOUT && took < BODY_REQUEST_TIMEOUT + Duration::from_secs(1),
+            "reset after {took:?}"
+        );
     }
 
     #[tokio::test]

@@ -12,9 +12,11 @@
 mod support;
 
 mod cors;
+mod deploy;
 mod drain;
 mod errors;
 mod failover;
+mod h2c;
 mod harness;
 mod keys;
 mod lifecycle;

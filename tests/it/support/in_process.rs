@@ -23,8 +23,8 @@ use super::{RELAY_ENV, Relay, RelayHttp, tail, wait_readyz};
 
 /// Bound for the relay to listen, and then to answer `/readyz` with 200.
 const START_LIMIT: Duration = Duration::from_secs(15);
-/// Bound for the shard to stop: its drain deadline (`--drain-timeout`,
-/// 8 s by default), the NATS drain (2 s), and some slack.
+/// Bound for the shard to stop: its drain (`--drain-seconds`, 4 s by
+/// default, plus 2 s), the NATS drain (2 s), and some slack.
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 
 /// Variables of [`RELAY_ENV`] that the flags given here always override.
