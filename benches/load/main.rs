@@ -50,7 +50,8 @@ options:
   --connect-concurrency C   connects in flight per client process (default 256;
                             storm: unlimited unless given)
 
-Environment: LOAD_RELAY_LOG sets the relays' RUST_LOG; LOAD_KEEP_LOGS=<dir>
+Environment: LOAD_RELAY_BIN runs another relay binary (default
+target/release/sse-relay); LOAD_RELAY_LOG sets the relays' RUST_LOG; LOAD_KEEP_LOGS=<dir>
 (drain) copies the relays' logs there.
 
 Prints a table and one JSON line; exits 1 when events were lost (not in

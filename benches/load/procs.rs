@@ -134,8 +134,13 @@ impl Drop for Nats {
 }
 
 /// The relay binary, built in release mode.
+/// `target/release/sse-relay`, or `LOAD_RELAY_BIN` (another build, to
+/// compare two binaries in the same conditions).
 pub(crate) fn relay_binary() -> Result<PathBuf, String> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/sse-relay");
+    let p = match std::env::var_os("LOAD_RELAY_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/sse-relay"),
+    };
     if p.exists() {
         Ok(p)
     } else {

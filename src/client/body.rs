@@ -124,7 +124,7 @@ impl Body for SseBody {
                         if let Some(log) = log {
                             log.bytes += n;
                         }
-                        if stored_us != 0 {
+                        if stored_us != 0 && sampled() {
                             metrics.write_latency.observe(seconds_since(stored_us));
                         }
                         Poll::Ready(Some(Ok(Frame::data(chunk))))
@@ -191,6 +191,24 @@ impl Drop for SseBody {
         }
     }
 }
+
+/// One live write in [`LATENCY_SAMPLE`] is timed: a clock read and a
+/// histogram update on every write cost a quarter more user time per
+/// delivery at 10k x 10 msg/s (BENCHMARKS.md), and a uniform sample keeps
+/// the percentiles. Counted per shard thread, so shards never share it.
+fn sampled() -> bool {
+    thread_local! {
+        static WRITES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    WRITES.with(|w| {
+        let n = w.get().wrapping_add(1);
+        w.set(n);
+        n % LATENCY_SAMPLE == 0
+    })
+}
+
+/// See [`sampled`].
+pub const LATENCY_SAMPLE: u32 = 16;
 
 /// Seconds from `us` (µs since the Unix epoch) to now; 0 when the clocks
 /// disagree (NATS' ahead of ours).

@@ -4,7 +4,7 @@
 mod body;
 mod queue;
 
-pub use body::{Departure, STREAM_LOG, SseBody, StreamLog};
+pub use body::{Departure, LATENCY_SAMPLE, STREAM_LOG, SseBody, StreamLog};
 pub use queue::{ClientQueue, EndReason, Offer};
 
 /// One stream, as the hub knows it.
