@@ -60,12 +60,27 @@ pub fn encode_reset() -> Bytes {
     )
 }
 
-/// `relay.live`: the stream is caught up (a resume spliced to live, or a
-/// fresh stream's subscriptions active); `last_event_id` is the last id
-/// the client has (null on a fresh stream). No `id:` line.
+/// `relay.live` at the seam of a resume: the replay is spliced to live;
+/// `last_event_id` is the last id the client has. No `id:` line: it never
+/// moves the browser's Last-Event-ID.
 pub fn encode_live(last_event_id: Option<u64>) -> Bytes {
     let data = serde_json::json!({ "last_event_id": last_event_id });
     encode_control("relay.live", &data.to_string())
+}
+
+/// `relay.live` on a fresh stream whose subscriptions are active: `after`
+/// is where it starts (every later event of its subjects follows), also as
+/// `id:`, so a browser that reconnects before its first event resumes
+/// from there instead of starting fresh and missing what came meanwhile.
+/// None (the position is unknown): no `id:` and `last_event_id` null.
+pub fn encode_live_fresh(after: Option<u64>) -> Bytes {
+    match after {
+        Some(n) => {
+            let data = serde_json::json!({ "last_event_id": n });
+            Bytes::from(format!("id: {n}\nevent: relay.live\ndata: {data}\n\n"))
+        }
+        None => encode_live(None),
+    }
 }
 
 /// `relay.heartbeat`: a heartbeat a page can see (`heartbeat=event`).

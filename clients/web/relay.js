@@ -36,7 +36,8 @@
 
 /**
  * `relay.live`: caught up. `last_event_id` is the last id the stream
- * delivered before going live (null on a fresh stream).
+ * delivered before going live; on a fresh stream, where it starts (a
+ * reconnect before the first event resumes from there; null if unknown).
  * @typedef {{last_event_id: number | null}} Live
  */
 
@@ -94,7 +95,8 @@
  * @typedef {object} Subscription
  * @property {() => void} close Stops for good: closes the stream, hands the
  *   connection to another tab, and calls nothing any more.
- * @property {number | null} lastEventId The last id delivered to `onEvent`.
+ * @property {number | null} lastEventId The last id delivered to `onEvent`
+ *   (before the first, where the stream started).
  * @property {boolean} leader Whether this tab holds the connection.
  */
 
@@ -134,6 +136,11 @@ export function subscribe(options) {
     onEvent(ev);
   };
 
+  /** A fresh stream's start: where a reconnect before any event resumes. @param {Live} l */
+  const startAt = (l) => {
+    if (lastId === null && typeof l.last_event_id === 'number') lastId = l.last_event_id;
+  };
+
   const canShare = typeof BroadcastChannel === 'function' && !!globalThis.navigator?.locks;
   const key = 'sse-relay ' + JSON.stringify([
     new URL(o.url, globalThis.location?.href).href,
@@ -167,6 +174,7 @@ export function subscribe(options) {
     /** @param {Live} l */
     live(l) {
       channel?.postMessage({ kind: 'live', l });
+      startAt(l);
       onLive(l);
     },
     /** @param {Omit<Status, 'leader'>} s */
@@ -197,7 +205,10 @@ export function subscribe(options) {
         onStatus({ ...m.s, leader: false });
       } else if (m.kind === 'event') deliver(m.ev);
       else if (m.kind === 'gap') onGap(m.g);
-      else if (m.kind === 'live') onLive(m.l);
+      else if (m.kind === 'live') {
+        startAt(m.l);
+        onLive(m.l);
+      }
       else if (m.kind === 'reset') {
         lastId = 0;
         onReset(m.r);

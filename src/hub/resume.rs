@@ -24,8 +24,22 @@ impl<U: Upstream> Dispatcher<U> {
         }
         let Some(after) = c.resume else {
             // A fresh stream is live from here: before any event can reach
-            // its queue (the dispatcher is the only one who fills it).
-            c.queue.offer_unsequenced(&sse::encode_live(None));
+            // its queue (the dispatcher is the only one who fills it). Every
+            // event its topics deliver from now on is above each topic's
+            // last delivered sequence, so the lowest of those is where it
+            // starts: a reconnect from there misses nothing.
+            let start = c
+                .topics
+                .iter()
+                .map(|&key| {
+                    self.topics
+                        .get(key)
+                        .filter(|t| t.since.is_some())
+                        .map(|t| t.last_seq)
+                })
+                .try_fold(u64::MAX, |low, seq| seq.map(|s| low.min(s)))
+                .filter(|&s| s != u64::MAX);
+            c.queue.offer_unsequenced(&sse::encode_live_fresh(start));
             if let Some(reply) = c.reply.take() {
                 let _ = reply.send(Ok(Backfill::Done));
             }

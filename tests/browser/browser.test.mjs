@@ -81,7 +81,8 @@ test('events published with a plain NATS publish and with POST /publish reach th
     events: ['order.shipped', 'order.paid'],
   });
   await waitRec(page, (r) => r.lives.length === 1);
-  assert.deepEqual(await page.evaluate(() => window.rec.lives), [{ last_event_id: null }]);
+  assert.deepEqual(await page.evaluate(() => window.rec.lives), [{ last_event_id: 0 }],
+    'a fresh stream on an empty stream starts at 0');
   assert.deepEqual(await page.evaluate(async () => ({ ...(await import('/client/relay.js')).DEFAULTS })),
     { watchdogMs: 60000, refreshMarginMs: 30000, backoffMs: 1000, maxBackoffMs: 30000 },
     'the defaults README states');
@@ -148,6 +149,11 @@ test('the relay is killed and restarted while the page stays open: every missed 
   for (let i = 9; i <= 10; i++) await publish('events.a', `after ${i}`);
   await waitRec(page, (r) => r.events.length >= 10);
   assert.deepEqual(await ids(page), range(1, 10));
+  // The other tab had received nothing when the relay died: it comes back
+  // from the start its relay.live named and misses nothing either.
+  assert.deepEqual((await byDefault.evaluate(() => window.rec.lives))[0], { last_event_id: 3 });
+  await waitRec(byDefault, (r) => r.events.length >= 7, null, 15000);
+  assert.deepEqual(await ids(byDefault), range(4, 10));
   const reasons = await page.evaluate(() => window.rec.statuses.filter((s) => s.state === 'reconnecting'));
   assert.ok(reasons.every((s) => s.reason === 'error' && s.delayMs >= 50 && s.delayMs <= 400),
     `backed off with jitter within the bounds: ${JSON.stringify(reasons)}`);
@@ -265,7 +271,9 @@ test('relay.gap, relay.live and relay.heartbeat reach the page; the watchdog reo
     });
     setTimeout(() => { es.close(); reject(new Error('no heartbeat within 5 s')); }, 5000);
   }), { url: relay.events, token });
-  assert.deepEqual(beats, { n: 2, data: '{}', id: '' });
+  // No id of its own: the EventSource's last id stays the start that the
+  // fresh stream's relay.live named (the last stored event, 6).
+  assert.deepEqual(beats, { n: 2, data: '{}', id: '6' });
 
   // Heartbeats keep the watchdog (4 s) fed through a quiet spell of 6 s.
   await new Promise((r) => setTimeout(r, 6000));

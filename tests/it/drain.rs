@@ -20,7 +20,8 @@ async fn read_to_end(mut c: SseClient, t0: Instant) -> (Vec<u64>, Duration, Opti
         if ev.retry.is_some() {
             retry = ev.retry;
         }
-        if ev.has_data && ev.id.is_some() {
+        let control = ev.event.as_deref().is_some_and(|e| e.starts_with("relay."));
+        if ev.has_data && ev.id.is_some() && !control {
             ids.push(ev.seq());
         }
     }

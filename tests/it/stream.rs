@@ -658,9 +658,10 @@ async fn slow_client_is_dropped_fast_client_gets_everything() {
     .await
 }
 
-/// `relay.live` (no `id:`) marks where a stream is live: right after a
-/// fresh stream's subscriptions are active (`last_event_id` null), and at
-/// the seam of a resume, after the replay (naming the last replayed id).
+/// `relay.live` marks where a stream is live: right after a fresh stream's
+/// subscriptions are active (naming, also as `id:`, where it starts: the
+/// stream's last sequence then), and at the seam of a resume, after the
+/// replay (naming the last replayed id, with no `id:`).
 /// `heartbeat=event` makes the heartbeat an event a page can see.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_live_and_visible_heartbeats() {
@@ -671,6 +672,8 @@ async fn relay_live_and_visible_heartbeats() {
         let tok = token(SECRET, &["events.live.>"], 300);
         let auth = bearer(&tok);
 
+        // Stored before the stream opens: not for it.
+        let before = js_publish(&js, "events.live.old", Bytes::from("old")).await;
         let path = with_query(&events_path(&["events.live.>"]), &[("heartbeat", "event")]);
         let mut fresh = SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await;
         assert_eq!(fresh.status, 200);
@@ -678,8 +681,13 @@ async fn relay_live_and_visible_heartbeats() {
         assert!(retry.retry.is_some());
         let live = fresh.next_event(WAIT).await.expect("relay.live");
         assert_eq!(live.event.as_deref(), Some("relay.live"), "{live:?}");
-        assert_eq!(live.id, None, "a marker never moves Last-Event-ID");
-        assert_eq!(live.data, r#"{"last_event_id":null}"#);
+        let at = before.to_string();
+        assert_eq!(
+            live.id.as_deref(),
+            Some(at.as_str()),
+            "a fresh stream's start, for a reconnect before its first event"
+        );
+        assert_eq!(live.data, format!(r#"{{"last_event_id":{before}}}"#));
         let beat = fresh
             .next_event(Duration::from_secs(4))
             .await

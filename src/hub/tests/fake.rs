@@ -288,11 +288,20 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
             Poll::Ready(Some(chunk)) => {
                 let text = std::str::from_utf8(&chunk).unwrap().to_string();
                 for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-                    if let Some(rest) = frame.strip_prefix("id: 0\nevent: relay.reset\n") {
+                    let control_with_id = frame.split_once('\n').filter(|(first, rest)| {
+                        first.starts_with("id: ") && rest.starts_with("event: relay.")
+                    });
+                    if let Some((id, rest)) = control_with_id {
                         // A control with an id: it moves Last-Event-ID.
-                        let data = rest.trim_start_matches("data: ");
-                        into.order.push(format!("relay.reset id 0 {data}"));
-                        into.controls.push("relay.reset".into());
+                        let mut lines = rest.lines();
+                        let name = lines.next().unwrap().trim_start_matches("event: ");
+                        let data = lines
+                            .next()
+                            .unwrap_or_default()
+                            .trim_start_matches("data: ");
+                        let id = id.trim_start_matches("id: ");
+                        into.order.push(format!("{name} id {id} {data}"));
+                        into.controls.push(name.to_string());
                     } else if let Some(id) = frame.strip_prefix("id: ") {
                         let id = id.lines().next().unwrap();
                         into.ids.push(id.parse().unwrap());

@@ -607,10 +607,49 @@ async fn a_fresh_stream_is_marked_live_before_any_event() {
         !got.ids.is_empty()
     })
     .await;
+    // relay.live carries where the stream starts, as its id too.
     assert_eq!(
         got.order,
-        ["retry", r#"relay.live {"last_event_id":null}"#, "id 2"]
+        ["retry", r#"relay.live id 1 {"last_event_id":1}"#, "id 2"]
     );
+}
+
+/// A fresh stream that drops before its first event comes back with the
+/// id `relay.live` gave it (a browser's Last-Event-ID) and gets what was
+/// published meanwhile; on several patterns it starts after the lowest of
+/// their positions, so no pattern's events are skipped.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_stream_that_drops_before_its_first_event_loses_nothing() {
+    let s = start(config());
+    let _other = s.join(&["events.b"], None).await;
+    s.fake.publish("events.a"); // 1: nobody on events.a yet
+    s.fake.publish("events.b"); // 2
+    until("seen", || s.hub.max_seen() == 2).await;
+    let j = s.join(&["events.a", "events.b"], None).await;
+    let got = received(&j.queue);
+    let live = got
+        .order
+        .iter()
+        .find(|o| o.starts_with("relay.live"))
+        .unwrap();
+    assert_eq!(live, r#"relay.live id 2 {"last_event_id":2}"#);
+    s.hub.depart(j.id);
+    let missed = [s.fake.publish("events.a"), s.fake.publish("events.b")];
+    until("seen", || s.hub.max_seen() == 4).await;
+    let back = s.join(&["events.a", "events.b"], Some(2)).await;
+    // The window of events.a went with its last client: the session reads
+    // the stream, as it would.
+    let Backfill::FromStream { after } = back.backfill else {
+        panic!("expected a stream backfill, got {:?}", back.backfill)
+    };
+    let mut replay = s.fake.stored_after("events.a", after, 4);
+    replay.extend(s.fake.stored_after("events.b", after, 4));
+    replay.sort_by_key(|(seq, _)| *seq);
+    for (seq, frame) in replay {
+        assert!(back.queue.replay(seq, &frame));
+    }
+    back.queue.release();
+    assert_eq!(received(&back.queue).ids, missed);
 }
 
 #[tokio::test(start_paused = true)]
