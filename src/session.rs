@@ -178,6 +178,12 @@ fn requested_patterns(
     for p in &patterns {
         subject::validate_pattern(p).map_err(ApiError::BadSubject)?;
     }
+    // A pattern inside another of the same request adds no event: the
+    // stream reads only the outer one. (Fewer subscriptions per client, and
+    // a hole filled on one pattern cannot come after a later event that
+    // arrived through the other; see ARCHITECTURE.md "Holes".)
+    let all = patterns.clone();
+    patterns.retain(|p| !all.iter().any(|q| q != p && subject::contains(q, p)));
     Ok(patterns)
 }
 
@@ -430,6 +436,32 @@ fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
     use hyper::header::HeaderValue;
+
+    /// A pattern inside another of the same request is dropped: the outer
+    /// one reads every event of it.
+    #[test]
+    fn a_pattern_inside_another_is_dropped() {
+        let claims = Claims {
+            exp: 0,
+            sub: None,
+            subjects: vec![],
+            publish: vec![],
+        };
+        let ask = |v: &[&str]| {
+            requested_patterns(&claims, v.iter().map(|s| s.to_string()).collect(), 32).unwrap()
+        };
+        assert_eq!(ask(&["events.c.b.>", "events.c.>"]), ["events.c.>"]);
+        assert_eq!(
+            ask(&["events.a.1", "events.a.*", "events.b"]),
+            ["events.a.*", "events.b"]
+        );
+        // Overlapping but neither inside the other: both stay.
+        assert_eq!(
+            ask(&["events.a.*", "events.*.1"]),
+            ["events.*.1", "events.a.*"]
+        );
+        assert_eq!(ask(&["events.>", "events.>"]), ["events.>"]);
+    }
 
     #[test]
     fn parses_repeated_subjects_and_decodes() {
