@@ -179,9 +179,8 @@ fn requested_patterns(
         subject::validate_pattern(p).map_err(ApiError::BadSubject)?;
     }
     // A pattern inside another of the same request adds no event: the
-    // stream reads only the outer one. (Fewer subscriptions per client, and
-    // a hole filled on one pattern cannot come after a later event that
-    // arrived through the other; see ARCHITECTURE.md "Holes".)
+    // stream reads only the outer one (one subscription fewer, and one
+    // JetStream filter fewer for its resumes).
     let all = patterns.clone();
     patterns.retain(|p| !all.iter().any(|q| q != p && subject::contains(q, p)));
     Ok(patterns)
