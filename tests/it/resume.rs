@@ -1264,3 +1264,57 @@ async fn overlapping_patterns_resume_from_the_stream() {
     )
     .await
 }
+
+/// Clients that leave in the middle of a long replay from the stream (more
+/// of them than a shard runs JetStream reads at once) leave no read behind:
+/// a replay waiting for room in the queue of a client that left ends. A
+/// resume afterwards still reads the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_replay_do_not_use_up_the_reads() {
+    within(
+        Duration::from_secs(90),
+        "clients_leaving_mid_replay_do_not_use_up_the_reads",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            // Stored before any client subscribed: resumes read the stream.
+            let pad = "x".repeat(200);
+            let long: Vec<(String, Bytes)> = (0..5000)
+                .map(|i| {
+                    (
+                        "events.leave.1".to_string(),
+                        Bytes::from(format!("{i}{pad}")),
+                    )
+                })
+                .collect();
+            publish_all(&js, &long).await;
+            let short: Vec<(String, Bytes)> = (0..5)
+                .map(|i| ("events.leave.2".to_string(), Bytes::from(format!("s{i}"))))
+                .collect();
+            let short_seqs = publish_all(&js, &short).await;
+            let auth = bearer(&token(SECRET, &["events.>"], 300));
+            let headers = [("Authorization", auth.as_str()), ("Last-Event-ID", "0")];
+            let path = events_path(&["events.leave.1"]);
+            // More than the 32 reads a shard runs at once; each client reads
+            // (almost) nothing and leaves with most of its replay to come.
+            for i in 0..40 {
+                let c = SseClient::connect_with_rcvbuf(relay.addr(), &path, &headers, 4096).await;
+                assert_eq!(c.status, 200, "client {i}: {:?}", c.headers);
+                drop(c);
+            }
+            let mut c =
+                SseClient::connect(relay.addr(), &events_path(&["events.leave.2"]), &headers).await;
+            assert_eq!(c.status, 200, "{:?}", c.headers);
+            let evs = c
+                .collect_data_events(short_seqs.len(), WAIT, "a resume after the others left")
+                .await;
+            assert_same_events(
+                "a resume after the others left",
+                &ids_data("resume", &evs),
+                &short_seqs,
+            );
+        },
+    )
+    .await
+}
