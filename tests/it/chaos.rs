@@ -19,7 +19,8 @@
 //! CHAOS_SECONDS=600 cargo test --release --test it -- --ignored chaos --nocapture
 //! ```
 //!
-//! `CHAOS_SECONDS` (default 60) is how long faults go on; `CHAOS_SEED`
+//! `CHAOS_SECONDS` (default 60) is how long faults go on, `CHAOS_RATE`
+//! the acknowledged publishes a second (default 25); `CHAOS_SEED`
 //! picks the seed (printed at the start) of the faults, their timing, the
 //! published subjects and the clients' hang-ups. Faults come one at a time,
 //! each recovered from (the cluster's replicas current again, a relay ready
@@ -39,8 +40,8 @@ use tokio::time::Instant;
 
 /// Clients on a subject of their own (the per-user notification shape).
 const USERS: usize = 2000;
-/// Acknowledged publishes a second.
-const RATE: u64 = 100;
+/// Acknowledged publishes a second, unless `CHAOS_RATE` says otherwise.
+const RATE: u64 = 25;
 /// Bound of every recovery step (a restarted node catching up, a drain, a
 /// stream read back).
 const SETTLE: Duration = Duration::from_secs(60);
@@ -142,6 +143,7 @@ struct Publisher {
     js: async_nats::jetstream::Context,
     gate: Arc<Mutex<usize>>,
     seed: u64,
+    rate: u64,
     deadline: Instant,
 }
 
@@ -185,7 +187,7 @@ impl Publisher {
     }
 
     /// One event on every subject (so every client has one to wait for),
-    /// then [`RATE`] a second until `stop`, each on a subject of
+    /// then `rate` a second until `stop`, each on a subject of
     /// [`SUBJECTS`] or, one in four, a random user's.
     async fn run(self, mut stop: watch::Receiver<bool>) -> (Vec<Acked>, usize) {
         let users = user_subjects();
@@ -199,7 +201,7 @@ impl Publisher {
             retries += r;
             i += 1;
         }
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / self.rate));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !*stop.borrow() {
             tokio::select! {
@@ -279,6 +281,29 @@ struct Chaos {
     /// What each recreated stream held when it was deleted, oldest first.
     old_streams: Vec<Vec<StoredEvent>>,
     faults: BTreeMap<&'static str, usize>,
+    seed: u64,
+    /// The logs of relays replaced after a kill or a drain, oldest first.
+    old_relay_logs: Vec<String>,
+}
+
+impl Drop for Chaos {
+    /// A failed run keeps every relay's whole log (the relays' own
+    /// directories go with them) and says where.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("sse-relay-chaos-{}", self.seed));
+        let _ = std::fs::create_dir_all(&dir);
+        let live = self.relays.iter().map(|r| r.log());
+        for (n, log) in self.old_relay_logs.iter().cloned().chain(live).enumerate() {
+            let _ = std::fs::write(dir.join(format!("relay-{n:03}.log")), log);
+        }
+        for node in &self.cluster.nodes {
+            let _ = std::fs::write(dir.join(format!("{}.log", node.name)), node.log());
+        }
+        eprintln!("chaos: relay and node logs kept in {}", dir.display());
+    }
 }
 
 impl Chaos {
@@ -303,7 +328,9 @@ impl Chaos {
     }
 
     async fn restart_relay(&mut self, k: usize) {
-        self.relays[k] = start_relay(self.port, &self.urls).await;
+        let new = start_relay(self.port, &self.urls).await;
+        let old = std::mem::replace(&mut self.relays[k], new);
+        self.old_relay_logs.push(old.log());
     }
 
     /// Applies `fault` and waits until the system has recovered from it.
@@ -508,10 +535,11 @@ async fn chaos_faults_of_every_kind_lose_and_duplicate_nothing() {
     eprintln!("chaos: seed {seed}, {secs} s of faults (CHAOS_SEED={seed} CHAOS_SECONDS={secs})");
     let faults_for = Duration::from_secs(secs);
     let limit = faults_for + Duration::from_secs(600);
-    within(limit, "chaos", chaos_run(seed, faults_for, limit)).await
+    let rate = env_u64("CHAOS_RATE").unwrap_or(RATE).max(1);
+    within(limit, "chaos", chaos_run(seed, rate, faults_for, limit)).await
 }
 
-async fn chaos_run(seed: u64, faults_for: Duration, limit: Duration) {
+async fn chaos_run(seed: u64, rate: u64, faults_for: Duration, limit: Duration) {
     let t0 = Instant::now();
     // The publisher's bound: before `within` cuts the test.
     let deadline = t0 + limit - Duration::from_secs(60);
@@ -550,6 +578,7 @@ async fn chaos_run(seed: u64, faults_for: Duration, limit: Duration) {
         js: js.clone(),
         gate: gate.clone(),
         seed,
+        rate,
         deadline,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -570,6 +599,8 @@ async fn chaos_run(seed: u64, faults_for: Duration, limit: Duration) {
         gate,
         old_streams: Vec::new(),
         faults: BTreeMap::new(),
+        seed,
+        old_relay_logs: Vec::new(),
     };
     chaos.note(&format!(
         "{} wildcard and {USERS} user clients streaming from 2 relays on port {port}; faults begin",
@@ -622,7 +653,7 @@ async fn chaos_run(seed: u64, faults_for: Duration, limit: Duration) {
     faults.insert("client-drop", tally.client_drops);
     let faults: Vec<String> = faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
     eprintln!(
-        "chaos summary: faults {}; published {} (stored {stored}, {retries} retries); delivered {}; duplicates {}; losses {}; reconnects {}; duration {:.0} s ({} s of faults); clients {}; seed {seed}",
+        "chaos summary: faults {}; published {} (stored {stored}, {retries} retries); delivered {}; duplicates {}; losses {}; reconnects {}; duration {:.0} s ({} s of faults); clients {}; {rate} publishes/s; seed {seed}",
         faults.join(" "),
         acked.len(),
         tally.delivered,

@@ -10,6 +10,7 @@
 //! `relay.reset`.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -130,6 +131,19 @@ struct ResumingReader {
     stop_at: watch::Receiver<Option<(usize, u64)>>,
     /// The epoch and the last id received in it so far.
     progress: watch::Sender<(usize, u64)>,
+    /// How its connections go, for a failure message while it runs.
+    state: Arc<Mutex<ReaderState>>,
+}
+
+/// A running reader's connections so far, and what it is doing now.
+#[derive(Debug, Default)]
+struct ReaderState {
+    connections: usize,
+    ended_by_relay: usize,
+    refused: usize,
+    /// When the stream it reads now opened (None between streams).
+    streaming_since: Option<Instant>,
+    last_event_at: Option<Instant>,
 }
 
 impl ResumingReader {
@@ -182,6 +196,7 @@ impl ResumingReader {
             {
                 Ok(c) => c,
                 Err(e) => {
+                    self.state.lock().unwrap().refused += 1;
                     rep.refused += 1;
                     rep.last_refusal = Some(e);
                     tokio::time::sleep(RECONNECT_PACING).await;
@@ -197,6 +212,11 @@ impl ResumingReader {
                 c.body_text()
             );
             rep.connections += 1;
+            {
+                let mut st = self.state.lock().unwrap();
+                st.connections += 1;
+                st.streaming_since = Some(Instant::now());
+            }
             let budget = self.budget();
             if budget == 0 {
                 rep.immediate_hang_ups += 1;
@@ -253,9 +273,11 @@ impl ResumingReader {
                         rep.events.push((seq, ev.data));
                         read += 1;
                         let _ = self.progress.send((epoch, seq));
+                        self.state.lock().unwrap().last_event_at = Some(Instant::now());
                     }
                     None if c.is_closed() => {
                         rep.ended_by_relay += 1;
+                        self.state.lock().unwrap().ended_by_relay += 1;
                         if !self.reconnect {
                             eprintln!(
                                 "{}: stream ended (clean end: {}, error: {:?}) after id {last}",
@@ -274,6 +296,7 @@ impl ResumingReader {
             if read >= budget {
                 rep.hang_ups += 1;
             }
+            self.state.lock().unwrap().streaming_since = None;
         }
         rep
     }
@@ -283,6 +306,7 @@ impl ResumingReader {
 pub struct Readers {
     stops: Vec<watch::Sender<Option<(usize, u64)>>>,
     progress: Vec<watch::Receiver<(usize, u64)>>,
+    states: Vec<Arc<Mutex<ReaderState>>>,
     patterns: Vec<Vec<&'static str>>,
     tasks: Vec<tokio::task::JoinHandle<ReaderReport>>,
     /// No line per reader from `finish` (groups of thousands).
@@ -311,6 +335,7 @@ impl Readers {
         let mut r = Readers {
             stops: Vec::new(),
             progress: Vec::new(),
+            states: Vec::new(),
             patterns: sets.to_vec(),
             tasks: Vec::new(),
             quiet: false,
@@ -318,6 +343,7 @@ impl Readers {
         for (i, patterns) in sets.iter().enumerate() {
             let (stop_tx, stop_at) = watch::channel(None);
             let (progress, progress_rx) = watch::channel((0, 0));
+            let state = Arc::new(Mutex::new(ReaderState::default()));
             let mut name = format!("reader {i} {patterns:?}");
             let hang_ups = config.hang_up_seed.map(|seed| {
                 name.push_str(&format!(" (hang-up seed {seed})"));
@@ -335,7 +361,9 @@ impl Readers {
                 deadline: config.deadline,
                 stop_at,
                 progress,
+                state: state.clone(),
             };
+            r.states.push(state);
             r.stops.push(stop_tx);
             r.progress.push(progress_rx);
             r.tasks.push(tokio::spawn(reader.run()));
@@ -365,7 +393,8 @@ impl Readers {
     }
 
     /// Waits until every reader of epoch `epoch` has received the last
-    /// event of `stored` on its subjects (all `limit`, shared).
+    /// event of `stored` on its subjects (all `limit`, shared); on failure
+    /// names every reader that did not.
     pub async fn wait_each_reached(
         &mut self,
         epoch: usize,
@@ -373,7 +402,8 @@ impl Readers {
         limit: Duration,
     ) {
         let deadline = Instant::now() + limit;
-        for (p, patterns) in self.progress.iter_mut().zip(&self.patterns) {
+        let mut short = Vec::new();
+        for (i, (p, patterns)) in self.progress.iter_mut().zip(&self.patterns).enumerate() {
             let want = (
                 epoch,
                 events_matching(patterns, stored).last().map_or(0, |e| e.0),
@@ -381,12 +411,26 @@ impl Readers {
             let ok = tokio::time::timeout_at(deadline, p.wait_for(|&at| at >= want))
                 .await
                 .is_ok_and(|r| r.is_ok());
-            assert!(
-                ok,
-                "reader {patterns:?} did not reach (epoch, id) {want:?} within {limit:?} (at {:?})",
-                *p.borrow()
-            );
+            if !ok {
+                let st = self.states[i].lock().unwrap();
+                let ago = |t: Option<Instant>| t.map(|t| t.elapsed());
+                short.push(format!(
+                    "reader {i} {patterns:?}: at {:?} of {want:?}; {} connections, {} ended by the relay, {} refused; on a stream opened {:?} ago, last event {:?} ago",
+                    *p.borrow(),
+                    st.connections,
+                    st.ended_by_relay,
+                    st.refused,
+                    ago(st.streaming_since),
+                    ago(st.last_event_at)
+                ));
+            }
         }
+        assert!(
+            short.is_empty(),
+            "{} readers did not reach their last event within {limit:?} (first 40):\n  {}",
+            short.len(),
+            short[..short.len().min(40)].join("\n  ")
+        );
     }
 
     /// Tells each reader where the events of `stored` on its subjects end,
