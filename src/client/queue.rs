@@ -109,8 +109,6 @@ struct QueueState {
     held: Option<VecDeque<(u64, Bytes, u64)>>,
     /// The replay writer waiting for room in `frames`.
     space_waker: Option<Waker>,
-    /// The client left: nothing will take what is queued.
-    abandoned: bool,
     /// Something was queued since the heartbeat sweep last looked.
     wrote: bool,
     /// When the stream stored the oldest live event not yet taken by the
@@ -196,7 +194,7 @@ impl ClientQueue {
     /// stream has ended. Callers bound the amount (see `poll_space`).
     pub fn replay(&self, seq: u64, frame: &Bytes) -> bool {
         let mut st = self.lock();
-        if st.end.is_some() || st.abandoned {
+        if st.end.is_some() {
             return false;
         }
         if seq > st.last_seq {
@@ -213,30 +211,14 @@ impl ClientQueue {
         (st.events, st.end)
     }
 
-    /// Ready when the replay writer may queue more (or the stream ended,
-    /// or the client left).
+    /// Ready when the replay writer may queue more (or the stream ended).
     pub fn poll_space(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = self.lock();
-        if st.end.is_some() || st.abandoned || st.frames.len() < self.capacity / 2 + 1 {
+        if st.end.is_some() || st.frames.len() < self.capacity / 2 + 1 {
             return Poll::Ready(());
         }
         st.space_waker = Some(cx.waker().clone());
         Poll::Pending
-    }
-
-    /// The client left: frees what is queued and refuses more replay, so a
-    /// replay writer waiting for room (that nobody will make) ends, and with
-    /// it its JetStream read, one of the few a shard runs at once.
-    pub fn abandon(&self) {
-        let mut st = self.lock();
-        st.abandoned = true;
-        st.frames = VecDeque::new();
-        st.held = None;
-        let space = st.space_waker.take();
-        drop(st);
-        if let Some(w) = space {
-            w.wake();
-        }
     }
 
     /// Ends the hold: live frames that arrived during the replay follow the
@@ -428,22 +410,6 @@ mod tests {
         q.close(EndReason::Slow, None);
         assert!(q.is_empty());
         assert_eq!(q.offer(9, &f), Offer::Closed);
-    }
-
-    #[test]
-    fn a_replay_waiting_for_room_ends_when_the_client_leaves() {
-        let q = ClientQueue::held(4, 0);
-        let f = Bytes::from_static(b"x");
-        // Half the capacity plus one, not taken: the writer must wait.
-        for seq in 1..=3 {
-            assert!(q.replay(seq, &f));
-        }
-        let room = |q: &ClientQueue| q.poll_space(&mut Context::from_waker(Waker::noop()));
-        assert!(room(&q).is_pending(), "no room: the replay writer waits");
-        q.abandon();
-        assert!(room(&q).is_ready(), "the client left: the writer is let go");
-        assert!(!q.replay(4, &f), "and told to stop");
-        assert!(q.is_empty(), "what was queued is freed");
     }
 
     #[test]

@@ -358,9 +358,6 @@ impl<U: Upstream> Dispatcher<U> {
         let Some(client) = self.clients.remove(id) else {
             return;
         };
-        // A JetStream replay into its queue would otherwise wait for room
-        // forever, holding one of the shard's client reads.
-        client.queue.abandon();
         self.metrics.connections.dec();
         for key in client.topics {
             let Some(topic) = self.topics.get_mut(key) else {
