@@ -3,7 +3,8 @@
 //! session and the hub decide where frames go.
 //!
 //! Reads go through an ephemeral pull consumer with the patterns as filter
-//! subjects, fetched in batches (a huge backlog is never loaded at once),
+//! subjects ([`consumer_filter`]: JetStream refuses overlapping ones),
+//! fetched in batches (a huge backlog is never loaded at once),
 //! deleted when the read ends, and at most [`CONCURRENT_READS`] at once
 //! per shard: no durable state per client on the server, and no pile of
 //! consumers against its limit.
@@ -410,6 +411,9 @@ struct Scan {
     end: u64,
     /// Last-per-subject reads come in the server's subject order.
     unordered: bool,
+    /// When the consumer's filter is wider than the patterns asked for:
+    /// the patterns a message must match to be returned.
+    only: Vec<String>,
     /// None for a catch-up, which must never wait behind client reads.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -495,7 +499,8 @@ impl Scan {
             ),
             ScanStart::LastPerSubject => (consumer::DeliverPolicy::LastPerSubject, 0),
         };
-        let (filter_subject, filter_subjects) = match patterns {
+        let (filters, only) = consumer_filter(patterns);
+        let (filter_subject, filter_subjects) = match filters.as_slice() {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
         };
@@ -528,6 +533,7 @@ impl Scan {
             progress: tokio::time::Instant::now(),
             next_seq: start,
             unordered: matches!(from, ScanStart::LastPerSubject),
+            only,
             end,
             _permit: permit,
         })
@@ -574,10 +580,15 @@ impl Scan {
             let info = msg.info().map_err(nats_err)?;
             let seq = info.stream_sequence;
             self.pending = info.pending;
+            let wanted = self.only.is_empty()
+                || self
+                    .only
+                    .iter()
+                    .any(|p| crate::subject::matches(p, &msg.message.subject));
             if self.unordered {
                 // Last-per-subject: one message per subject, in whatever
                 // order the server keeps its subjects; the caller sorts.
-                if seq > self.end {
+                if seq > self.end || !wanted {
                     continue;
                 }
                 return Ok(Some((seq, msg.message)));
@@ -594,9 +605,69 @@ impl Scan {
             if seq > self.end {
                 return Ok(None);
             }
+            if !wanted {
+                continue;
+            }
             return Ok(Some((seq, msg.message)));
         }
     }
+}
+
+/// The filter subjects of a consumer that reads `patterns`, and the
+/// patterns a message must then match (empty: the filter is exact).
+/// JetStream refuses a consumer whose filter subjects overlap (error
+/// 10138), and a client's patterns may: a pattern inside another is left
+/// to that one, and if some still share subjects (`a.*` and `*.1`) the
+/// consumer reads one pattern that covers them all ([`cover`]) and the
+/// scan keeps the matching messages.
+fn consumer_filter(patterns: &[String]) -> (Vec<String>, Vec<String>) {
+    use crate::subject::{contains, overlaps};
+    let mut kept: Vec<String> = Vec::with_capacity(patterns.len());
+    for (i, p) in patterns.iter().enumerate() {
+        // Inside another pattern (or a repeat of an earlier one).
+        let covered = patterns
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && contains(q, p) && (q != p || j < i));
+        if !covered {
+            kept.push(p.clone());
+        }
+    }
+    let collide = kept
+        .iter()
+        .enumerate()
+        .any(|(i, a)| kept[i + 1..].iter().any(|b| overlaps(a, b)));
+    if collide {
+        let wide = kept
+            .iter()
+            .skip(1)
+            .fold(kept[0].clone(), |w, p| cover(&w, p));
+        (vec![wide], kept)
+    } else {
+        (kept, Vec::new())
+    }
+}
+
+/// A pattern matching every subject `a` or `b` matches: token by token,
+/// equal tokens kept and others made `*`; when the lengths differ or one
+/// ends in `>`, the common literal tokens (one fewer than the shorter has)
+/// then `>`.
+fn cover(a: &str, b: &str) -> String {
+    let (x, y): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+    if x.len() == y.len() && !x.contains(&">") && !y.contains(&">") {
+        let tokens: Vec<&str> = (x.iter().zip(&y))
+            .map(|(p, q)| if p == q { *p } else { "*" })
+            .collect();
+        return tokens.join(".");
+    }
+    let shorter = x.len().min(y.len());
+    let mut tokens: Vec<&str> = (x.iter().zip(&y))
+        .take(shorter - 1)
+        .take_while(|(p, q)| p == q && **p != "*" && **p != ">")
+        .map(|(p, _)| *p)
+        .collect();
+    tokens.push(">");
+    tokens.join(".")
 }
 
 impl Drop for Scan {
@@ -670,6 +741,48 @@ mod tests {
             first,
             last,
             created: 0,
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn consumer_filters_never_overlap() {
+        let f = |p: &[&str]| consumer_filter(&strings(p));
+        let exact = |v: &[&str]| (strings(v), Vec::new());
+        assert_eq!(f(&["a.>"]), exact(&["a.>"]));
+        assert_eq!(f(&["a.*", "b.>"]), exact(&["a.*", "b.>"]));
+        // Inside another: left to it.
+        assert_eq!(f(&["a.>", "a.b.1"]), exact(&["a.>"]));
+        assert_eq!(f(&["a.b.1", "a.*.1", "c.1"]), exact(&["a.*.1", "c.1"]));
+        assert_eq!(f(&["a.1", "a.1"]), exact(&["a.1"]));
+        // Sharing subjects without containment: read all, keep the matching.
+        assert_eq!(
+            f(&["x.a.*", "x.*.1", "x.c.2"]),
+            (strings(&["x.*.*"]), strings(&["x.a.*", "x.*.1", "x.c.2"]))
+        );
+        assert_eq!(
+            f(&["x.a.*", "x.*.1", "x.c.2.3"]),
+            (strings(&["x.>"]), strings(&["x.a.*", "x.*.1", "x.c.2.3"]))
+        );
+    }
+
+    #[test]
+    fn a_cover_matches_what_either_pattern_matches() {
+        assert_eq!(cover("a.b.1", "a.c.1"), "a.*.1");
+        assert_eq!(cover("a.b.*", "a.*.1"), "a.*.*");
+        assert_eq!(cover("a.b", "a.b.c"), "a.>");
+        assert_eq!(cover("a.b.>", "a.b.c"), "a.b.>");
+        assert_eq!(cover("a.*.c", "a.*.c.d"), "a.>");
+        assert_eq!(cover("a", "b.c"), ">");
+        for (a, b) in [("a.b", "a.b.c"), ("a.*.c", "a.*.c.d"), ("a.b.>", "a.b.c")] {
+            let c = cover(a, b);
+            assert!(
+                crate::subject::contains(&c, a) && crate::subject::contains(&c, b),
+                "{c} covers {a} and {b}"
+            );
         }
     }
 

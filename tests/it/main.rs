@@ -11,6 +11,7 @@
 
 mod support;
 
+mod chaos;
 mod cors;
 mod deploy;
 mod drain;

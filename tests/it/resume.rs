@@ -1275,3 +1275,77 @@ async fn stalled_client_under_10k_kib_events_is_dropped_with_bounded_memory() {
     )
     .await
 }
+
+/// A client whose patterns overlap (one inside another, or two wildcards
+/// sharing subjects) resumes from the stream like any other: JetStream
+/// refuses a consumer with overlapping filter subjects, so the relay must
+/// not ask for one. Each event once, in order; `initial=last` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_patterns_resume_from_the_stream() {
+    within(
+        Duration::from_secs(60),
+        "overlapping_patterns_resume_from_the_stream",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = Relay::start(&nats.url(), &[], &[]).await;
+            let js = async_nats::jetstream::new(nats.client().await);
+            let subjects = [
+                "events.ov.a.1",
+                "events.ov.b.1",
+                "events.ov.a.2",
+                "events.ov.b.2",
+            ];
+            let items: Vec<(String, Bytes)> = (0..40)
+                .map(|i| {
+                    let s = subjects[i % subjects.len()];
+                    (s.to_string(), Bytes::from(format!("{i}:{s}")))
+                })
+                .collect();
+            // Stored before any client subscribed: no memory window has them.
+            let published = publish_all(&js, &items).await;
+            let auth = bearer(&token(SECRET, &["events.>"], 300));
+            for patterns in [
+                &["events.ov.>", "events.ov.a.1"][..],
+                &["events.ov.a.*", "events.ov.*.1"][..],
+                &["events.ov.a.*", "events.ov.*.1", "events.ov.b.2"][..],
+            ] {
+                let what = format!("resume from 0 on {patterns:?}");
+                let expected: Vec<(u64, String)> = published
+                    .iter()
+                    .zip(&items)
+                    .filter(|(_, (s, _))| matches_any(patterns, s))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                let mut c = SseClient::connect(
+                    relay.addr(),
+                    &events_path(patterns),
+                    &[("Authorization", &auth), ("Last-Event-ID", "0")],
+                )
+                .await;
+                assert_eq!(c.status, 200, "{what}: {:?}", c.headers);
+                let evs = c.collect_data_events(expected.len(), WAIT, &what).await;
+                assert_same_events(&what, &ids_data(&what, &evs), &expected);
+
+                let what = format!("initial=last on {patterns:?}");
+                let mut last_per_subject: Vec<(u64, String)> = subjects
+                    .iter()
+                    .filter(|s| matches_any(patterns, s))
+                    .filter_map(|s| {
+                        let i = items.iter().rposition(|(x, _)| x == s)?;
+                        Some(published[i].clone())
+                    })
+                    .collect();
+                last_per_subject.sort();
+                let path = with_query(&events_path(patterns), &[("initial", "last")]);
+                let mut c =
+                    SseClient::connect(relay.addr(), &path, &[("Authorization", &auth)]).await;
+                assert_eq!(c.status, 200, "{what}: {:?}", c.headers);
+                let evs = c
+                    .collect_data_events(last_per_subject.len(), WAIT, &what)
+                    .await;
+                assert_same_events(&what, &ids_data(&what, &evs), &last_per_subject);
+            }
+        },
+    )
+    .await
+}

@@ -327,6 +327,67 @@ impl NatsCluster {
         self.nodes[i].server.stop();
     }
 
+    /// Starts node `i` again (killing it first if it runs) on its ports and
+    /// store, and waits until its JetStream is healthy.
+    pub async fn restart(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        tokio::task::block_in_place(|| node.server.restart())?;
+        node.wait_healthy().await
+    }
+
+    /// SIGSTOPs node `i`: it keeps its sockets and answers nothing until
+    /// [`NatsCluster::resume`] (a process frozen or a host unreachable).
+    /// A stopped node is still killed by drop.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// SIGCONTs node `i` after [`NatsCluster::pause`].
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let pid = self.nodes[i]
+            .server
+            .pid()
+            .unwrap_or_else(|| panic!("node {} is not running", self.nodes[i].name))
+            .to_string();
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill {sig} {pid} failed");
+    }
+
+    /// Waits until `stream` has a leader and every replica reports itself
+    /// current (a node back from a kill or a stop has caught up).
+    pub async fn wait_stream_current(
+        &self,
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        limit: Duration,
+    ) {
+        let what = format!("stream {stream} led, with every replica current");
+        poll_until(limit, &what, || async {
+            let info = async {
+                let mut s = js.get_stream(stream).await.ok()?;
+                s.info().await.ok().cloned()
+            };
+            let info = tokio::time::timeout(Duration::from_secs(2), info)
+                .await
+                .ok()
+                .flatten()?;
+            let cluster = info.cluster.as_ref()?;
+            let led = cluster.leader.as_ref().is_some_and(|l| !l.is_empty());
+            let replicas = &cluster.replicas;
+            let current = replicas.len() + 1 == self.nodes.len()
+                && replicas.iter().all(|r| r.current && !r.offline);
+            (led && current).then_some(())
+        })
+        .await
+    }
+
     /// Every node's log tail, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes

@@ -2,8 +2,15 @@
 //! event it should, through relay restarts, NATS restarts, slow-client
 //! drops and its own random hang-ups; and the comparison of what a client
 //! received with what the stream stored.
+//!
+//! A group spawned with [`Readers::spawn_across_resets`] also reads through
+//! a recreated stream: `relay.reset` (with `id: 0`) starts a new *epoch*
+//! whose ids count from the new stream's first event; each epoch is checked
+//! on its own against what that stream stored. Any other group fails on a
+//! `relay.reset`.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -57,14 +64,55 @@ pub struct ReaderReport {
     /// The last stream opened: its number, where it resumed from, what it
     /// delivered and how it ended (to tell a stalled stream from a gap).
     pub last_stream: String,
+    /// Streams the reader hung up after reading its random budget of events.
+    pub hang_ups: usize,
+    /// Where each epoch after the first begins in `events` (the index of its
+    /// first event), one per `relay.reset` received.
+    pub resets: Vec<usize>,
+    /// Where each epoch after the first begins in `expected`.
+    pub expected_resets: Vec<usize>,
 }
 
 impl ReaderReport {
-    /// Asserts the reader got exactly the expected events, in order, once.
+    /// Asserts the reader got exactly the expected events, in order, once,
+    /// and one `relay.reset` at each recreation of the stream, where the
+    /// old stream's events end.
     pub fn assert_complete(&self) {
-        let who = format!("{} (last stream: {})", self.name, self.last_stream);
-        assert_same_events(&who, &self.events, &self.expected);
+        if self.resets.len() != self.expected_resets.len() {
+            let firsts: Vec<Option<&(u64, String)>> =
+                self.resets.iter().map(|&i| self.events.get(i)).collect();
+            panic!(
+                "{}: {} relay.reset received (before events #{:?}, first of each epoch: {firsts:?}), {} expected (the stream was recreated that often)",
+                self.name,
+                self.resets.len(),
+                self.resets,
+                self.expected_resets.len()
+            );
+        }
+        for (e, (got, want)) in epochs(&self.events, &self.resets)
+            .zip(epochs(&self.expected, &self.expected_resets))
+            .enumerate()
+        {
+            let who = match self.resets.len() {
+                0 => format!("{} (last stream: {})", self.name, self.last_stream),
+                _ => format!(
+                    "{} (stream epoch {e}; last stream: {})",
+                    self.name, self.last_stream
+                ),
+            };
+            assert_same_events(&who, got, want);
+        }
     }
+}
+
+/// `events` cut at the epoch starts `resets`.
+fn epochs<'a>(
+    events: &'a [(u64, String)],
+    resets: &'a [usize],
+) -> impl Iterator<Item = &'a [(u64, String)]> {
+    let starts = std::iter::once(0).chain(resets.iter().copied());
+    let ends = resets.iter().copied().chain(std::iter::once(events.len()));
+    starts.zip(ends).map(move |(a, b)| &events[a..b])
 }
 
 /// One reader: connects with `Last-Event-ID: 0` (everything stored), always
@@ -72,18 +120,36 @@ impl ReaderReport {
 /// stored id on its subjects, known once publishing is over) is reached or
 /// the deadline passes. Each event must have an id above the last, a
 /// subject (the payload's text after `:`) inside its patterns, and not be
-/// `relay.gap`: nothing is removed from the streams these readers read.
+/// a `relay.*` control event (`relay.gap` among them: nothing is removed
+/// from the streams these readers read). With `resets_allowed`,
+/// `relay.reset` with `id: 0` starts a new epoch: the reader goes on from
+/// id 0 (as a browser's Last-Event-ID does), and `stop_at` and `progress`
+/// are `(epoch, id)`.
 struct ResumingReader {
     name: String,
     patterns: Vec<&'static str>,
     auth: String,
     addr: watch::Receiver<String>,
     reconnect: bool,
+    resets_allowed: bool,
     hang_ups: Option<StdRng>,
     deadline: Instant,
-    stop_at: watch::Receiver<Option<u64>>,
-    /// The last id received so far.
-    progress: watch::Sender<u64>,
+    stop_at: watch::Receiver<Option<(usize, u64)>>,
+    /// The epoch and the last id received in it so far.
+    progress: watch::Sender<(usize, u64)>,
+    /// How its connections go, for a failure message while it runs.
+    state: Arc<Mutex<ReaderState>>,
+}
+
+/// A running reader's connections so far, and what it is doing now.
+#[derive(Debug, Default)]
+struct ReaderState {
+    connections: usize,
+    ended_by_relay: usize,
+    refused: usize,
+    /// When the stream it reads now opened (None between streams).
+    streaming_since: Option<Instant>,
+    last_event_at: Option<Instant>,
 }
 
 impl ResumingReader {
@@ -99,8 +165,8 @@ impl ResumingReader {
         }
     }
 
-    fn finished(&self, last: u64) -> bool {
-        self.stop_at.borrow().is_some_and(|s| last >= s) || Instant::now() >= self.deadline
+    fn finished(&self, epoch: usize, last: u64) -> bool {
+        self.stop_at.borrow().is_some_and(|s| (epoch, last) >= s) || Instant::now() >= self.deadline
     }
 
     async fn run(mut self) -> ReaderReport {
@@ -114,12 +180,16 @@ impl ResumingReader {
             last_refusal: None,
             immediate_hang_ups: 0,
             last_stream: "none".into(),
+            hang_ups: 0,
+            resets: Vec::new(),
+            expected_resets: Vec::new(),
         };
         let path = events_path(&self.patterns);
         let mut last = 0u64;
+        let mut epoch = 0usize;
         // Bounded: at most 20,000 connection attempts, and the deadline.
         for _ in 0..20_000 {
-            if self.finished(last) {
+            if self.finished(epoch, last) {
                 break;
             }
             let addr = self.addr.borrow().clone();
@@ -133,6 +203,7 @@ impl ResumingReader {
             {
                 Ok(c) => c,
                 Err(e) => {
+                    self.state.lock().unwrap().refused += 1;
                     rep.refused += 1;
                     rep.last_refusal = Some(e);
                     tokio::time::sleep(RECONNECT_PACING).await;
@@ -148,6 +219,11 @@ impl ResumingReader {
                 c.body_text()
             );
             rep.connections += 1;
+            {
+                let mut st = self.state.lock().unwrap();
+                st.connections += 1;
+                st.streaming_since = Some(Instant::now());
+            }
             let budget = self.budget();
             if budget == 0 {
                 rep.immediate_hang_ups += 1;
@@ -156,18 +232,37 @@ impl ResumingReader {
             let mut read = 0;
             let opened = Instant::now();
             let mut last_event_at = opened;
-            while read < budget && !self.finished(last) {
+            while read < budget && !self.finished(epoch, last) {
                 let ev = tokio::select! {
                     ev = c.next_data_event(Duration::from_millis(250)) => ev,
                     // Re-check `finished` as soon as the target is known.
                     _ = self.stop_at.changed() => continue,
                 };
                 match ev {
+                    Some(ev)
+                        if self.resets_allowed && ev.event.as_deref() == Some("relay.reset") =>
+                    {
+                        assert_eq!(
+                            ev.id.as_deref(),
+                            Some("0"),
+                            "{}: relay.reset must restart the ids from 0: {ev:?}",
+                            self.name
+                        );
+                        epoch += 1;
+                        last = 0;
+                        rep.resets.push(rep.events.len());
+                        let _ = self.progress.send((epoch, 0));
+                    }
                     Some(ev) => {
                         assert_ne!(
                             ev.event.as_deref(),
                             Some("relay.gap"),
                             "{}: relay.gap although the stream lost nothing: {ev:?}",
+                            self.name
+                        );
+                        assert!(
+                            !ev.event.as_deref().is_some_and(|e| e.starts_with("relay.")),
+                            "{}: a relay.* control event among the data events: {ev:?}",
                             self.name
                         );
                         let seq = ev.seq();
@@ -187,10 +282,12 @@ impl ResumingReader {
                         rep.events.push((seq, ev.data));
                         read += 1;
                         last_event_at = Instant::now();
-                        let _ = self.progress.send(seq);
+                        let _ = self.progress.send((epoch, seq));
+                        self.state.lock().unwrap().last_event_at = Some(Instant::now());
                     }
                     None if c.is_closed() => {
                         rep.ended_by_relay += 1;
+                        self.state.lock().unwrap().ended_by_relay += 1;
                         if !self.reconnect {
                             eprintln!(
                                 "{}: stream ended (clean end: {}, error: {:?}) after id {last}",
@@ -217,6 +314,10 @@ impl ResumingReader {
                     .collect::<Vec<_>>(),
                 if c.is_closed() { "ended" } else { "open" }
             );
+            if read >= budget {
+                rep.hang_ups += 1;
+            }
+            self.state.lock().unwrap().streaming_since = None;
         }
         rep
     }
@@ -224,23 +325,46 @@ impl ResumingReader {
 
 /// A group of [`ResumingReader`]s, one per pattern set, each on its own task.
 pub struct Readers {
-    stops: Vec<watch::Sender<Option<u64>>>,
-    progress: Vec<watch::Receiver<u64>>,
+    stops: Vec<watch::Sender<Option<(usize, u64)>>>,
+    progress: Vec<watch::Receiver<(usize, u64)>>,
+    states: Vec<Arc<Mutex<ReaderState>>>,
     patterns: Vec<Vec<&'static str>>,
     tasks: Vec<tokio::task::JoinHandle<ReaderReport>>,
+    /// No line per reader from `finish` (groups of thousands).
+    quiet: bool,
 }
 
 impl Readers {
+    /// Readers for a stream that is never recreated: a `relay.reset` fails
+    /// the reader.
     pub fn spawn(sets: &[Vec<&'static str>], config: &ReaderConfig) -> Readers {
+        Self::spawn_inner(sets, config, false)
+    }
+
+    /// Readers for a stream that may be deleted and created again: each
+    /// `relay.reset` starts a new epoch (see the module doc); finish them
+    /// with [`Readers::finish_epochs`].
+    pub fn spawn_across_resets(sets: &[Vec<&'static str>], config: &ReaderConfig) -> Readers {
+        Self::spawn_inner(sets, config, true)
+    }
+
+    fn spawn_inner(
+        sets: &[Vec<&'static str>],
+        config: &ReaderConfig,
+        resets_allowed: bool,
+    ) -> Readers {
         let mut r = Readers {
             stops: Vec::new(),
             progress: Vec::new(),
+            states: Vec::new(),
             patterns: sets.to_vec(),
             tasks: Vec::new(),
+            quiet: false,
         };
         for (i, patterns) in sets.iter().enumerate() {
             let (stop_tx, stop_at) = watch::channel(None);
-            let (progress, progress_rx) = watch::channel(0);
+            let (progress, progress_rx) = watch::channel((0, 0));
+            let state = Arc::new(Mutex::new(ReaderState::default()));
             let mut name = format!("reader {i} {patterns:?}");
             let hang_ups = config.hang_up_seed.map(|seed| {
                 name.push_str(&format!(" (hang-up seed {seed})"));
@@ -253,11 +377,14 @@ impl Readers {
                 auth: config.auth.clone(),
                 addr: config.addr.clone(),
                 reconnect: config.reconnect,
+                resets_allowed,
                 hang_ups,
                 deadline: config.deadline,
                 stop_at,
                 progress,
+                state: state.clone(),
             };
+            r.states.push(state);
             r.stops.push(stop_tx);
             r.progress.push(progress_rx);
             r.tasks.push(tokio::spawn(reader.run()));
@@ -265,48 +392,124 @@ impl Readers {
         r
     }
 
-    /// Waits until every reader has received an event with id >= `seq`.
+    /// `finish` prints no line per reader.
+    pub fn quiet(mut self) -> Readers {
+        self.quiet = true;
+        self
+    }
+
+    /// Waits until every reader has received an event with id >= `seq`
+    /// (in the first epoch, or any later one).
     pub async fn wait_all_reached(&mut self, seq: u64, limit: Duration) {
         for (i, p) in self.progress.iter_mut().enumerate() {
-            let ok = tokio::time::timeout(limit, p.wait_for(|&s| s >= seq))
+            let ok = tokio::time::timeout(limit, p.wait_for(|&(e, s)| e > 0 || s >= seq))
                 .await
                 .is_ok_and(|r| r.is_ok());
             assert!(
                 ok,
-                "reader {i} did not receive id {seq} within {limit:?} (at {})",
+                "reader {i} did not receive id {seq} within {limit:?} (at {:?})",
                 *p.borrow()
             );
         }
+    }
+
+    /// Waits until every reader of epoch `epoch` has received the last
+    /// event of `stored` on its subjects (all `limit`, shared); on failure
+    /// names every reader that did not.
+    pub async fn wait_each_reached(
+        &mut self,
+        epoch: usize,
+        stored: &[StoredEvent],
+        limit: Duration,
+    ) {
+        let deadline = Instant::now() + limit;
+        let mut short = Vec::new();
+        for (i, (p, patterns)) in self.progress.iter_mut().zip(&self.patterns).enumerate() {
+            let want = (
+                epoch,
+                events_matching(patterns, stored).last().map_or(0, |e| e.0),
+            );
+            let ok = tokio::time::timeout_at(deadline, p.wait_for(|&at| at >= want))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !ok {
+                let st = self.states[i].lock().unwrap();
+                let ago = |t: Option<Instant>| t.map(|t| t.elapsed());
+                short.push(format!(
+                    "reader {i} {patterns:?}: at {:?} of {want:?}; {} connections, {} ended by the relay, {} refused; on a stream opened {:?} ago, last event {:?} ago",
+                    *p.borrow(),
+                    st.connections,
+                    st.ended_by_relay,
+                    st.refused,
+                    ago(st.streaming_since),
+                    ago(st.last_event_at)
+                ));
+            }
+        }
+        assert!(
+            short.is_empty(),
+            "{} readers did not reach their last event within {limit:?} (first 40):\n  {}",
+            short.len(),
+            short[..short.len().min(40)].join("\n  ")
+        );
     }
 
     /// Tells each reader where the events of `stored` on its subjects end,
     /// joins them and returns their reports (with those events as
     /// `expected`), in spawn order. Asserting is the caller's.
     pub async fn finish(self, stored: &[StoredEvent]) -> Vec<ReaderReport> {
-        let expected: Vec<Vec<(u64, String)>> = self
+        self.finish_epochs(&[stored.to_vec()]).await
+    }
+
+    /// [`Readers::finish`] for a stream recreated `epochs.len() - 1` times:
+    /// `epochs` holds what each stream stored, oldest first; a reader must
+    /// have every one's events on its subjects, in order, once, with a
+    /// `relay.reset` between two epochs.
+    pub async fn finish_epochs(self, epochs: &[Vec<StoredEvent>]) -> Vec<ReaderReport> {
+        assert!(!epochs.is_empty(), "at least one stream's contents");
+        // Per reader: its events of every epoch, and where each epoch
+        // after the first begins.
+        let expected: Vec<_> = self
             .patterns
             .iter()
-            .map(|p| events_matching(p, stored))
+            .map(|p| {
+                let mut all: Vec<(u64, String)> = Vec::new();
+                let mut starts: Vec<usize> = Vec::new();
+                for (e, stored) in epochs.iter().enumerate() {
+                    if e > 0 {
+                        starts.push(all.len());
+                    }
+                    all.extend(events_matching(p, stored));
+                }
+                (all, starts)
+            })
             .collect();
-        for (tx, want) in self.stops.iter().zip(&expected) {
-            let _ = tx.send(Some(want.last().map_or(0, |(s, _)| *s)));
+        let last_epoch = epochs.len() - 1;
+        for (tx, p) in self.stops.iter().zip(&self.patterns) {
+            let last = events_matching(p, &epochs[last_epoch])
+                .last()
+                .map_or(0, |e| e.0);
+            let _ = tx.send(Some((last_epoch, last)));
         }
         let mut reports = Vec::new();
         // `self.stops` stays alive until every reader is joined: a dropped
         // sender would make `changed()` return at once, forever.
         for (t, expected) in self.tasks.into_iter().zip(expected) {
             let mut rep = join_task("reader", t).await;
-            eprintln!(
-                "{}: {} events, {} connections, {} ended by the relay, {} refused attempts (last: {:?}), {} immediate hang-ups",
-                rep.name,
-                rep.events.len(),
-                rep.connections,
-                rep.ended_by_relay,
-                rep.refused,
-                rep.last_refusal,
-                rep.immediate_hang_ups
-            );
-            rep.expected = expected;
+            if !self.quiet {
+                eprintln!(
+                    "{}: {} events, {} connections, {} ended by the relay, {} refused attempts (last: {:?}), {} immediate hang-ups, {} resets",
+                    rep.name,
+                    rep.events.len(),
+                    rep.connections,
+                    rep.ended_by_relay,
+                    rep.refused,
+                    rep.last_refusal,
+                    rep.immediate_hang_ups,
+                    rep.resets.len()
+                );
+            }
+            (rep.expected, rep.expected_resets) = expected;
             reports.push(rep);
         }
         drop(self.stops);
