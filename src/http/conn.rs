@@ -130,8 +130,15 @@ pub(crate) async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-            let _ = tokio::time::timeout(BODY_REQUEST_TIMEOUT, Box::pin(conn)).await;
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .without_shutdown();
+            // Boxed: this rare path must not size every connection's task.
+            Box::pin(async move {
+                if let Ok(Ok(parts)) = tokio::time::timeout(BODY_REQUEST_TIMEOUT, conn).await {
+                    linger(parts.io.into_inner().inner).await;
+                }
+            })
+            .await;
             return;
         }
         if pending.is_empty() {
@@ -576,6 +583,33 @@ fn put_chunk_size(buf: &mut Vec<u8>, n: usize) {
 }
 
 /// A stream that first yields bytes already read from it.
+/// After an answer given before the request's body was read (a refusal,
+/// or 413), closing at once would make the kernel reset the connection over
+/// the unread bytes, and the client, still sending, would see a broken pipe
+/// instead of the answer. So: send FIN, then read and drop what the client
+/// still sends, for a short while and a bounded amount, and close.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 8192];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// How long, and how much, a closing body connection reads to drain.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
 pub(super) struct Rewind {
     pub(super) pre: Bytes,
     pub(super) inner: TcpStream,
