@@ -48,7 +48,14 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     /// Highest stream sequence any shard delivered or saw.
     pub last_sequence_seen: std::sync::atomic::AtomicU64,
+    /// The last [`Scrape`] and when it was read: `/metrics` answers anyone,
+    /// so what it costs (a directory listing of every socket, a JetStream
+    /// request) is paid at most once per [`SCRAPE_REUSE`], whoever asks.
+    pub(crate) scrape: tokio::sync::Mutex<Option<(std::time::Instant, Scrape)>>,
 }
+
+/// How long one scrape's reading of the process and the stream is reused.
+pub(crate) const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Buckets of the publish-to-write latency: 1 ms to 30 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -118,6 +125,7 @@ impl Default for Metrics {
             stream_duration: Histogram::new(DURATION_BUCKETS),
             nats_reconnects: Counter::default(),
             last_sequence_seen: Default::default(),
+            scrape: Default::default(),
         };
         for reason in crate::client::EndReason::ALL {
             let _ = m.disconnects.get_or_create(&Reason {

@@ -147,6 +147,19 @@ where
 /// descriptors (off the event loop: listing descriptors visits every
 /// socket), and the stream's last sequence when NATS answers in time.
 async fn scrape(app: &App) -> crate::metrics::Scrape {
+    // Single flight, reused for a second: concurrent scrapes wait for one.
+    let mut cached = app.metrics.scrape.lock().await;
+    if let Some((at, s)) = *cached
+        && at.elapsed() < crate::metrics::SCRAPE_REUSE
+    {
+        return s;
+    }
+    let s = read_scrape(app).await;
+    *cached = Some((std::time::Instant::now(), s));
+    s
+}
+
+async fn read_scrape(app: &App) -> crate::metrics::Scrape {
     let process = tokio::task::spawn_blocking(crate::metrics::Scrape::process);
     let stream_last = async {
         let live = app.live().ok()?;

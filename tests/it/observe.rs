@@ -213,3 +213,50 @@ async fn metrics_parse_as_openmetrics_and_carry_what_operators_need() {
     )
     .await
 }
+
+/// Messages the relay's NATS connection has sent (NATS' `/connz`).
+async fn relay_in_msgs(nats: &NatsServer) -> u64 {
+    let r = http_get(&nats.monitor_addr(), "/connz?limit=100", &[]).await;
+    let v: Value = serde_json::from_str(&r.body).expect("/connz is JSON");
+    v["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sse-relay/"))
+        })
+        .map(|c| c["in_msgs"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// `/metrics` answers anyone: a flood of scrapes costs the stream one
+/// request (and the process one descriptor listing) per second, not one
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_scrapes_asks_the_stream_once_a_second() {
+    within(
+        Duration::from_secs(60),
+        "a_flood_of_scrapes_asks_the_stream_once_a_second",
+        async {
+            let nats = NatsServer::start().await;
+            let relay = InProcessRelay::start(&nats.url(), &[]).await;
+            let before = relay_in_msgs(&nats).await;
+            let t = std::time::Instant::now();
+            for _ in 0..30 {
+                let r = relay.get("/metrics", &[]).await;
+                assert_eq!(r.status, 200);
+                assert!(r.body.contains("sse_relay_stream_last_sequence"));
+            }
+            let seconds = t.elapsed().as_secs() + 1;
+            let asked = relay_in_msgs(&nats).await - before;
+            assert!(
+                asked <= seconds,
+                "30 scrapes in {:?} asked the stream {asked} times",
+                t.elapsed()
+            );
+        },
+    )
+    .await
+}
