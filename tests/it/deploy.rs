@@ -21,6 +21,16 @@ const WAIT: Duration = Duration::from_secs(20);
 /// "drain + 4 s").
 const AFTER_DRAIN_SECS: u64 = 4;
 
+/// Waits (bounded) until `/readyz` answers 503, NATS being gone.
+async fn wait_not_ready(addr: &str) {
+    wait_until(WAIT, "/readyz answers 503 once NATS is gone", || async {
+        try_request(addr, "GET", "/readyz", &[], None, HTTP_TIMEOUT)
+            .await
+            .is_ok_and(|r| r.status == 503)
+    })
+    .await;
+}
+
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -131,12 +141,7 @@ async fn health_of_readyz_fails_while_nats_is_down() {
             let mut nats = NatsServer::start().await;
             let relay = Relay::start(&nats.url(), &[], &[]).await;
             nats.stop();
-            wait_until(WAIT, "/readyz answers 503 once NATS is gone", || async {
-                try_request(relay.addr(), "GET", "/readyz", &[], None, HTTP_TIMEOUT)
-                    .await
-                    .is_ok_and(|r| r.status == 503)
-            })
-            .await;
+            wait_not_ready(relay.addr()).await;
             let url = format!("http://{}/readyz", relay.addr());
             let out = health(&["--url", &url], &[]).await;
             assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
@@ -419,12 +424,7 @@ async fn every_probe_path_answers_as_its_file_expects() {
                 assert_eq!(r.status, 200, "{file}: GET {path} on a ready relay");
             }
             nats.stop();
-            wait_until(WAIT, "/readyz answers 503 once NATS is gone", || async {
-                try_request(relay.addr(), "GET", "/readyz", &[], None, HTTP_TIMEOUT)
-                    .await
-                    .is_ok_and(|r| r.status == 503)
-            })
-            .await;
+            wait_not_ready(relay.addr()).await;
             for (file, path, ready) in &probes {
                 let want = if *ready { 503 } else { 200 };
                 let r = relay.get(path, &[]).await;
