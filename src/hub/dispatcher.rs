@@ -34,6 +34,11 @@ pub(super) struct Delivery {
     pub(super) stored_us: u64,
 }
 
+/// Streams ended by expiry (or age) between two yields of the dispatcher:
+/// ten thousand tokens that expire at the same second end a chunk at a
+/// time, with deliveries and socket writes in between.
+pub(super) const EXPIRY_CHUNK: usize = 512;
+
 /// Ticks per heartbeat interval: each looks at this share of the clients.
 const HEARTBEAT_SLICES: usize = 16;
 
@@ -259,7 +264,14 @@ impl<U: Upstream> Dispatcher<U> {
                     }
                 }
                 _ = heartbeat.tick() => self.sweep_heartbeats(&comment, &event),
-                () = &mut expiry, if armed.is_some() => self.expire(),
+                () = &mut expiry, if armed.is_some() => {
+                    if self.expire() {
+                        // More are due (tokens issued together expire
+                        // together): let the connections write what is
+                        // queued, and deliveries go first, between chunks.
+                        tokio::task::yield_now().await;
+                    }
+                }
             }
         }
         let n = self.end_streams(self.clients.queues(), EndReason::Shutdown);
@@ -312,12 +324,15 @@ impl<U: Upstream> Dispatcher<U> {
         }
     }
 
-    fn expire(&mut self) {
+    /// Ends the streams whose token expired or that reached their age
+    /// limit, [`EXPIRY_CHUNK`] at most; true when more are due.
+    fn expire(&mut self) -> bool {
         let tail = sse::encode_control("relay.expired", "{}");
         let (retry_ms, rng) = (self.cfg.retry_ms, &mut self.rng);
+        let now = Instant::now();
         let (expired, aged) = self
             .clients
-            .close_due(Instant::now(), &tail, || jittered_retry(retry_ms, rng));
+            .close_due(now, EXPIRY_CHUNK, &tail, || jittered_retry(retry_ms, rng));
         if expired > 0 {
             self.count_ends(EndReason::Expired, expired);
             tracing::info!(clients = expired, "token expired");
@@ -326,6 +341,7 @@ impl<U: Upstream> Dispatcher<U> {
             self.count_ends(EndReason::MaxAge, aged);
             tracing::debug!(clients = aged, "max stream age reached");
         }
+        self.clients.next_expiry().is_some_and(|at| at <= now)
     }
 
     /// When a stream joining now reaches `--max-stream-age`: the age plus

@@ -184,17 +184,19 @@ impl Clients {
     }
 
     /// Ends the streams whose token expired at or before `now` with
-    /// `expired`, and those that reached their age limit with `aged()`.
-    /// Returns how many of each ended.
+    /// `expired`, and those that reached their age limit with `aged()`, at
+    /// most `limit` of them. Returns how many of each ended; more may be
+    /// due (see [`Clients::next_expiry`]).
     pub(super) fn close_due(
         &mut self,
         now: Instant,
+        limit: usize,
         expired: &Bytes,
         mut aged: impl FnMut() -> Bytes,
     ) -> (usize, usize) {
         let (mut n_expired, mut n_aged) = (0, 0);
         while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
-            if at > now {
+            if at > now || n_expired + n_aged >= limit {
                 break;
             }
             self.expiries.pop();

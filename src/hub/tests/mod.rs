@@ -473,6 +473,59 @@ async fn expiry_ends_the_stream_at_its_deadline() {
     );
 }
 
+/// Tokens issued together expire together: their streams end a chunk at
+/// a time, the dispatcher yielding in between (so connections write and
+/// deliveries go on), never all in one turn. (How many chunks run before
+/// another task gets its turn is the scheduler's business.)
+#[tokio::test(start_paused = true)]
+async fn an_expiry_storm_ends_streams_a_chunk_at_a_time() {
+    let s = start(config());
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let n = 5 * super::dispatcher::EXPIRY_CHUNK;
+    let mut queues = Vec::with_capacity(n);
+    for _ in 0..n {
+        let j = s
+            .hub
+            .join(vec!["events.a".into()], deadline, None, Heartbeat::Comment)
+            .await
+            .unwrap();
+        queues.push(j.queue);
+    }
+    let ended = |qs: &[Arc<crate::client::ClientQueue>]| {
+        qs.iter().filter(|q| q.summary().1.is_some()).count()
+    };
+    // A task like a connection's: it runs whenever the dispatcher lets
+    // the runtime's other tasks run, and notes how far the storm got.
+    let observer = {
+        let queues = queues.clone();
+        tokio::spawn(async move {
+            let mut steps = Vec::new();
+            for _ in 0..10_000 {
+                tokio::task::yield_now().await;
+                let now = ended(&queues);
+                if steps.last() != Some(&now) {
+                    steps.push(now);
+                }
+                if now == queues.len() {
+                    break;
+                }
+            }
+            steps
+        })
+    };
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let steps = observer.await.unwrap();
+    assert_eq!(ended(&queues), n, "every stream ended: {steps:?}");
+    assert!(
+        steps.iter().any(|&k| k > 0 && k < n),
+        "other tasks ran while the storm was under way: {steps:?}"
+    );
+    assert!(
+        steps[0] <= super::dispatcher::EXPIRY_CHUNK,
+        "the first turn ends one chunk: {steps:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_client_is_dropped_without_slowing_others() {
     let s = start(HubConfig {
