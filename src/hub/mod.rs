@@ -19,7 +19,8 @@
 //! Invariants (each held by a unit test in `tests/`, named in
 //! ARCHITECTURE.md):
 //! - Exactly one subscription per distinct requested pattern, created on
-//!   first use and dropped (UNSUB) when its last client leaves.
+//!   first use and dropped (UNSUB) when its last client leaves (a client
+//!   still joining counts).
 //! - Frames reach every queue in stream-sequence order (see `merge.rs`), and a
 //!   queue refuses any sequence at or below the last one it took, so a client
 //!   on overlapping patterns gets each event once, ids strictly increasing.

@@ -35,6 +35,9 @@ pub(super) struct Topic {
     pub(super) clients: Vec<(ClientId, Arc<ClientQueue>)>,
     /// Clients whose join waits for this subscription to become active.
     pub(super) waiting: Vec<ClientId>,
+    /// Clients whose join waits for another of their subscriptions: this
+    /// one is active and stays, even if its last client leaves meanwhile.
+    pub(super) joining: Vec<ClientId>,
     /// Last sequence delivered for this pattern: where a catch-up starts.
     pub(super) last_seq: u64,
     /// The stream's last sequence once the subscription was active: every
@@ -90,6 +93,7 @@ impl Topics {
             slot: None,
             clients: Vec::new(),
             waiting: Vec::new(),
+            joining: Vec::new(),
             last_seq: 0,
             since: None,
             dense,
@@ -247,6 +251,14 @@ impl<U: Upstream> Dispatcher<U> {
             client.topics.push(key);
         }
         let ready = client.pending == 0;
+        if !ready {
+            // Its other topics must still be there when it activates.
+            for &key in &client.topics {
+                if let Some(topic) = self.topics.get_mut(key).filter(|t| t.slot.is_some()) {
+                    topic.joining.push(id);
+                }
+            }
+        }
         let age_limit = self.age_limit();
         self.clients.insert(id, client, age_limit);
         self.sweep.add(id);
@@ -266,6 +278,7 @@ impl<U: Upstream> Dispatcher<U> {
         };
         for &key in &c.topics {
             if let Some(topic) = self.topics.get_mut(key) {
+                topic.joining.retain(|j| *j != id);
                 topic.clients.push((id, c.queue.clone()));
             }
         }
@@ -369,8 +382,13 @@ impl<U: Upstream> Dispatcher<U> {
                 topic.clients.swap_remove(i);
             }
             topic.waiting.retain(|c| *c != id);
+            topic.joining.retain(|c| *c != id);
             // A topic still subscribing is removed when its answer arrives.
-            if topic.clients.is_empty() && topic.waiting.is_empty() && topic.slot.is_some() {
+            if topic.clients.is_empty()
+                && topic.waiting.is_empty()
+                && topic.joining.is_empty()
+                && topic.slot.is_some()
+            {
                 self.remove_topic(key);
             }
         }
@@ -390,16 +408,22 @@ impl<U: Upstream> Dispatcher<U> {
     }
 
     /// The subscription's channel closed (the NATS client shut down): its
-    /// clients cannot be kept whole, so they end and resume elsewhere.
+    /// clients, and those joining it, cannot be kept whole, so they end and
+    /// resume elsewhere. The topic goes, so a later join subscribes afresh.
     pub(super) fn subscription_ended(&mut self, key: TopicKey) {
-        let Some(topic) = self.topics.get_mut(key) else {
+        // Its slot is already out of the merge set.
+        let Some(topic) = self.topics.remove(key) else {
             return;
         };
-        topic.slot = None;
         self.metrics.subscriptions.dec();
         self.window.stop(key);
-        if let Some(topic) = self.topics.get(key) {
-            self.end_streams(topic.clients.iter().map(|(_, q)| q), EndReason::Resync);
-        }
+        let joining = topic
+            .joining
+            .iter()
+            .filter_map(|id| self.clients.get(*id).map(|c| &c.queue));
+        self.end_streams(
+            topic.clients.iter().map(|(_, q)| q).chain(joining),
+            EndReason::Resync,
+        );
     }
 }

@@ -24,6 +24,8 @@ pub(super) struct Fake {
     /// When set, catch-ups wait for a permit: live events published
     /// meanwhile must be held.
     pub(super) catch_up_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
+    /// When set, subscribing waits for a permit: a join stays pending.
+    pub(super) subscribe_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
 }
 
 #[derive(Default)]
@@ -34,6 +36,8 @@ pub(super) struct FakeState {
     pub(super) reads: usize,
     pub(super) last_sequence_asks: usize,
     pub(super) catch_ups: usize,
+    /// Subscribes that reached the subscribe gate.
+    pub(super) gated_subscribes: usize,
     pub(super) fail_subscribe: bool,
     /// The stream's creation time: a recreated stream gets a new one.
     pub(super) created: i128,
@@ -140,6 +144,11 @@ impl Upstream for Fake {
     type Live = FakeSub;
 
     async fn subscribe(&self, pattern: &str) -> Result<(FakeSub, Option<u64>), String> {
+        let gate = self.subscribe_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            self.lock().gated_subscribes += 1;
+            gate.acquire().await.unwrap().forget();
+        }
         let mut st = self.lock();
         if st.fail_subscribe {
             return Err("refused".into());

@@ -39,6 +39,53 @@ async fn one_subscription_per_pattern_dropped_with_its_last_client() {
     assert_eq!(s.fake.subscriptions("events.a.*"), 1);
 }
 
+/// A client joining two patterns waits for the one not yet subscribed.
+/// Meanwhile the other pattern's last client may leave: its subscription
+/// must stay for the joining client, or that client would get one
+/// pattern's events and silently never the other's.
+#[tokio::test(start_paused = true)]
+async fn a_pending_join_keeps_its_active_topics() {
+    let s = start(config());
+    let other = s.join(&["events.c.>"], None).await;
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.subscribe_gate.lock().unwrap() = Some(gate.clone());
+    let hub = s.hub.clone();
+    let joining = tokio::spawn(async move {
+        hub.join(
+            vec!["events.c.b.>".into(), "events.c.>".into()],
+            in_an_hour(),
+            None,
+            Heartbeat::Comment,
+        )
+        .await
+        .expect("join")
+    });
+    until("the new pattern is subscribing", || {
+        s.fake.lock().gated_subscribes == 1
+    })
+    .await;
+    s.hub.depart(other.id);
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        s.fake.subscriptions("events.c.>"),
+        1,
+        "kept for the client still joining"
+    );
+    gate.add_permits(1);
+    let j = joining.await.unwrap();
+    s.fake.publish("events.c.a.1");
+    s.fake.publish("events.c.b.1");
+    let mut got = Received::default();
+    until("both events", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 2
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn global_order_across_subscriptions() {
     let s = start(config());
