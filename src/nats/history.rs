@@ -414,6 +414,14 @@ struct Scan {
     /// When the consumer's filter is wider than the patterns asked for:
     /// the patterns a message must match to be returned.
     only: Vec<String>,
+    /// The consumer's filter subjects (empty: the whole stream).
+    filters: Vec<String>,
+    /// The consumer's server was found behind the stream leader: its
+    /// `pending` cannot end the read (see [`Scan::leader_has_more`]).
+    behind: bool,
+    /// Highest sequence read so far (for last-per-subject reads).
+    max_read: u64,
+    metrics: Arc<Metrics>,
     /// None for a catch-up, which must never wait behind client reads.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -534,18 +542,86 @@ impl Scan {
             next_seq: start,
             unordered: matches!(from, ScanStart::LastPerSubject),
             only,
+            filters,
+            behind: false,
+            max_read: 0,
+            metrics: history.metrics.clone(),
             end,
             _permit: permit,
         })
+    }
+
+    /// Asks the stream leader whether a message the scan wants is stored at
+    /// or after `from` and at or before the scan's end. An ephemeral
+    /// consumer lives on any of the stream's replicas, and one on a replica
+    /// that lags behind (a node just restarted) counts only what that
+    /// replica holds: its `pending` reaches 0 before the range's end, which
+    /// would end the read silently short. The leader's answer
+    /// (`STREAM.MSG.GET` with `next_by_subj`, never served by a replica)
+    /// decides instead.
+    async fn leader_has_more(&self, from: u64) -> Result<bool, HistoryError> {
+        if from > self.end {
+            return Ok(false);
+        }
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(nats_err)?;
+        let all = [">".to_string()];
+        let filters = if self.filters.is_empty() {
+            &all[..]
+        } else {
+            &self.filters[..]
+        };
+        for f in filters {
+            self.metrics.jetstream_requests.inc();
+            let got = stream
+                .raw_message_builder()
+                .sequence(from)
+                .next_by_subject(f.clone())
+                .send()
+                .await;
+            match got {
+                Ok(m) if m.sequence <= self.end => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(nats_err(e)),
+            }
+        }
+        Ok(false)
     }
 
     /// The next message with its stream sequence; None past `end`.
     async fn next(&mut self) -> Result<Option<(u64, async_nats::Message)>, HistoryError> {
         loop {
             // Done when past the range, or when the server holds no more
-            // matching message at all.
-            if self.next_seq > self.end || self.pending == 0 {
+            // matching message at all: the consumer's server says so, and
+            // the stream leader agrees (the consumer's replica may lag).
+            if self.next_seq > self.end {
                 return Ok(None);
+            }
+            if self.pending == 0 && !self.behind {
+                let from = if self.unordered {
+                    self.max_read + 1
+                } else {
+                    self.next_seq
+                };
+                if !self.leader_has_more(from).await? {
+                    return Ok(None);
+                }
+                if self.unordered {
+                    // The replica's last-per-subject answers may be stale:
+                    // the whole read is retried.
+                    return Err(HistoryError::Nats(
+                        "the read's replica is behind the stream leader".into(),
+                    ));
+                }
+                tracing::debug!(
+                    at = from,
+                    "read replica behind the stream leader; reading on"
+                );
+                self.behind = true;
             }
             if self.progress.elapsed() >= READ_TIMEOUT {
                 return Err(HistoryError::Stalled(READ_TIMEOUT));
@@ -570,8 +646,13 @@ impl Scan {
             let msg = match tokio::time::timeout(READ_TIMEOUT, batch.next()).await {
                 Err(_) => return Err(HistoryError::Stalled(READ_TIMEOUT)),
                 Ok(None) => {
-                    // This batch is done; the next one asks again.
+                    // This batch is done; the next one asks again. A
+                    // replica found behind may have caught up by now, with
+                    // nothing left to send: the leader says when that is.
                     self.batch = None;
+                    if self.behind && !self.leader_has_more(self.next_seq).await? {
+                        return Ok(None);
+                    }
                     continue;
                 }
                 Ok(Some(m)) => m.map_err(nats_err)?,
@@ -580,6 +661,7 @@ impl Scan {
             let info = msg.info().map_err(nats_err)?;
             let seq = info.stream_sequence;
             self.pending = info.pending;
+            self.max_read = self.max_read.max(seq);
             let wanted = self.only.is_empty()
                 || self
                     .only

@@ -26,6 +26,7 @@ mod observe;
 mod publish;
 mod recreate;
 mod regions;
+mod replicas;
 mod resume;
 mod security;
 mod shards;
