@@ -7,6 +7,7 @@
 mod client;
 mod drain;
 mod fleet;
+mod peers;
 mod procs;
 mod publish;
 mod report;
@@ -182,8 +183,10 @@ fn main() -> ExitCode {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.first().map(String::as_str) == Some("client-worker") {
-        return client::worker_main();
+    match args.first().map(String::as_str) {
+        Some("client-worker") => return client::worker_main(),
+        Some(which @ ("peer-axum" | "peer-epoll")) => return peers::peer_main(which),
+        _ => {}
     }
     let opts = match parse(&args) {
         Ok(Some(o)) => o,
