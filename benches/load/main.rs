@@ -62,8 +62,8 @@ options:
                                      subscription per request, axum's Sse
                               epoll  one thread, mio (epoll), hand-parsed NATS,
                                      one SUB per subject, one write per delivery
-                            The peers read the plain subjects and send the
-                            payload's per-subject count n (\"n\":) as the SSE id; they
+                            The peers read the plain subjects, send the
+                            payload's per-subject count \"n\" as the SSE id and
                             run pinned like the relay. One row per server:
                             deliveries/s, latency, a NATS-path probe's p50/p99
                             (a subscriber in the harness on what the server

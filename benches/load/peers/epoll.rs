@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -62,7 +61,7 @@ struct Peer {
 
 /// Entry point of `peer-epoll`.
 pub(crate) fn main(args: &PeerArgs) -> Result<(), String> {
-    let (nats, leftover) = connect_nats(&args.nats_url)?;
+    let (nats, leftover) = nats_proto::connect(&args.nats_url, "peer-epoll")?;
     let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut listener = TcpListener::bind(args.listen).map_err(|e| format!("bind: {e}"))?;
     let mut nats = TcpStream::from_std(nats);
@@ -387,55 +386,4 @@ impl Peer {
         }
         Ok(())
     }
-}
-
-/// Blocking handshake: INFO, then CONNECT and PING, until PONG. Returns the
-/// socket (non-blocking from then on) and any bytes read past the PONG.
-fn connect_nats(url: &str) -> Result<(std::net::TcpStream, Vec<u8>), String> {
-    let addr: SocketAddr = url
-        .trim_start_matches("nats://")
-        .parse()
-        .map_err(|e| format!("NATS address {url:?}: {e}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect to NATS: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .and_then(|_| s.set_nodelay(true))
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    wait_for(&mut s, &mut buf, |op| matches!(op, Op::Other))?;
-    let connect = "CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":false,\
-        \"protocol\":1,\"name\":\"peer-epoll\"}\r\nPING\r\n";
-    s.write_all(connect.as_bytes())
-        .map_err(|e| format!("CONNECT: {e}"))?;
-    wait_for(&mut s, &mut buf, |op| matches!(op, Op::Pong))?;
-    s.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok((s, buf))
-}
-
-/// Reads operations until one matches `want` (bounded by the read timeout
-/// and a number of reads); leaves the bytes after it in `buf`.
-fn wait_for(
-    s: &mut std::net::TcpStream,
-    buf: &mut Vec<u8>,
-    want: fn(&Op<'_>) -> bool,
-) -> Result<(), String> {
-    let mut chunk = [0u8; 4096];
-    for _ in 0..1000 {
-        while let Some((op, n)) = nats_proto::next_op(buf)? {
-            if let Op::Err(text) = op {
-                return Err(format!("NATS -ERR {}", String::from_utf8_lossy(text)));
-            }
-            let found = want(&op);
-            buf.drain(..n);
-            if found {
-                return Ok(());
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return Err("NATS closed during the handshake".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("NATS handshake: {e}")),
-        }
-    }
-    Err("NATS handshake: too many reads".into())
 }

@@ -1,7 +1,11 @@
-//! The plain NATS client protocol as the epoll peer speaks it: the server's
-//! operations cut from a byte buffer, and the one payload field the peers
-//! read. Only `std`: the integration tests include this file as it is
+//! The plain NATS client protocol as the epoll peer speaks it: the blocking
+//! handshake, the server's operations cut from a byte buffer, and the one
+//! payload field the peers read. Only `std`: the integration tests include this file as it is
 //! (tests/it/load_harness.rs).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 /// Longest control line accepted (an `INFO` carries the server's JSON).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
@@ -102,4 +106,54 @@ pub(crate) fn payload_n(payload: &[u8]) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// Blocking handshake: INFO, then CONNECT and PING, until PONG. Returns the
+/// socket (non-blocking from then on) and any bytes read past the PONG.
+pub(crate) fn connect(url: &str, name: &str) -> Result<(TcpStream, Vec<u8>), String> {
+    let addr: SocketAddr = url
+        .trim_start_matches("nats://")
+        .parse()
+        .map_err(|e| format!("NATS address {url:?}: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect to NATS: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .and_then(|_| s.set_nodelay(true))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    // INFO first (an `Other`), then our CONNECT and PING.
+    wait_for(&mut s, &mut buf, |op| matches!(op, Op::Other))?;
+    let connect = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":false,\
+         \"protocol\":1,\"name\":\"{name}\"}}\r\nPING\r\n"
+    );
+    s.write_all(connect.as_bytes())
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    wait_for(&mut s, &mut buf, |op| matches!(op, Op::Pong))?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok((s, buf))
+}
+
+/// Reads operations until one matches `want` (bounded by the read timeout
+/// and a number of reads); leaves the bytes after it in `buf`.
+fn wait_for(s: &mut TcpStream, buf: &mut Vec<u8>, want: fn(&Op<'_>) -> bool) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    for _ in 0..1000 {
+        while let Some((op, n)) = next_op(buf)? {
+            if let Op::Err(text) = op {
+                return Err(format!("NATS -ERR {}", String::from_utf8_lossy(text)));
+            }
+            let found = want(&op);
+            buf.drain(..n);
+            if found {
+                return Ok(());
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return Err("NATS closed during the handshake".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("NATS handshake: {e}")),
+        }
+    }
+    Err("NATS handshake: too many reads".into())
 }
