@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::report::Hist;
+use crate::report::{Hist, PerSecond};
 use crate::sse_parse::{ConnState, Event};
 
 /// Parameters, from `LOAD_*` environment variables set by the parent.
@@ -75,6 +75,9 @@ struct Ctx {
     clients: RefCell<Vec<ClientStat>>,
     hist_total: RefCell<Hist>,
     hist_step: RefCell<Hist>,
+    /// Latency by second of receipt since `epoch` (unix ns, from the parent).
+    per_second: RefCell<PerSecond>,
+    epoch: Cell<Option<u64>>,
     received: Cell<u64>,
     ok: Cell<usize>,
     failed: Cell<usize>,
@@ -121,6 +124,8 @@ async fn worker() {
         clients: RefCell::new(vec![ClientStat::default(); p.conns]),
         hist_total: RefCell::default(),
         hist_step: RefCell::default(),
+        per_second: RefCell::default(),
+        epoch: Cell::new(None),
         received: Cell::new(0),
         ok: Cell::new(0),
         failed: Cell::new(0),
@@ -143,6 +148,7 @@ async fn worker() {
                     tokio::task::spawn_local(connection(ctx.clone(), i));
                 }
             }
+            Some("epoch") => ctx.epoch.set(words.next().and_then(|w| w.parse().ok())),
             Some("stats") => {
                 let step = std::mem::take(&mut *ctx.hist_step.borrow_mut());
                 emit(json!({"type": "stats", "received": ctx.received.get(),
@@ -180,6 +186,7 @@ fn final_report(ctx: &Ctx, expect: u64) -> Value {
         "short": clients.iter().enumerate().filter(|(_, c)| c.count < expect).take(5)
             .map(|(i, c)| json!([ctx.p.first + i, c.last, c.count])).collect::<Vec<_>>(),
         "max_last_id": max_last, "hist": ctx.hist_total.borrow().to_json(),
+        "per_second": ctx.per_second.borrow().to_json(),
         "errors": *ctx.errors.borrow()})
 }
 
@@ -373,6 +380,10 @@ fn on_event(ctx: &Ctx, i: usize, ev: Event, now: u64) {
         let us = now.saturating_sub(t) / 1000;
         ctx.hist_total.borrow_mut().record(us);
         ctx.hist_step.borrow_mut().record(us);
+        if let Some(epoch) = ctx.epoch.get().filter(|e| now >= *e) {
+            let sec = ((now - epoch) / 1_000_000_000) as usize;
+            ctx.per_second.borrow_mut().record(sec, us);
+        }
     }
     if ctx.p.expect > 0 && count == ctx.p.expect {
         ctx.done.set(ctx.done.get() + 1);

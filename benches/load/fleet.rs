@@ -210,6 +210,8 @@ impl Fleet {
             t.ok += g("ok");
             t.failed += g("failed");
             t.hist.merge(&crate::report::Hist::from_json(&v["hist"]));
+            t.per_second
+                .merge(&crate::report::PerSecond::from_json(&v["per_second"]));
             for e in v["errors"].as_array().into_iter().flatten() {
                 if t.errors.len() < 5 {
                     t.errors.push(e.as_str().unwrap_or("").to_string());
@@ -238,6 +240,8 @@ pub(crate) struct Totals {
     pub(crate) ok: u64,
     pub(crate) failed: u64,
     pub(crate) hist: crate::report::Hist,
+    /// Latency by second since the `epoch` command (if one was sent).
+    pub(crate) per_second: crate::report::PerSecond,
     pub(crate) errors: Vec<String>,
 }
 

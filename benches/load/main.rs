@@ -5,8 +5,11 @@
 //! plain `cargo bench`) it prints the usage and exits 0. See [`USAGE`].
 
 mod client;
+mod compare;
 mod drain;
 mod fleet;
+mod peers;
+mod probe;
 mod procs;
 mod publish;
 mod report;
@@ -14,9 +17,12 @@ mod scenarios;
 mod setup;
 mod sse_parse;
 mod storm;
+mod svg;
 
 use std::process::ExitCode;
 use std::time::Duration;
+
+use peers::Peer;
 
 const USAGE: &str = "\
 sse-relay load harness
@@ -49,13 +55,33 @@ options:
   --per-worker P            connections per client process (default 10000, max 14000)
   --connect-concurrency C   connects in flight per client process (default 256;
                             storm: unlimited unless given)
+  --peers LIST              fanout, many-subjects: the servers to run, one after
+                            the other with the same clients, rate, duration and
+                            publisher (default relay); LIST of relay, axum, epoll:
+                              axum   the obvious axum relay: one plain NATS
+                                     subscription per request, axum's Sse
+                              epoll  one thread, mio (epoll), hand-parsed NATS,
+                                     one SUB per subject, one write per delivery
+                            The peers read the plain subjects, send the
+                            payload's per-subject count \"n\" as the SSE id and
+                            run pinned like the relay. One row per server:
+                            deliveries/s, latency, a NATS-path probe's p50/p99
+                            (a subscriber in the harness on what the server
+                            reads: relay.events.bench.<k> for the relay,
+                            events.bench.<k> for the peers, a sample of ~1000
+                            msg/s), added p99 (end-to-end p99 minus the probe's),
+                            server user/sys CPU per delivery, harness CPU, loss
+  --svg PATH                fanout, many-subjects: write an SVG chart of the p99
+                            of each second (by receive time), one line per server
 
 Environment: LOAD_RELAY_BIN runs another relay binary (default
 target/release/sse-relay); LOAD_RELAY_LOG sets the relays' RUST_LOG; LOAD_KEEP_LOGS=<dir>
 (drain) copies the relays' logs there.
 
-Prints a table and one JSON line; exits 1 when events were lost (not in
-saturate), 2 on a set-up error, 3 when the watchdog (duration + 120 s) fires.
+Prints a table and one JSON line (fanout, many-subjects: also one row and
+one object per server under \"peers\", and the p99 of each second in
+p99_per_s_ms); exits 1 when events were lost (not in saturate), 2 on a
+set-up error, 3 when the watchdog (duration + 120 s, per server) fires.
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +137,9 @@ pub(crate) struct Opts {
     pub(crate) per_worker: usize,
     pub(crate) connect_concurrency: usize,
     pub(crate) connect_concurrency_storm: usize,
+    /// fanout, many-subjects: the servers under test, in order.
+    pub(crate) peers: Vec<Peer>,
+    pub(crate) svg: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
@@ -140,6 +169,8 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
         per_worker: 10_000,
         connect_concurrency: 256,
         connect_concurrency_storm: 0,
+        peers: vec![Peer::Relay],
+        svg: None,
     };
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
@@ -167,8 +198,14 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                 o.connect_concurrency = num(value()?)? as usize;
                 o.connect_concurrency_storm = o.connect_concurrency;
             }
+            "--peers" => o.peers = Peer::parse_list(&value()?)?,
+            "--svg" => o.svg = Some(value()?),
             other => return Err(format!("unknown option {other:?}")),
         }
+    }
+    let per_server = matches!(scenario, Scenario::Fanout | Scenario::ManySubjects);
+    if !per_server && (o.peers != [Peer::Relay] || o.svg.is_some()) {
+        return Err("--peers and --svg are for fanout and many-subjects".into());
     }
     if o.clients == 0 {
         return Err("--clients must be at least 1".into());
@@ -182,8 +219,10 @@ fn main() -> ExitCode {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.first().map(String::as_str) == Some("client-worker") {
-        return client::worker_main();
+    match args.first().map(String::as_str) {
+        Some("client-worker") => return client::worker_main(),
+        Some(which @ ("peer-axum" | "peer-epoll")) => return peers::peer_main(which),
+        _ => {}
     }
     let opts = match parse(&args) {
         Ok(Some(o)) => o,
@@ -202,7 +241,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let limit = opts.duration + Duration::from_secs(120);
+    let limit = (opts.duration + Duration::from_secs(120)) * opts.peers.len() as u32;
     std::thread::spawn(move || {
         std::thread::sleep(limit);
         eprintln!("watchdog: {limit:?} passed; killing every child process");
@@ -219,6 +258,7 @@ fn main() -> ExitCode {
             Scenario::Storm => storm::storm(&opts).await,
             Scenario::ColdStart => storm::cold_start(&opts).await,
             Scenario::Drain => drain::drain(&opts).await,
+            Scenario::Fanout | Scenario::ManySubjects => compare::live(&opts).await,
             _ => scenarios::live(&opts).await,
         }
     });

@@ -151,6 +151,9 @@ pub(crate) fn relay_binary() -> Result<PathBuf, String> {
     }
 }
 
+/// The relays' `--heartbeat` (seconds); the peers keep the same interval.
+pub(crate) const RELAY_HEARTBEAT_S: u64 = 60;
+
 /// Settings shared by every relay of a run.
 pub(crate) struct RelaySpec {
     pub(crate) port: u16,
@@ -181,7 +184,7 @@ impl Relay {
             .arg("--create-stream")
             .args(["--client-queue", &spec.client_queue.to_string()])
             .args(["--workers", &spec.workers.to_string()])
-            .args(["--heartbeat", "60"])
+            .args(["--heartbeat", &RELAY_HEARTBEAT_S.to_string()])
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",

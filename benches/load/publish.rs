@@ -1,6 +1,7 @@
 //! The publisher: `events.bench.<k>` at a fixed (changeable) rate, each
-//! payload `{"t": <unix nanos>, "pad": "..."}` padded to ~100 bytes; core
-//! publishes, or JetStream publishes whose acks are counted (`--acked`).
+//! payload `{"t": <unix nanos>, "n": <count>, "pad": "..."}` padded to ~100
+//! bytes, `n` counting the subject's messages from 1 (the peers' event id);
+//! core publishes, or JetStream publishes whose acks are counted (`--acked`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,13 +12,14 @@ use bytes::Bytes;
 
 pub(crate) const PAYLOAD_LEN: usize = 100;
 
-/// `{"t":<nanos>,"pad":"xxx..."}` of [`PAYLOAD_LEN`] bytes.
-pub(crate) fn payload() -> Bytes {
+/// `{"t":<nanos>,"n":<n>,"pad":"xxx..."}` of [`PAYLOAD_LEN`] bytes; `n` is
+/// the message's number on its subject, from 1.
+pub(crate) fn payload(n: u64) -> Bytes {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let head = format!("{{\"t\":{t},\"pad\":\"");
+    let head = format!("{{\"t\":{t},\"n\":{n},\"pad\":\"");
     let mut s = String::with_capacity(PAYLOAD_LEN);
     s.push_str(&head);
     while s.len() < PAYLOAD_LEN - 2 {
@@ -64,15 +66,17 @@ async fn publish_one(
     client: &async_nats::Client,
     js: Option<&jetstream::Context>,
     ctl: &Arc<PubCtl>,
-    subject: String,
+    k: u64,
+    n: u64,
 ) {
+    let subject = subject(k);
     match js {
         None => {
-            if client.publish(subject, payload()).await.is_err() {
+            if client.publish(subject, payload(n)).await.is_err() {
                 ctl.publish_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Some(js) => match js.publish(subject, payload()).await {
+        Some(js) => match js.publish(subject, payload(n)).await {
             Ok(ack) => {
                 let ctl = ctl.clone();
                 tokio::spawn(async move {
@@ -121,12 +125,14 @@ pub(crate) async fn run(
         // Bounded burst per tick, so a stall does not turn into a flood.
         let target = due.min(sent + 20_000);
         while sent < target {
-            publish_one(&client, js.as_ref(), &ctl, subject(sent % subjects)).await;
+            let (k, n) = (sent % subjects, sent / subjects + 1);
+            publish_one(&client, js.as_ref(), &ctl, k, n).await;
             sent += 1;
         }
     }
     while sent % subjects != 0 {
-        publish_one(&client, js.as_ref(), &ctl, subject(sent % subjects)).await;
+        let (k, n) = (sent % subjects, sent / subjects + 1);
+        publish_one(&client, js.as_ref(), &ctl, k, n).await;
         sent += 1;
     }
     let _ = client.flush().await;
@@ -157,9 +163,9 @@ pub(crate) async fn wait_acks(ctl: &PubCtl, limit: Duration) {
 /// every ack; returns the last stored sequence.
 pub(crate) async fn publish_acked(js: &jetstream::Context, n: u64) -> Result<u64, String> {
     let mut acks = Vec::with_capacity(n as usize);
-    for _ in 0..n {
+    for i in 0..n {
         let ack = js
-            .publish(subject(0), payload())
+            .publish(subject(0), payload(i + 1))
             .await
             .map_err(|e| format!("publish: {e}"))?;
         acks.push(ack);

@@ -1,5 +1,7 @@
-//! Latency histogram (log-linear, mergeable across processes) and the
-//! final report: a human-readable table and one JSON line.
+//! Latency histogram (log-linear, mergeable across processes), the same by
+//! second of a run, and the final report: a human-readable table and one
+//! JSON line. Only serde_json besides std: the integration tests include
+//! this file as it is (tests/it/load_harness.rs).
 
 use serde_json::{Map, Value, json};
 
@@ -115,6 +117,57 @@ impl Hist {
     }
 }
 
+/// Seconds a [`PerSecond`] keeps; later samples are not recorded.
+pub(crate) const MAX_SECONDS: usize = 3600;
+
+/// Latency histograms by whole second of receipt since a run's start
+/// (index 0 is the first second), mergeable across processes.
+#[derive(Clone, Default)]
+pub(crate) struct PerSecond {
+    secs: Vec<Hist>,
+}
+
+impl PerSecond {
+    pub(crate) fn record(&mut self, sec: usize, us: u64) {
+        if sec >= MAX_SECONDS {
+            return;
+        }
+        if self.secs.len() <= sec {
+            self.secs.resize_with(sec + 1, Hist::default);
+        }
+        self.secs[sec].record(us);
+    }
+
+    /// Adds `other` second by second (the result is as long as the longer).
+    pub(crate) fn merge(&mut self, other: &PerSecond) {
+        if self.secs.len() < other.secs.len() {
+            self.secs.resize_with(other.secs.len(), Hist::default);
+        }
+        for (a, b) in self.secs.iter_mut().zip(&other.secs) {
+            a.merge(b);
+        }
+    }
+
+    /// The p99 of each second in ms; `None` for a second with no sample.
+    pub(crate) fn p99_ms(&self) -> Vec<Option<f64>> {
+        self.secs
+            .iter()
+            .map(|h| (h.count > 0).then(|| r3(h.quantile(0.99) as f64 / 1000.0)))
+            .collect()
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        Value::Array(self.secs.iter().map(Hist::to_json).collect())
+    }
+
+    pub(crate) fn from_json(v: &Value) -> PerSecond {
+        let secs = v.as_array().into_iter().flatten();
+        PerSecond {
+            secs: secs.take(MAX_SECONDS).map(Hist::from_json).collect(),
+        }
+    }
+}
+
 /// An ordered list of named results, printed as a table and as JSON.
 #[derive(Default)]
 pub(crate) struct Report {
@@ -130,7 +183,40 @@ impl Report {
         }
     }
 
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+        self.rows.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Appends `other`'s rows (replacing rows of the same name).
+    pub(crate) fn extend(&mut self, other: &Report) {
+        for (k, v) in &other.rows {
+            self.set(k, v.clone());
+        }
+    }
+
+    /// Renames every key that starts with `from` to start with `to`.
+    pub(crate) fn rename_prefix(&mut self, from: &str, to: &str) {
+        for (k, _) in &mut self.rows {
+            if let Some(rest) = k.strip_prefix(from) {
+                *k = format!("{to}{rest}");
+            }
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        let mut map = Map::new();
+        for (k, v) in &self.rows {
+            map.insert(k.clone(), v.clone());
+        }
+        Value::Object(map)
+    }
+
     pub(crate) fn print(&self) {
+        self.print_table();
+        println!("{}", self.to_json());
+    }
+
+    pub(crate) fn print_table(&self) {
         let width = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         println!();
         println!("{:-<1$}", "", width + 40);
@@ -146,11 +232,6 @@ impl Report {
             println!("{k:<width$}  {shown}");
         }
         println!("{:-<1$}", "", width + 40);
-        let mut map = Map::new();
-        for (k, v) in &self.rows {
-            map.insert(k.clone(), v.clone());
-        }
-        println!("{}", Value::Object(map));
     }
 }
 

@@ -1,5 +1,6 @@
-//! The live scenarios: idle, fanout, many-subjects, saturate. They share the
-//! set-up (relays, N connections, RSS before/after) and the accounting.
+//! The live scenarios idle and saturate, and what they share with fanout
+//! and many-subjects (`compare.rs`): the set-up (N connections, the
+//! server's RSS before/after), draining, the publisher's figures.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,9 +14,8 @@ use crate::report::{Hist, Report, r3};
 use crate::setup::{Bench, Snap};
 use crate::{Opts, Scenario};
 
-/// Runs one live scenario; Ok(true) when nothing was lost.
-pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
-    let many = opts.scenario == Scenario::ManySubjects;
+/// The keys every live scenario's report starts with.
+pub(crate) fn run_report(opts: &Opts) -> Report {
     let mut report = Report::default();
     report.set("scenario", opts.scenario.name());
     report.set("clients", opts.clients as u64);
@@ -23,13 +23,57 @@ pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
     report.set("pinned", opts.pin);
     report.set("client_queue", opts.client_queue as u64);
     report.set("workers", opts.workers as u64);
+    report
+}
+
+/// Runs idle or saturate; Ok(true) when nothing was lost. (fanout and
+/// many-subjects run per server under test: `compare::live`.)
+pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
+    let mut report = run_report(opts);
     let mut b = Bench::start(opts, opts.relays).await?;
+    let (mut fleet, ok, failed) = connect_clients(opts, &b, 1, &mut report).await?;
+    let s0 = Snap::take(&b, &fleet.pids());
+    let mut pass = failed == 0;
+    match opts.scenario {
+        Scenario::Idle => {
+            tokio::time::sleep(opts.duration).await;
+            let s1 = Snap::take(&b, &fleet.pids());
+            let totals = fleet.finish(0).await?;
+            report.set("connections_dropped", totals.closed);
+            pass &= totals.closed == 0;
+            s0.report(&s1, &mut report);
+        }
+        Scenario::Saturate => {
+            saturate(opts, &b, &mut fleet, ok, &mut report).await?;
+            let s1 = Snap::take(&b, &fleet.pids());
+            s0.report(&s1, &mut report);
+            pass = true;
+        }
+        _ => unreachable!("not idle or saturate"),
+    }
+    report.set("relay_rss_end_kib", b.relay_rss_kib());
+    b.note_relay_logs(&mut report);
+    report.set("pass", pass);
+    report.print();
+    Ok(pass)
+}
+
+/// Opens `--clients` connections to `b`'s port (client i on
+/// events.bench.<i> in many-subjects, else all on events.bench.0; ids
+/// expected `stride` apart) and
+/// reports the connects and the server's RSS before and after.
+pub(crate) async fn connect_clients(
+    opts: &Opts,
+    b: &Bench,
+    stride: u64,
+    report: &mut Report,
+) -> Result<(Fleet, u64, u64), String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss0 = b.relay_rss_kib();
 
     let mut spec = FleetSpec::new(b.port(), &b.token, opts.clients, opts.per_worker);
-    spec.subject_each = many;
-    spec.stride = if many { opts.clients as u64 } else { 1 };
+    spec.subject_each = opts.scenario == Scenario::ManySubjects;
+    spec.stride = stride;
     spec.concurrency = opts.connect_concurrency;
     let mut fleet = Fleet::spawn(&spec).await?;
     report.set("client_processes", fleet.len() as u64);
@@ -59,62 +103,11 @@ pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
     let per_conn = (rss1.saturating_sub(rss0) * 1024) as f64 / ok.max(1) as f64;
     report.set("relay_rss_per_conn_bytes", r3(per_conn));
 
-    let s0 = Snap::take(&b, &fleet.pids());
-    let mut pass = failed == 0;
-    match opts.scenario {
-        Scenario::Idle => {
-            tokio::time::sleep(opts.duration).await;
-            let s1 = Snap::take(&b, &fleet.pids());
-            let totals = fleet.finish(0).await?;
-            report.set("connections_dropped", totals.closed);
-            pass &= totals.closed == 0;
-            s0.report(&s1, &mut report);
-        }
-        Scenario::Fanout | Scenario::ManySubjects => {
-            let subjects = if many { opts.clients } else { 1 };
-            let rate = opts.rate.unwrap_or(10.0);
-            report.set("rate_per_subject", rate);
-            report.set("subjects", subjects as u64);
-            let ctl = PubCtl::new(rate * subjects as f64);
-            let js = opts.acked.then(|| b.js.clone());
-            let task = tokio::spawn(publish::run(b.client.clone(), js, subjects, ctl.clone()));
-            let t0 = Instant::now();
-            tokio::time::sleep(opts.duration).await;
-            ctl.stop.store(true, Ordering::Relaxed);
-            let rounds = task.await.map_err(|e| e.to_string())?;
-            let pub_secs = t0.elapsed().as_secs_f64();
-            drain(&mut fleet, rounds * ok, Duration::from_secs(5)).await?;
-            let s1 = Snap::take(&b, &fleet.pids());
-            let totals = fleet.finish(rounds).await?;
-            note_publish(&b, &ctl, opts, &mut report).await;
-            report.set("expected_per_client", rounds);
-            report.set("deliveries", totals.received);
-            report.set("deliveries_per_s", r3(totals.received as f64 / pub_secs));
-            report.set("latency", totals.hist.summary_ms());
-            report.set("events_lost", totals.lost);
-            report.set("events_duplicated_or_extra", totals.excess);
-            report.set("gaps", totals.gaps);
-            report.set("connections_dropped", totals.closed);
-            pass &= totals.lost == 0 && totals.gaps == 0;
-            s0.report(&s1, &mut report);
-        }
-        Scenario::Saturate => {
-            saturate(opts, &b, &mut fleet, ok, &mut report).await?;
-            let s1 = Snap::take(&b, &fleet.pids());
-            s0.report(&s1, &mut report);
-            pass = true;
-        }
-        _ => unreachable!("not a live scenario"),
-    }
-    report.set("relay_rss_end_kib", b.relay_rss_kib());
-    b.note_relay_logs(&mut report);
-    report.set("pass", pass);
-    report.print();
-    Ok(pass)
+    Ok((fleet, ok, failed))
 }
 
 /// Polls the workers until they hold `total` events or `limit` passes.
-async fn drain(fleet: &mut Fleet, total: u64, limit: Duration) -> Result<(), String> {
+pub(crate) async fn drain(fleet: &mut Fleet, total: u64, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
         let (received, _, _) = fleet.stats().await?;
@@ -125,7 +118,7 @@ async fn drain(fleet: &mut Fleet, total: u64, limit: Duration) -> Result<(), Str
     }
 }
 
-async fn note_publish(b: &Bench, ctl: &Arc<PubCtl>, opts: &Opts, report: &mut Report) {
+pub(crate) async fn note_publish(b: &Bench, ctl: &Arc<PubCtl>, opts: &Opts, report: &mut Report) {
     report.set("published", ctl.sent());
     report.set("stored_last_seq", b.last_seq().await);
     report.set(

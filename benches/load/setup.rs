@@ -8,7 +8,7 @@ use serde_json::json;
 use tempfile::TempDir;
 
 use crate::Opts;
-use crate::procs::{self, Nats, Relay, RelaySpec};
+use crate::procs::{self, Nats, Proc, Relay, RelaySpec};
 use crate::report::{Report, r3};
 
 pub(crate) const SECRET: &str = "load-bench-secret-0123456789abcdef";
@@ -17,6 +17,8 @@ pub(crate) struct Bench {
     pub(crate) dir: TempDir,
     pub(crate) nats: Nats,
     pub(crate) relays: Vec<Relay>,
+    /// A peer server run instead of the relays (`--peers`).
+    pub(crate) peer: Option<Proc>,
     pub(crate) spec: RelaySpec,
     pub(crate) token: String,
     pub(crate) client: async_nats::Client,
@@ -26,7 +28,9 @@ pub(crate) struct Bench {
 impl Bench {
     /// nats-server, the stream and (unless `relays` is 0) the relays, ready.
     pub(crate) async fn start(opts: &Opts, relays: usize) -> Result<Bench, String> {
-        procs::relay_binary()?;
+        if relays > 0 {
+            procs::relay_binary()?;
+        }
         let dir = tempfile::Builder::new()
             .prefix("sse-relay-load-")
             .tempdir()
@@ -58,6 +62,7 @@ impl Bench {
             dir,
             nats,
             relays: Vec::new(),
+            peer: None,
             spec,
             token,
             client,
@@ -85,9 +90,16 @@ impl Bench {
         self.relays.iter().map(|r| r.proc.pid()).collect()
     }
 
-    /// Summed VmRSS of the relays, KiB.
+    /// The server processes under test: the relays, or the peer.
+    pub(crate) fn server_pids(&self) -> Vec<u32> {
+        let mut pids = self.relay_pids();
+        pids.extend(self.peer.as_ref().map(Proc::pid));
+        pids
+    }
+
+    /// Summed VmRSS of the servers under test (the relays), KiB.
     pub(crate) fn relay_rss_kib(&self) -> u64 {
-        self.relay_pids().into_iter().map(procs::rss_kib).sum()
+        self.server_pids().into_iter().map(procs::rss_kib).sum()
     }
 
     /// VmRSS of each relay, KiB.
@@ -148,7 +160,7 @@ impl Snap {
     pub(crate) fn take(b: &Bench, workers: &[u32]) -> Snap {
         Snap {
             at: Instant::now(),
-            relays: b.relay_pids().into_iter().map(procs::cpu_ticks).collect(),
+            relays: b.server_pids().into_iter().map(procs::cpu_ticks).collect(),
             workers: workers.iter().map(|p| procs::cpu_ticks(*p)).collect(),
             me: procs::cpu_ticks(std::process::id()),
             nats: procs::cpu_ticks(b.nats.server.pid().unwrap_or(0)),

@@ -22,6 +22,7 @@ mod harness;
 mod keys;
 mod lifecycle;
 mod limits;
+mod load_harness;
 mod observe;
 mod publish;
 mod recreate;

@@ -1,0 +1,108 @@
+//! The NATS-path probe: a plain subscriber on its own connection that
+//! receives what the server under test reads (the republished
+//! `relay.events.bench.<k>` for the relay, the plain `events.bench.<k>`
+//! for the peers) and records publish-to-receive latency from the
+//! payload's `"t"`. Subtracted from the clients' figure it leaves what the
+//! server adds. It shares CPU 1 with the clients, so it reads a sample of
+//! the subjects: about [`PROBE_RATE`] messages a second.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::report::Hist;
+
+/// Messages a second the probe aims to read, at most.
+pub(crate) const PROBE_RATE: f64 = 1000.0;
+
+/// The prefix the stream's RePublish puts before `events.>` (`relay.`).
+pub(crate) fn republish_prefix() -> String {
+    let cfg = sse_relay::default_stream_config("EVENTS");
+    cfg.republish
+        .and_then(|r| {
+            let src = r.source.trim_end_matches('>');
+            let dest = r.destination.trim_end_matches('>');
+            dest.strip_suffix(src).map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// Every `step`-th of `subjects` subjects, with `step` chosen so that
+/// `total_rate` msg/s spread evenly over them gives about [`PROBE_RATE`].
+pub(crate) fn sampled_subjects(prefix: &str, subjects: usize, total_rate: f64) -> Vec<String> {
+    let step = (total_rate / PROBE_RATE).ceil().max(1.0) as usize;
+    (0..subjects.max(1))
+        .step_by(step)
+        .map(|k| format!("{prefix}events.bench.{k}"))
+        .collect()
+}
+
+/// A running probe; [`Probe::finish`] stops it and returns its histogram.
+pub(crate) struct Probe {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Hist>,
+}
+
+impl Probe {
+    /// Subscribes to `subjects` on a connection of its own; returns once
+    /// the server has the subscriptions.
+    pub(crate) async fn start(url: &str, subjects: Vec<String>) -> Result<Probe, String> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| format!("probe: connect: {e}"))?;
+        let mut subs = Vec::with_capacity(subjects.len());
+        for s in subjects {
+            let sub = client
+                .subscribe(s)
+                .await
+                .map_err(|e| format!("probe: subscribe: {e}"))?;
+            subs.push(sub);
+        }
+        client
+            .flush()
+            .await
+            .map_err(|e| format!("probe: flush: {e}"))?;
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut all = futures_util::stream::select_all(subs);
+            let mut hist = Hist::default();
+            loop {
+                tokio::select! {
+                    m = all.next() => match m {
+                        Some(m) => {
+                            if let Some(t) = payload_t(&m.payload) {
+                                hist.record(now_ns().saturating_sub(t) / 1000);
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = &mut stopped => break,
+                }
+            }
+            hist
+        });
+        Ok(Probe { stop, task })
+    }
+
+    pub(crate) async fn finish(self) -> Hist {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The publish time `"t":<unix nanos>` of a payload.
+fn payload_t(p: &[u8]) -> Option<u64> {
+    let at = p.windows(4).position(|w| w == b"\"t\":")? + 4;
+    let digits = p[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&p[at..at + digits]).ok()?.parse().ok()
+}
