@@ -96,7 +96,9 @@ async fn publish_one(
 
 /// Publishes round-robin over `subjects` subjects at `ctl`'s rate until
 /// `ctl.stop`, then completes the current round (so every subject got the
-/// same number) and flushes. Returns the number of rounds.
+/// same number) at the same rate, and flushes. Returns the number of
+/// rounds. (Finishing the round in one go would be a burst of up to one
+/// message per subject, measured as the relay's tail latency.)
 pub(crate) async fn run(
     client: async_nats::Client,
     js: Option<jetstream::Context>,
@@ -110,9 +112,18 @@ pub(crate) async fn run(
     let mut base_sent = 0u64;
     let mut rate = ctl.rate();
     let mut sent = 0u64;
+    // After the stop: where the round ends, and when it must have ended
+    // (at the rate, plus a second; bounded, whatever the rate).
+    let mut round_end: Option<(u64, tokio::time::Instant)> = None;
     loop {
         tick.tick().await;
-        if ctl.stop.load(Ordering::Relaxed) {
+        if round_end.is_none() && ctl.stop.load(Ordering::Relaxed) {
+            let end = sent.div_ceil(subjects) * subjects;
+            let left = (end - sent) as f64 / ctl.rate().max(1.0);
+            let by = tokio::time::Instant::now() + Duration::from_secs_f64(left.min(10.0) + 1.0);
+            round_end = Some((end, by));
+        }
+        if round_end.is_some_and(|(end, _)| end == sent) {
             break;
         }
         let now = tokio::time::Instant::now();
@@ -123,17 +134,16 @@ pub(crate) async fn run(
         }
         let due = base_sent + (now.duration_since(base).as_secs_f64() * rate) as u64;
         // Bounded burst per tick, so a stall does not turn into a flood.
-        let target = due.min(sent + 20_000);
+        let target = match round_end {
+            None => due.min(sent + 20_000),
+            Some((end, by)) if now >= by => end,
+            Some((end, _)) => due.min(sent + 20_000).min(end),
+        };
         while sent < target {
             let (k, n) = (sent % subjects, sent / subjects + 1);
             publish_one(&client, js.as_ref(), &ctl, k, n).await;
             sent += 1;
         }
-    }
-    while sent % subjects != 0 {
-        let (k, n) = (sent % subjects, sent / subjects + 1);
-        publish_one(&client, js.as_ref(), &ctl, k, n).await;
-        sent += 1;
     }
     let _ = client.flush().await;
     if js.is_some() {
