@@ -43,7 +43,7 @@ scenarios:
 
 options:
   --clients N               connections (default 1000; storm 500; cold-start 1)
-  --rate R                  msg/s per subject (fanout 10, many-subjects 1,
+  --rate R                  msg/s per subject (fanout and many-subjects 10,
                             saturate start: 20000/clients)
   --duration S              measured seconds (default 10; saturate 60)
   --relays K                relay processes sharing one port (SO_REUSEPORT)
