@@ -55,6 +55,12 @@ impl<U: Upstream> Dispatcher<U> {
             let Some(topic) = self.topics.get_mut(d.topic) else {
                 continue;
             };
+            if topic.since.is_none() && d.previous.is_some() {
+                // The stream's position was not known when the subscription
+                // became active (JetStream did not answer): holes are
+                // looked for from this first live event on, not never.
+                topic.since = Some(d.seq - 1);
+            }
             if topic.skipped(d) {
                 // An event of this topic was stored but never reached it
                 // (a leader change between storing and republishing): fill

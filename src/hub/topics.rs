@@ -336,6 +336,9 @@ impl<U: Upstream> Dispatcher<U> {
         // JetStream request to be validated, and new clients start after it.
         topic.last_seq = covered.unwrap_or(seen).max(seen);
         topic.since = covered;
+        if covered.is_none() {
+            tracing::debug!(pattern = ?topic.pattern, "stream position unknown when subscribed; holes are looked for from the first live event");
+        }
         topic.slot = Some(self.merge.insert(key, sub));
         if let Some(c) = covered {
             self.note_seen(c);

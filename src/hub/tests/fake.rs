@@ -39,6 +39,9 @@ pub(super) struct FakeState {
     /// Subscribes that reached the subscribe gate.
     pub(super) gated_subscribes: usize,
     pub(super) fail_subscribe: bool,
+    /// Subscribing cannot read the stream's last sequence (JetStream slow
+    /// or away).
+    pub(super) unknown_position: bool,
     /// The stream's creation time: a recreated stream gets a new one.
     pub(super) created: i128,
 }
@@ -155,7 +158,8 @@ impl Upstream for Fake {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         st.subs.push((pattern.to_string(), tx));
-        Ok((FakeSub(rx), Some(st.stored.len() as u64)))
+        let covered = (!st.unknown_position).then_some(st.stored.len() as u64);
+        Ok((FakeSub(rx), covered))
     }
 
     async fn bounds(&self) -> Result<Bounds, HistoryError> {

@@ -334,6 +334,27 @@ async fn a_hole_on_a_subject_is_filled_before_delivering_past_it() {
     assert_eq!(s.metrics.catchups.get(), 1);
 }
 
+/// A subscription made while JetStream could not say where the stream
+/// was still finds holes, from its first live event on.
+#[tokio::test(start_paused = true)]
+async fn holes_are_found_when_the_stream_position_was_unknown() {
+    let s = start(config());
+    s.fake.lock().unknown_position = true;
+    let j = s.join(&["events.w.*"], None).await;
+    s.fake.publish("events.w.a"); // 1
+    s.fake.store("events.w.a"); // 2: never republished
+    s.fake.publish("events.w.a"); // 3: Nats-Last-Sequence 2
+    s.fake.publish("events.w.b"); // 4
+    let mut got = Received::default();
+    until("every event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 4
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3, 4]);
+    assert_eq!(s.metrics.catchups.get(), 1);
+}
+
 /// On a pattern that takes the whole stream every sequence arrives, so a
 /// jump is a hole even when no later event shares the missed one's subject.
 #[tokio::test(start_paused = true)]
