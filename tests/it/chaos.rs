@@ -502,6 +502,21 @@ impl Tally {
     }
 }
 
+/// The first expected `(epoch, id)` the reader did not get.
+fn first_missing(r: &ReaderReport) -> Option<(usize, u64)> {
+    let keyed = |events: &[(u64, String)], resets: &[usize]| -> Vec<(usize, u64)> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(n, (id, _))| (resets.iter().filter(|&&s| s <= n).count(), *id))
+            .collect()
+    };
+    let got: HashSet<(usize, u64)> = keyed(&r.events, &r.resets).into_iter().collect();
+    keyed(&r.expected, &r.expected_resets)
+        .into_iter()
+        .find(|k| !got.contains(k))
+}
+
 /// Every acknowledged publish is in the stream it went to, with its
 /// payload; a failure here is NATS losing an acked message, not the relay.
 fn assert_acked_stored(acked: &[Acked], streams: &[Vec<StoredEvent>]) {
@@ -678,6 +693,12 @@ async fn chaos_run(seed: u64, rate: u64, faults_for: Duration, limit: Duration) 
                 r.expected.len(),
                 r.expected_resets.len()
             );
+            if let Some((epoch, id)) = first_missing(r) {
+                eprintln!("  first missing: id {id} of epoch {epoch}; streams around it:");
+                for s in r.streams_around(epoch, id) {
+                    eprintln!("    {s}");
+                }
+            }
         }
         eprintln!(
             "chaos: {} of {} clients incomplete",

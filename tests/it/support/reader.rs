@@ -64,6 +64,8 @@ pub struct ReaderReport {
     /// The last stream opened: its number, where it resumed from, what it
     /// delivered and how it ended (to tell a stalled stream from a gap).
     pub last_stream: String,
+    /// Every stream opened with 200, in order (to place a loss).
+    pub streams: Vec<StreamRecord>,
     /// Streams the reader hung up after reading its random budget of events.
     pub hang_ups: usize,
     /// Where each epoch after the first begins in `events` (the index of its
@@ -73,7 +75,52 @@ pub struct ReaderReport {
     pub expected_resets: Vec<usize>,
 }
 
+/// One stream a reader opened: in which epoch, the Last-Event-ID it
+/// resumed from, the ids it got, when it opened (since the reader
+/// started) and whether the relay ended it.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub epoch: usize,
+    pub from: u64,
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+    pub events: usize,
+    pub opened_at: Duration,
+    pub ended_by_relay: bool,
+}
+
+impl std::fmt::Display for StreamRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epoch {} from {}: {} events, ids {:?}..{:?}, opened at {:.3?}, {}",
+            self.epoch,
+            self.from,
+            self.events,
+            self.first,
+            self.last,
+            self.opened_at,
+            if self.ended_by_relay {
+                "ended by the relay"
+            } else {
+                "hung up or open"
+            }
+        )
+    }
+}
+
 impl ReaderReport {
+    /// The streams around the first id of `epoch` the reader should have
+    /// got and did not: the last one opened before it, and the next.
+    pub fn streams_around(&self, epoch: usize, missing: u64) -> Vec<&StreamRecord> {
+        let i = self
+            .streams
+            .iter()
+            .rposition(|r| r.epoch == epoch && r.from < missing)
+            .unwrap_or(0);
+        self.streams.iter().skip(i).take(3).collect()
+    }
+
     /// Asserts the reader got exactly the expected events, in order, once,
     /// and one `relay.reset` at each recreation of the stream, where the
     /// old stream's events end.
@@ -170,6 +217,7 @@ impl ResumingReader {
     }
 
     async fn run(mut self) -> ReaderReport {
+        let started = Instant::now();
         let mut rep = ReaderReport {
             name: self.name.clone(),
             events: Vec::new(),
@@ -180,6 +228,7 @@ impl ResumingReader {
             last_refusal: None,
             immediate_hang_ups: 0,
             last_stream: "none".into(),
+            streams: Vec::new(),
             hang_ups: 0,
             resets: Vec::new(),
             expected_resets: Vec::new(),
@@ -231,6 +280,8 @@ impl ResumingReader {
             }
             let mut read = 0;
             let opened = Instant::now();
+            let from = last;
+            let first_index = rep.events.len();
             let mut last_event_at = opened;
             while read < budget && !self.finished(epoch, last) {
                 let ev = tokio::select! {
@@ -303,6 +354,16 @@ impl ResumingReader {
                     None => {}
                 }
             }
+            let got = &rep.events[first_index.min(rep.events.len())..];
+            rep.streams.push(StreamRecord {
+                epoch,
+                from,
+                first: got.first().map(|e| e.0),
+                last: got.last().map(|e| e.0),
+                events: got.len(),
+                opened_at: opened.duration_since(started),
+                ended_by_relay: c.is_closed(),
+            });
             rep.last_stream = format!(
                 "#{} resumed from {last_s}, {read} events in {:?}, none for the last {:?}, markers {:?}, {}",
                 rep.connections,
