@@ -59,7 +59,7 @@ impl<U: Upstream> Dispatcher<U> {
                 // The stream's position was not known when the subscription
                 // became active (JetStream did not answer): holes are
                 // looked for from this first live event on, not never.
-                topic.since = Some(d.seq - 1);
+                topic.since = Some(d.seq.saturating_sub(1));
             }
             if topic.skipped(d) {
                 // An event of this topic was stored but never reached it

@@ -50,7 +50,13 @@ pub(crate) struct Republished {
 /// id.
 pub(crate) fn republished(msg: &async_nats::Message) -> Option<Republished> {
     let headers = msg.headers.as_ref()?;
-    let seq = headers.get("Nats-Sequence")?.as_str().parse().ok();
+    // Stream sequences start at 1: a 0 is no event of the stream.
+    let seq = headers
+        .get("Nats-Sequence")?
+        .as_str()
+        .parse()
+        .ok()
+        .filter(|&s: &u64| s > 0);
     let Some(seq) = seq else {
         tracing::warn!(subject = ?msg.subject.as_str(), "message without a valid Nats-Sequence ignored");
         return None;
@@ -141,7 +147,29 @@ pub(crate) fn rfc3339_micros(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339_micros;
+    use super::{republished, rfc3339_micros};
+
+    fn live(seq: &str) -> async_nats::Message {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Sequence", seq);
+        async_nats::Message {
+            subject: "relay.events.a".into(),
+            reply: None,
+            payload: bytes::Bytes::from_static(b"x"),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_live_message_needs_a_stream_sequence_of_1_or_more() {
+        assert_eq!(republished(&live("7")).map(|r| r.seq), Some(7));
+        for bad in ["0", "-1", "x", "", "18446744073709551616"] {
+            assert_eq!(republished(&live(bad)), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn reads_nats_server_time_stamps() {
