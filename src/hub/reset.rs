@@ -92,11 +92,16 @@ impl<U: Upstream> Dispatcher<U> {
             .store(b.last, std::sync::atomic::Ordering::Relaxed);
         let whole = self.live_is_whole();
         let keys: Vec<_> = self.topics.active().map(|(k, _)| k).collect();
+        // Resumes parked behind a fill of the old stream: their streams end
+        // with the others below, and their joins are answered then.
+        let mut parked = Vec::new();
         for key in keys {
             if let Some(t) = self.topics.get_mut(key) {
                 t.last_seq = b.last;
                 t.since = Some(b.last);
-                t.fill = None;
+                if let Some(f) = t.fill.take() {
+                    parked.extend(f.waiters);
+                }
             }
             if whole {
                 self.window.start(key, b.last);
@@ -111,5 +116,10 @@ impl<U: Upstream> Dispatcher<U> {
             n += 1;
         }
         self.count_ends(EndReason::Reset, n);
+        for id in parked {
+            if let Some(r) = self.clients.get_mut(id).and_then(|c| c.reply.take()) {
+                let _ = r.send(Ok(super::Backfill::Done));
+            }
+        }
     }
 }

@@ -364,6 +364,10 @@ impl<U: Upstream> Dispatcher<U> {
                 c.pending -= 1;
                 if c.pending == 0 {
                     self.activate(id);
+                } else if let Some(t) = self.topics.get_mut(key) {
+                    // Active now, and the client still waits for another
+                    // of its topics: this one must stay for it.
+                    t.joining.push(id);
                 }
             }
         }
@@ -412,7 +416,8 @@ impl<U: Upstream> Dispatcher<U> {
 
     /// The subscription's channel closed (the NATS client shut down): its
     /// clients, and those joining it, cannot be kept whole, so they end and
-    /// resume elsewhere. The topic goes, so a later join subscribes afresh.
+    /// resume elsewhere. The topic goes, so a later join subscribes afresh;
+    /// every join it still owed an answer gets one.
     pub(super) fn subscription_ended(&mut self, key: TopicKey) {
         // Its slot is already out of the merge set.
         let Some(topic) = self.topics.remove(key) else {
@@ -428,5 +433,15 @@ impl<U: Upstream> Dispatcher<U> {
             topic.clients.iter().map(|(_, q)| q).chain(joining),
             EndReason::Resync,
         );
+        let why = JoinError::Subscribe("the subscription ended".into());
+        // Resumes parked behind a window fill of this topic, and clients
+        // waiting for it to become active (if it ended at once).
+        let parked = topic.fill.map(|f| f.waiters).unwrap_or_default();
+        for id in parked.into_iter().chain(topic.waiting) {
+            if let Some(r) = self.clients.get_mut(id).and_then(|c| c.reply.take()) {
+                let _ = r.send(Err(why.clone()));
+            }
+            self.leave(id);
+        }
     }
 }

@@ -612,7 +612,8 @@ impl Scan {
                 }
                 if self.unordered {
                     // The replica's last-per-subject answers may be stale:
-                    // the whole read is retried.
+                    // the read fails (the session ends the client's stream
+                    // with a retry hint, and the client reads again).
                     return Err(HistoryError::Nats(
                         "the read's replica is behind the stream leader".into(),
                     ));

@@ -26,6 +26,8 @@ pub(super) struct Fake {
     pub(super) catch_up_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
     /// When set, subscribing waits for a permit: a join stays pending.
     pub(super) subscribe_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
+    /// When set, reads (window fills) wait for a permit.
+    pub(super) read_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
 }
 
 #[derive(Default)]
@@ -42,6 +44,8 @@ pub(super) struct FakeState {
     /// Subscribing cannot read the stream's last sequence (JetStream slow
     /// or away).
     pub(super) unknown_position: bool,
+    /// Subscriptions end as soon as they are made (the NATS client closed).
+    pub(super) end_subscriptions: bool,
     /// The stream's creation time: a recreated stream gets a new one.
     pub(super) created: i128,
 }
@@ -157,7 +161,9 @@ impl Upstream for Fake {
             return Err("refused".into());
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        st.subs.push((pattern.to_string(), tx));
+        if !st.end_subscriptions {
+            st.subs.push((pattern.to_string(), tx));
+        }
         let covered = (!st.unknown_position).then_some(st.stored.len() as u64);
         Ok((FakeSub(rx), covered))
     }
@@ -182,6 +188,10 @@ impl Upstream for Fake {
     }
 
     async fn read(&self, pattern: &str, after: u64, to: u64) -> Result<Vec<Stored>, HistoryError> {
+        let gate = self.read_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
         self.lock().reads += 1;
         Ok(self.stored_after(pattern, after, to))
     }

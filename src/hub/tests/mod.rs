@@ -86,6 +86,121 @@ async fn a_pending_join_keeps_its_active_topics() {
     assert_eq!(got.ids, [1, 2]);
 }
 
+/// The same when the topic becomes active while the client still waits
+/// for its other one: the first topic's other client leaving then must not
+/// drop it either.
+#[tokio::test(start_paused = true)]
+async fn a_topic_that_becomes_active_during_a_join_stays_for_it() {
+    let s = start(config());
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.subscribe_gate.lock().unwrap() = Some(gate.clone());
+    let join = |patterns: &[&str]| {
+        let hub = s.hub.clone();
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        tokio::spawn(async move {
+            hub.join(patterns, in_an_hour(), None, Heartbeat::Comment)
+                .await
+                .expect("join")
+        })
+    };
+    let first = join(&["events.a"]);
+    until("events.a subscribing", || {
+        s.fake.lock().gated_subscribes == 1
+    })
+    .await;
+    let both = join(&["events.a", "events.b"]);
+    until("events.b subscribing", || {
+        s.fake.lock().gated_subscribes == 2
+    })
+    .await;
+    // events.a becomes active: the first client joins; the other still
+    // waits for events.b.
+    gate.add_permits(1);
+    let first = first.await.unwrap();
+    s.hub.depart(first.id);
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        s.fake.subscriptions("events.a"),
+        1,
+        "kept for the client still joining"
+    );
+    gate.add_permits(1);
+    let j = both.await.unwrap();
+    s.fake.publish("events.a");
+    s.fake.publish("events.b");
+    let mut got = Received::default();
+    until("both events", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 2
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2]);
+}
+
+/// A subscription that ends before its joins were answered (the NATS
+/// client closed) answers them with an error instead of leaving them
+/// waiting forever.
+#[tokio::test(start_paused = true)]
+async fn a_subscription_that_ends_at_once_fails_its_joins() {
+    let s = start(config());
+    s.fake.lock().end_subscriptions = true;
+    let join = s.hub.join(
+        vec!["events.a".into()],
+        in_an_hour(),
+        None,
+        Heartbeat::Comment,
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(60), join).await;
+    assert!(
+        matches!(answer, Ok(Err(_))),
+        "answered with an error, not left waiting"
+    );
+}
+
+/// A resume parked behind a window fill when the stream is recreated gets
+/// its answer: its stream ends with the reset like every other.
+#[tokio::test(start_paused = true)]
+async fn a_resume_waiting_for_a_fill_is_answered_when_the_stream_resets() {
+    let s = start(config());
+    for _ in 0..10 {
+        s.fake.store("events.a");
+    }
+    // The window starts at 10: a resume from 5 needs a fill.
+    let _live = s.join(&["events.a"], None).await;
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.read_gate.lock().unwrap() = Some(gate.clone());
+    let hub = s.hub.clone();
+    let resume = tokio::spawn(async move {
+        hub.join(
+            vec!["events.a".into()],
+            in_an_hour(),
+            Some(5),
+            Heartbeat::Comment,
+        )
+        .await
+    });
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    s.fake.recreate();
+    s.link.send(LinkEvent::StreamCreated).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), resume)
+        .await
+        .expect("the parked resume is answered")
+        .unwrap()
+        .expect("joined");
+    let mut got = received(&answer.queue);
+    until("its stream ends with relay.reset", || {
+        drain(&answer.queue, &mut got);
+        got.ended
+    })
+    .await;
+    assert!(got.controls.iter().any(|c| c == "relay.reset"));
+    gate.add_permits(1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn global_order_across_subscriptions() {
     let s = start(config());
