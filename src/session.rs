@@ -289,8 +289,18 @@ enum Initial {
 /// a retry hint: the client resumes again from what it received.
 async fn backfill(history: History, metrics: Arc<Metrics>, r: Replay, queue: Arc<ClientQueue>) {
     match replay(&history, &metrics, &r, &queue).await {
-        Ok(n) => {
+        Ok((n, read_to)) => {
             metrics.count_resume("jetstream", n);
+            // Where the read ended and where the live frames held meanwhile
+            // begin: the seam, for when a resume is suspected of a gap.
+            tracing::debug!(
+                target: RESUME_LOG,
+                after = r.after,
+                read_to,
+                replayed = n,
+                first_held = ?queue.first_held(),
+                "resume read from the stream"
+            );
             queue.release();
         }
         Err(e) => {
@@ -300,12 +310,17 @@ async fn backfill(history: History, metrics: Arc<Metrics>, r: Replay, queue: Arc
     }
 }
 
+/// The target of the per-resume debug lines (`RUST_LOG=sse_relay::resume=debug`).
+pub(crate) const RESUME_LOG: &str = "sse_relay::resume";
+
+/// Replays the history into the held queue; returns how many events it
+/// queued and the sequence its read went up to.
 async fn replay(
     history: &History,
     metrics: &Metrics,
     r: &Replay,
     queue: &ClientQueue,
-) -> Result<u64, HistoryError> {
+) -> Result<(u64, u64), HistoryError> {
     if let Some(initial) = r.initial {
         // Read after the subscriptions are active, as a resume does: what
         // is stored later reaches the hold.
@@ -326,7 +341,7 @@ async fn replay(
             }
             sent += 1;
         }
-        return Ok(sent);
+        return Ok((sent, bounds.last));
     }
     // Read after the client's subscriptions are active: anything stored
     // later reaches the hold, anything up to `last` comes from here.
@@ -347,7 +362,7 @@ async fn replay(
         }
         n += 1;
     }
-    Ok(n)
+    Ok((n, plan.last))
 }
 
 /// Parses a query as `/events` does, with `grants` as the token's subjects:

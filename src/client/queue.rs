@@ -208,6 +208,14 @@ impl ClientQueue {
         true
     }
 
+    /// The sequence of the first live frame held during a resume, if any.
+    pub fn first_held(&self) -> Option<u64> {
+        self.lock()
+            .held
+            .as_ref()
+            .and_then(|h| h.front().map(|(seq, ..)| *seq))
+    }
+
     /// Events queued so far, and why the stream ended (None: still open).
     pub fn summary(&self) -> (u64, Option<EndReason>) {
         let st = self.lock();

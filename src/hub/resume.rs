@@ -178,6 +178,14 @@ impl<U: Upstream> Dispatcher<U> {
         for (seq, f) in &frames {
             c.queue.replay(*seq, f);
         }
+        tracing::debug!(
+            target: crate::session::RESUME_LOG,
+            after,
+            replayed = frames.len(),
+            last = ?frames.last().map(|(seq, _)| *seq),
+            first_held = ?c.queue.first_held(),
+            "resume served from memory"
+        );
         c.queue.release();
         self.metrics.count_resume("memory", frames.len() as u64);
         true

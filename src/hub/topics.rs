@@ -356,7 +356,7 @@ impl<U: Upstream> Dispatcher<U> {
         let Some(topic) = self.topics.get_mut(key) else {
             return;
         };
-        tracing::debug!(pattern = ?topic.pattern, "subscribed");
+        tracing::debug!(pattern = ?topic.pattern, ?covered, "subscribed");
         let waiting = std::mem::take(&mut topic.waiting);
         let empty = topic.clients.is_empty() && waiting.is_empty();
         for id in waiting {

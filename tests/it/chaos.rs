@@ -249,7 +249,10 @@ fn relay_args(addr: &str, urls: &str) -> Vec<String> {
 /// Spawns a relay on `port` and waits (20 s) until it has loaded the
 /// stream: `/readyz` on the shared port may be answered by the other relay.
 async fn start_relay(port: u16, urls: &str) -> Relay {
-    let mut r = Relay::spawn_exact(&relay_args(&format!("127.0.0.1:{port}"), urls), &[], port);
+    // Each resume's seam is logged, so that a failed run's kept logs say
+    // where a client's replay ended and its live frames began.
+    let envs = [("RUST_LOG", "info,sse_relay::resume=debug")];
+    let mut r = Relay::spawn_exact(&relay_args(&format!("127.0.0.1:{port}"), urls), &envs, port);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if r.log().contains("stream ready") {
