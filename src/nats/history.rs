@@ -326,8 +326,19 @@ impl History {
             }
         }
         let Some(start) = todo.iter().map(|t| t.after + 1).min() else {
+            tracing::info!(
+                last,
+                topics = topics.len(),
+                "catch-up: nothing after the stream's end"
+            );
             return Ok(out);
         };
+        tracing::info!(
+            start,
+            last,
+            topics = todo.len(),
+            "catch-up reads the stream"
+        );
         let router = Router::new(&todo);
         let mut scan = Scan::open_for_catch_up(self, start, last).await?;
         while let Some((seq, msg)) = scan.next().await? {
