@@ -4,6 +4,9 @@
 //! caught-up and held frames are then merged by sequence and delivered.
 
 use super::Upstream;
+
+/// Reads one catch-up may make before it delivers what it holds anyway.
+const CATCH_UP_ROUNDS: u32 = 4;
 use super::dispatcher::{CatchUp, Delivery, Dispatcher, Done};
 use super::topics::TopicKey;
 use crate::client::EndReason;
@@ -18,6 +21,14 @@ impl<U: Upstream> Dispatcher<U> {
             return;
         }
         self.window.stop_all();
+        tracing::info!(reason = why, "catching up");
+        self.metrics.catchups.inc();
+        self.catch_up_round(Vec::new(), 1);
+    }
+
+    /// One read of every subscription from its last delivered sequence,
+    /// with live frames `held` (and those arriving meanwhile) waiting.
+    fn catch_up_round(&mut self, held: Vec<Delivery>, rounds: u32) {
         self.epoch += 1;
         let topics: Vec<CatchUpTopic<TopicKey>> = self
             .topics
@@ -28,11 +39,15 @@ impl<U: Upstream> Dispatcher<U> {
                 after: topic.last_seq,
             })
             .collect();
-        tracing::info!(reason = why, subscriptions = topics.len(), "catching up");
-        self.metrics.catchups.inc();
+        tracing::info!(
+            subscriptions = topics.len(),
+            round = rounds,
+            "catch-up reads"
+        );
         self.catch_up = Some(CatchUp {
             epoch: self.epoch,
-            held: Vec::new(),
+            held,
+            rounds,
         });
         let epoch = self.epoch;
         let upstream = self.upstream.clone();
@@ -58,7 +73,30 @@ impl<U: Upstream> Dispatcher<U> {
         let Some(catch_up) = self.catch_up.take_if(|c| c.epoch == epoch) else {
             return;
         };
-        let CaughtUp { frames, truncated } = caught_up;
+        let CaughtUp {
+            frames,
+            truncated,
+            read_to,
+        } = caught_up;
+        // Every live frame held was stored before it arrived, so the read
+        // must reach just before the first of them: if it did not (the
+        // stream's end it was told was stale, e.g. from a node that had
+        // just come back), events between the two would be skipped. Read
+        // again, holding on, a bounded number of times.
+        let first_held = catch_up.held.iter().map(|d| d.seq).min();
+        if let Some(f) = first_held
+            && f > read_to + 1
+            && read_to > 0
+            && catch_up.rounds < CATCH_UP_ROUNDS
+        {
+            tracing::info!(
+                read_to,
+                first_held = f,
+                "catch-up ended before the live frames it held; reading again"
+            );
+            self.catch_up_round(catch_up.held, catch_up.rounds + 1);
+            return;
+        }
         // Topics removed meanwhile are dead keys: their frames are dropped.
         let mut items: Vec<Delivery> = frames
             .into_iter()

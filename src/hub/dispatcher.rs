@@ -91,6 +91,8 @@ pub(super) enum Done<U: Upstream> {
 pub(super) struct CatchUp {
     pub(super) epoch: u64,
     pub(super) held: Vec<Delivery>,
+    /// Reads made so far (see `caught_up`).
+    pub(super) rounds: u32,
 }
 
 pub(super) struct Dispatcher<U: Upstream> {

@@ -284,6 +284,7 @@ impl History {
                     return CaughtUp {
                         frames: Vec::new(),
                         truncated: topics.iter().map(|t| t.key).collect(),
+                        read_to: 0,
                     };
                 }
                 Err(e) => {
@@ -313,6 +314,7 @@ impl History {
         let mut out = CaughtUp {
             frames: Vec::new(),
             truncated: Vec::new(),
+            read_to: last,
         };
         let mut todo = Vec::new();
         for t in topics {
@@ -796,6 +798,8 @@ pub(crate) struct CatchUpTopic<K> {
 pub(crate) struct CaughtUp<K> {
     pub(crate) frames: Vec<(u64, K, Bytes)>,
     pub(crate) truncated: Vec<K>,
+    /// The stream's last sequence the read went up to (0: none read).
+    pub(crate) read_to: u64,
 }
 
 /// Stored events matching some patterns with sequence in `start..=end`, in

@@ -44,6 +44,9 @@ pub(super) struct FakeState {
     /// Subscribing cannot read the stream's last sequence (JetStream slow
     /// or away).
     pub(super) unknown_position: bool,
+    /// The next catch-up is told the stream ends here (a stale answer from
+    /// a node that lags), once.
+    pub(super) stale_last: Option<u64>,
     /// Subscriptions end as soon as they are made (the NATS client closed).
     pub(super) end_subscriptions: bool,
     /// The stream's creation time: a recreated stream gets a new one.
@@ -205,11 +208,15 @@ impl Upstream for Fake {
         if let Some(gate) = gate {
             gate.acquire().await.unwrap().forget();
         }
-        self.lock().catch_ups += 1;
-        let last = self.last();
+        let last = {
+            let mut st = self.lock();
+            st.catch_ups += 1;
+            st.stale_last.take().unwrap_or(st.stored.len() as u64)
+        };
         let mut out = CaughtUp {
             frames: Vec::new(),
             truncated: Vec::new(),
+            read_to: last,
         };
         for t in topics {
             if t.after >= last {

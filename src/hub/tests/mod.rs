@@ -422,6 +422,45 @@ async fn a_catch_up_over_the_limit_ends_its_streams() {
     assert_eq!(got.retries, 2, "opening retry and the closing one");
 }
 
+/// A catch-up told a stale end of the stream (a node that has just come
+/// back answers for a moment with what it had) reads again until it
+/// reaches the live frames it holds: the events stored between are not
+/// skipped, even when no later event points at them.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_told_a_stale_end_reads_up_to_what_it_holds() {
+    let s = start(config());
+    let j = s.join(&["events.w.*"], None).await;
+    for _ in 0..3 {
+        s.fake.publish("events.w.a"); // 1, 2, 3
+    }
+    let mut got = Received::default();
+    until("three events", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() == 3
+    })
+    .await;
+    s.link.send(LinkEvent::Disconnected).unwrap();
+    until("disconnect seen", || true).await;
+    s.fake.store("events.w.a"); // 4: missed
+    s.fake.store("events.w.a"); // 5: missed
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.catch_up_gate.lock().unwrap() = Some(gate.clone());
+    s.fake.lock().stale_last = Some(3);
+    s.link.send(LinkEvent::Connected).unwrap();
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    // Live while the catch-up reads; nothing of events.w.b came before.
+    s.fake.publish("events.w.b"); // 6
+    gate.add_permits(10);
+    until("every event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 6
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3, 4, 5, 6]);
+}
+
 /// A stream leader that dies between storing an event and republishing it
 /// leaves a hole in the live feed. The next event on the same subject says
 /// (`Nats-Last-Sequence`) which event came before it: the hub fills the
