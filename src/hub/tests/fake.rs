@@ -44,9 +44,9 @@ pub(super) struct FakeState {
     /// Subscribing cannot read the stream's last sequence (JetStream slow
     /// or away).
     pub(super) unknown_position: bool,
-    /// The next catch-up is told the stream ends here (a stale answer from
-    /// a node that lags), once.
-    pub(super) stale_last: Option<u64>,
+    /// The next catch-ups (how many) are told the stream ends here (a stale
+    /// answer from a node that lags).
+    pub(super) stale_last: Option<(u64, usize)>,
     /// Subscriptions end as soon as they are made (the NATS client closed).
     pub(super) end_subscriptions: bool,
     /// The stream's creation time: a recreated stream gets a new one.
@@ -211,7 +211,13 @@ impl Upstream for Fake {
         let last = {
             let mut st = self.lock();
             st.catch_ups += 1;
-            st.stale_last.take().unwrap_or(st.stored.len() as u64)
+            match &mut st.stale_last {
+                Some((end, n)) if *n > 0 => {
+                    *n -= 1;
+                    *end
+                }
+                _ => st.stored.len() as u64,
+            }
         };
         let mut out = CaughtUp {
             frames: Vec::new(),
@@ -274,12 +280,36 @@ pub(super) fn in_an_hour() -> SystemTime {
 }
 
 impl Setup {
+    /// [`Setup::join`] on a task of its own, for a join the test holds up
+    /// (behind a gate) while it does something else.
+    pub(super) fn spawn_join(
+        &self,
+        patterns: &[&str],
+        resume: Option<u64>,
+    ) -> tokio::task::JoinHandle<Joined> {
+        let hub = self.hub.clone();
+        let patterns = patterns.iter().map(|p| p.to_string()).collect();
+        tokio::spawn(async move {
+            hub.join(patterns, in_an_hour(), resume, Heartbeat::Comment)
+                .await
+                .expect("join")
+        })
+    }
+
     pub(super) async fn join(&self, patterns: &[&str], resume: Option<u64>) -> Joined {
         let patterns = patterns.iter().map(|p| p.to_string()).collect();
         self.hub
             .join(patterns, in_an_hour(), resume, Heartbeat::Comment)
             .await
             .expect("join")
+    }
+}
+
+/// Lets the dispatcher and the tasks it started run a while, without
+/// moving the paused clock.
+pub(super) async fn settle() {
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
     }
 }
 

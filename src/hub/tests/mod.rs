@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use super::{Backfill, Heartbeat, HubConfig};
 use crate::client::Departure;
 use crate::nats::LinkEvent;
-use fake::{Received, config, drain, in_an_hour, received, start, until};
+use fake::{Received, config, drain, in_an_hour, received, settle, start, until};
 
 #[tokio::test(start_paused = true)]
 async fn one_subscription_per_pattern_dropped_with_its_last_client() {
@@ -49,25 +49,13 @@ async fn a_pending_join_keeps_its_active_topics() {
     let other = s.join(&["events.c.>"], None).await;
     let gate = Arc::new(Semaphore::new(0));
     *s.fake.subscribe_gate.lock().unwrap() = Some(gate.clone());
-    let hub = s.hub.clone();
-    let joining = tokio::spawn(async move {
-        hub.join(
-            vec!["events.c.b.>".into(), "events.c.>".into()],
-            in_an_hour(),
-            None,
-            Heartbeat::Comment,
-        )
-        .await
-        .expect("join")
-    });
+    let joining = s.spawn_join(&["events.c.b.>", "events.c.>"], None);
     until("the new pattern is subscribing", || {
         s.fake.lock().gated_subscribes == 1
     })
     .await;
     s.hub.depart(other.id);
-    for _ in 0..64 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     assert_eq!(
         s.fake.subscriptions("events.c.>"),
         1,
@@ -94,21 +82,12 @@ async fn a_topic_that_becomes_active_during_a_join_stays_for_it() {
     let s = start(config());
     let gate = Arc::new(Semaphore::new(0));
     *s.fake.subscribe_gate.lock().unwrap() = Some(gate.clone());
-    let join = |patterns: &[&str]| {
-        let hub = s.hub.clone();
-        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
-        tokio::spawn(async move {
-            hub.join(patterns, in_an_hour(), None, Heartbeat::Comment)
-                .await
-                .expect("join")
-        })
-    };
-    let first = join(&["events.a"]);
+    let first = s.spawn_join(&["events.a"], None);
     until("events.a subscribing", || {
         s.fake.lock().gated_subscribes == 1
     })
     .await;
-    let both = join(&["events.a", "events.b"]);
+    let both = s.spawn_join(&["events.a", "events.b"], None);
     until("events.b subscribing", || {
         s.fake.lock().gated_subscribes == 2
     })
@@ -118,9 +97,7 @@ async fn a_topic_that_becomes_active_during_a_join_stays_for_it() {
     gate.add_permits(1);
     let first = first.await.unwrap();
     s.hub.depart(first.id);
-    for _ in 0..64 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     assert_eq!(
         s.fake.subscriptions("events.a"),
         1,
@@ -171,26 +148,14 @@ async fn a_resume_waiting_for_a_fill_is_answered_when_the_stream_resets() {
     let _live = s.join(&["events.a"], None).await;
     let gate = Arc::new(Semaphore::new(0));
     *s.fake.read_gate.lock().unwrap() = Some(gate.clone());
-    let hub = s.hub.clone();
-    let resume = tokio::spawn(async move {
-        hub.join(
-            vec!["events.a".into()],
-            in_an_hour(),
-            Some(5),
-            Heartbeat::Comment,
-        )
-        .await
-    });
-    for _ in 0..64 {
-        tokio::task::yield_now().await;
-    }
+    let resume = s.spawn_join(&["events.a"], Some(5));
+    settle().await;
     s.fake.recreate();
     s.link.send(LinkEvent::StreamCreated).unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(60), resume)
         .await
         .expect("the parked resume is answered")
-        .unwrap()
-        .expect("joined");
+        .unwrap();
     let mut got = received(&answer.queue);
     until("its stream ends with relay.reset", || {
         drain(&answer.queue, &mut got);
@@ -338,19 +303,7 @@ async fn a_cold_window_is_filled_once_for_concurrent_resumes() {
     // The first client subscribes: the window is whole from 50 on only.
     let _keep = s.join(&["events.a"], None).await;
     let joins: Vec<_> = (0..20)
-        .map(|_| {
-            let hub = s.hub.clone();
-            tokio::spawn(async move {
-                hub.join(
-                    vec!["events.a".into()],
-                    in_an_hour(),
-                    Some(40),
-                    Heartbeat::Comment,
-                )
-                .await
-                .expect("join")
-            })
-        })
+        .map(|_| s.spawn_join(&["events.a"], Some(40)))
         .collect();
     for j in joins {
         let j = j.await.unwrap();
@@ -445,11 +398,9 @@ async fn a_catch_up_told_a_stale_end_reads_up_to_what_it_holds() {
     s.fake.store("events.w.a"); // 5: missed
     let gate = Arc::new(Semaphore::new(0));
     *s.fake.catch_up_gate.lock().unwrap() = Some(gate.clone());
-    s.fake.lock().stale_last = Some(3);
+    s.fake.lock().stale_last = Some((3, 1));
     s.link.send(LinkEvent::Connected).unwrap();
-    for _ in 0..64 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     // Live while the catch-up reads; nothing of events.w.b came before.
     s.fake.publish("events.w.b"); // 6
     gate.add_permits(10);
@@ -459,6 +410,38 @@ async fn a_catch_up_told_a_stale_end_reads_up_to_what_it_holds() {
     })
     .await;
     assert_eq!(got.ids, [1, 2, 3, 4, 5, 6]);
+}
+
+/// A stream end that stays stale does not hold live delivery for ever:
+/// after a few reads the catch-up delivers what it has.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_told_a_stale_end_for_ever_gives_up_after_a_few_reads() {
+    let s = start(config());
+    let j = s.join(&["events.w.*"], None).await;
+    s.fake.publish("events.w.a"); // 1
+    let mut got = Received::default();
+    until("one event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() == 1
+    })
+    .await;
+    s.link.send(LinkEvent::Disconnected).unwrap();
+    settle().await;
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.catch_up_gate.lock().unwrap() = Some(gate.clone());
+    s.fake.lock().stale_last = Some((1, usize::MAX));
+    s.link.send(LinkEvent::Connected).unwrap();
+    settle().await;
+    s.fake.store("events.w.a"); // 2: missed, and never found
+    s.fake.publish("events.w.b"); // 3
+    gate.add_permits(100);
+    until("the held event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 2
+    })
+    .await;
+    assert_eq!(got.ids, [1, 3]);
+    assert_eq!(s.fake.lock().catch_ups, 4, "four reads, then delivery");
 }
 
 /// A stream leader that dies between storing an event and republishing it
@@ -570,9 +553,7 @@ async fn advance(by: Duration) {
     while !left.is_zero() {
         let step = tick.min(left);
         tokio::time::advance(step).await;
-        for _ in 0..64 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         left -= step;
     }
 }
