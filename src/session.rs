@@ -15,7 +15,7 @@ use crate::client::{ClientQueue, EndReason, STREAM_LOG, SseBody, StreamLog};
 use crate::error::ApiError;
 use crate::hub::{Backfill, Heartbeat, JoinError};
 use crate::metrics::Metrics;
-use crate::nats::{History, HistoryError, ResumePlan};
+use crate::nats::{Bounds, History, HistoryError, RangeReader, ResumePlan, Stored};
 use crate::sse;
 use crate::subject;
 
@@ -315,13 +315,13 @@ pub(crate) const RESUME_LOG: &str = "sse_relay::resume";
 
 /// Replays the history into the held queue; returns how many events it
 /// queued and the sequence its read went up to.
-async fn replay(
-    history: &History,
+async fn replay<S: Source>(
+    history: &S,
     metrics: &Metrics,
     r: &Replay,
     queue: &ClientQueue,
 ) -> Result<(u64, u64), HistoryError> {
-    if let Some(initial) = r.initial {
+    let (n, read_to) = if let Some(initial) = r.initial {
         // Read after the subscriptions are active, as a resume does: what
         // is stored later reaches the hold.
         let bounds = history.bounds().await?;
@@ -341,28 +341,119 @@ async fn replay(
             }
             sent += 1;
         }
-        return Ok((sent, bounds.last));
+        (sent, bounds.last)
+    } else {
+        // Read after the client's subscriptions are active: anything stored
+        // later reaches the hold, anything up to `last` comes from here.
+        let plan = ResumePlan::new(r.after, history.bounds().await?, r.limit);
+        if let Some(first_available) = plan.gap {
+            // History is partly gone (stream limits) or longer than one
+            // resume may replay: say so once, then replay what is left.
+            metrics.gaps.inc();
+            queue.offer_unsequenced(&sse::encode_gap(r.after, first_available));
+        }
+        let reader = history.range(&r.patterns, plan.start, plan.last).await?;
+        (copy_into(reader, queue).await?, plan.last)
+    };
+    // Every live frame held was stored before it arrived, and after the
+    // stream's end this read was told (the subscriptions were active
+    // first), so the read must reach just before the first of them. If it
+    // did not, the end was stale (a node that had just come back answered)
+    // and the events between would be skipped: read them too.
+    match queue.first_held() {
+        Some(first) if first > read_to + 1 => {
+            tracing::info!(
+                read_to,
+                first_held = first,
+                "resume read ended before the live frames it holds; reading the rest"
+            );
+            let reader = history.range(&r.patterns, read_to + 1, first - 1).await?;
+            Ok((n + copy_into(reader, queue).await?, first - 1))
+        }
+        _ => Ok((n, read_to)),
     }
-    // Read after the client's subscriptions are active: anything stored
-    // later reaches the hold, anything up to `last` comes from here.
-    let plan = ResumePlan::new(r.after, history.bounds().await?, r.limit);
-    if let Some(first_available) = plan.gap {
-        // History is partly gone (stream limits) or longer than one resume
-        // may replay: say so once, then replay what is left.
-        metrics.gaps.inc();
-        queue.offer_unsequenced(&sse::encode_gap(r.after, first_available));
-    }
+}
+
+/// Copies what `reader` reads into the queue, waiting for the client to
+/// take what is queued; how many events it queued.
+async fn copy_into<F: Frames>(mut reader: F, queue: &ClientQueue) -> Result<u64, HistoryError> {
     let mut n = 0;
-    let mut reader = history.range(&r.patterns, plan.start, plan.last).await?;
     while let Some((seq, frame)) = reader.next().await? {
-        // Flow control: wait for the client to take what is queued.
         std::future::poll_fn(|cx| queue.poll_space(cx)).await;
         if !queue.replay(seq, &frame) {
             break;
         }
         n += 1;
     }
-    Ok((n, plan.last))
+    Ok(n)
+}
+
+/// What a replay reads: JetStream, or a stand-in in the unit tests.
+trait Source {
+    type Reader: Frames;
+    async fn bounds(&self) -> Result<Bounds, HistoryError>;
+    async fn range(
+        &self,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+    ) -> Result<Self::Reader, HistoryError>;
+    async fn last_per_subject(
+        &self,
+        patterns: &[String],
+        end: u64,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError>;
+    async fn last_n(
+        &self,
+        patterns: &[String],
+        n: usize,
+        bounds: Bounds,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError>;
+}
+
+/// Stored events, in order.
+trait Frames {
+    async fn next(&mut self) -> Result<Option<Stored>, HistoryError>;
+}
+
+impl Source for History {
+    type Reader = RangeReader;
+    async fn bounds(&self) -> Result<Bounds, HistoryError> {
+        History::bounds(self).await
+    }
+    async fn range(
+        &self,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+    ) -> Result<RangeReader, HistoryError> {
+        History::range(self, patterns, start, end).await
+    }
+    async fn last_per_subject(
+        &self,
+        patterns: &[String],
+        end: u64,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        History::last_per_subject(self, patterns, end, limit).await
+    }
+    async fn last_n(
+        &self,
+        patterns: &[String],
+        n: usize,
+        bounds: Bounds,
+        limit: u64,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        History::last_n(self, patterns, n, bounds, limit).await
+    }
+}
+
+impl Frames for RangeReader {
+    async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
+        RangeReader::next(self).await
+    }
 }
 
 /// Parses a query as `/events` does, with `grants` as the token's subjects:
@@ -449,6 +540,7 @@ fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use hyper::header::HeaderValue;
 
     /// A pattern inside another of the same request is dropped: the outer
@@ -482,6 +574,136 @@ mod tests {
         let q = Query::parse("subject=events.a.%3E&subject=events.b.*&token=t%2B1");
         assert_eq!(q.subjects, vec!["events.a.>", "events.b.*"]);
         assert_eq!(q.token.as_deref(), Some("t+1"));
+    }
+
+    /// The stream as a replay reads it: events 1..=`stored` on one
+    /// subject, with an end of stream that may be stale.
+    struct Stale {
+        stored: u64,
+        /// The last sequence `bounds` reports.
+        told: u64,
+        reads: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+
+    fn frame(seq: u64) -> Bytes {
+        Bytes::from(format!("{seq};"))
+    }
+
+    impl Stale {
+        fn events(&self, start: u64, end: u64) -> Vec<Stored> {
+            (start.max(1)..=end.min(self.stored))
+                .map(|s| (s, frame(s)))
+                .collect()
+        }
+    }
+
+    struct Listed(std::collections::VecDeque<Stored>);
+
+    impl Frames for Listed {
+        async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
+            Ok(self.0.pop_front())
+        }
+    }
+
+    impl Source for Stale {
+        type Reader = Listed;
+        async fn bounds(&self) -> Result<Bounds, HistoryError> {
+            Ok(Bounds {
+                first: 1,
+                last: self.told,
+                created: 0,
+            })
+        }
+        async fn range(&self, _: &[String], start: u64, end: u64) -> Result<Listed, HistoryError> {
+            self.reads.lock().unwrap().push((start, end));
+            Ok(Listed(self.events(start, end).into()))
+        }
+        async fn last_per_subject(
+            &self,
+            _: &[String],
+            end: u64,
+            _: u64,
+        ) -> Result<Vec<Stored>, HistoryError> {
+            Ok(self.events(end, end))
+        }
+        async fn last_n(
+            &self,
+            _: &[String],
+            n: usize,
+            bounds: Bounds,
+            _: u64,
+        ) -> Result<Vec<Stored>, HistoryError> {
+            Ok(self.events(bounds.last.saturating_sub(n as u64) + 1, bounds.last))
+        }
+    }
+
+    /// Replays into `queue` (holding live frames 8..=10, the stream holding
+    /// 1..=10 but saying it ends at `told`), releases it and returns what
+    /// the client receives, with the reads made.
+    async fn replay_told(
+        told: u64,
+        after: u64,
+        initial: Option<Initial>,
+    ) -> (String, Vec<(u64, u64)>) {
+        let stream = Stale {
+            stored: 10,
+            told,
+            reads: Default::default(),
+        };
+        let queue = ClientQueue::held(64, after);
+        for seq in 8..=10 {
+            queue.offer(seq, &frame(seq));
+        }
+        let r = Replay {
+            patterns: vec!["events.a".into()],
+            after,
+            initial,
+            limit: 0,
+            retry_ms: 1000,
+        };
+        replay(&stream, &Metrics::default(), &r, &queue)
+            .await
+            .unwrap();
+        queue.release();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut got = String::new();
+        for _ in 0..16 {
+            let std::task::Poll::Ready(Some(chunk)) = queue.poll_chunk(&mut cx) else {
+                break;
+            };
+            got.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        // Only the events, not the relay.live marker at the seam.
+        let events = got
+            .split_inclusive(';')
+            .map(|e| e.rsplit('\n').next().unwrap())
+            .collect();
+        (events, stream.reads.into_inner().unwrap())
+    }
+
+    /// A resume told a stale end of the stream (5, by a node that has just
+    /// come back, while 6 and 7 are stored too) reads on to just before the
+    /// first live frame it holds (8): nothing between is skipped.
+    #[tokio::test]
+    async fn a_resume_told_a_stale_end_reads_up_to_the_first_held_frame() {
+        let (got, reads) = replay_told(5, 2, None).await;
+        assert_eq!(got, "3;4;5;6;7;8;9;10;");
+        assert_eq!(reads, [(3, 5), (6, 7)]);
+        // Told the true end, it reads once.
+        let (got, reads) = replay_told(7, 2, None).await;
+        assert_eq!(got, "3;4;5;6;7;8;9;10;");
+        assert_eq!(reads, [(3, 7)]);
+    }
+
+    /// The same holds for a fresh stream's `initial=`: what was stored
+    /// after the stale end reaches it before the held live frames.
+    #[tokio::test]
+    async fn an_initial_read_told_a_stale_end_reads_up_to_the_first_held_frame() {
+        let (got, _) = replay_told(5, 0, Some(Initial::Last(2))).await;
+        assert_eq!(got, "4;5;6;7;8;9;10;");
+        let (got, _) = replay_told(5, 0, Some(Initial::LastPerSubject)).await;
+        assert_eq!(got, "5;6;7;8;9;10;");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod upstream;
 use bytes::Bytes;
 
 pub(crate) use history::{
-    Bounds, CatchUpTopic, CaughtUp, History, HistoryError, ResumePlan, Stored,
+    Bounds, CatchUpTopic, CaughtUp, History, HistoryError, RangeReader, ResumePlan, Stored,
 };
 pub(crate) use link::{Link, LinkEvent, connect};
 pub use scope::{Scope, default_stream_config};
