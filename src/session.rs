@@ -345,7 +345,7 @@ async fn replay<S: Source>(
     } else {
         // Read after the client's subscriptions are active: anything stored
         // later reaches the hold, anything up to `last` comes from here.
-        let plan = ResumePlan::new(r.after, history.bounds().await?, r.limit);
+        let plan = ResumePlan::new(r.after, bounds_reaching(history, r.after).await?, r.limit);
         if let Some(first_available) = plan.gap {
             // History is partly gone (stream limits) or longer than one
             // resume may replay: say so once, then replay what is left.
@@ -362,7 +362,8 @@ async fn replay<S: Source>(
     // and the events between would be skipped: read them too.
     match queue.first_held() {
         Some(first) if first > read_to + 1 => {
-            tracing::info!(
+            tracing::debug!(
+                target: RESUME_LOG,
                 read_to,
                 first_held = first,
                 "resume read ended before the live frames it holds; reading the rest"
@@ -373,6 +374,34 @@ async fn replay<S: Source>(
         _ => Ok((n, read_to)),
     }
 }
+
+/// The stream's bounds, from a node that holds `after`: the client has
+/// event `after`, so an answer below it comes from a node behind the
+/// stream (one just back from a freeze answers as the leader for a moment,
+/// from what it held before), and a read up to that end would skip what
+/// lies between. Asked again a few times, a little later; then the replay
+/// fails and the client resumes again.
+async fn bounds_reaching<S: Source>(history: &S, after: u64) -> Result<Bounds, HistoryError> {
+    let mut pause = BEHIND_PAUSE;
+    for _ in 0..BEHIND_ASKS {
+        let bounds = history.bounds().await?;
+        if bounds.last >= after {
+            return Ok(bounds);
+        }
+        tracing::info!(
+            after,
+            last = bounds.last,
+            "the stream's end read is below the resume point; asking again"
+        );
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    Err(HistoryError::Behind { after })
+}
+
+/// Asks for the stream's end before a replay gives up on a node behind.
+const BEHIND_ASKS: u32 = 4;
+const BEHIND_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Copies what `reader` reads into the queue, waiting for the client to
 /// take what is queued; how many events it queued.
@@ -580,8 +609,9 @@ mod tests {
     /// subject, with an end of stream that may be stale.
     struct Stale {
         stored: u64,
-        /// The last sequence `bounds` reports.
-        told: u64,
+        /// The last sequences `bounds` reports, in turn (the last one
+        /// from then on).
+        told: std::sync::Mutex<Vec<u64>>,
         reads: std::sync::Mutex<Vec<(u64, u64)>>,
     }
 
@@ -608,9 +638,15 @@ mod tests {
     impl Source for Stale {
         type Reader = Listed;
         async fn bounds(&self) -> Result<Bounds, HistoryError> {
+            let mut told = self.told.lock().unwrap();
+            let last = if told.len() > 1 {
+                told.remove(0)
+            } else {
+                told[0]
+            };
             Ok(Bounds {
                 first: 1,
-                last: self.told,
+                last,
                 created: 0,
             })
         }
@@ -641,13 +677,13 @@ mod tests {
     /// 1..=10 but saying it ends at `told`), releases it and returns what
     /// the client receives, with the reads made.
     async fn replay_told(
-        told: u64,
+        told: &[u64],
         after: u64,
         initial: Option<Initial>,
-    ) -> (String, Vec<(u64, u64)>) {
+    ) -> (Result<(u64, u64), HistoryError>, String, Vec<(u64, u64)>) {
         let stream = Stale {
             stored: 10,
-            told,
+            told: std::sync::Mutex::new(told.to_vec()),
             reads: Default::default(),
         };
         let queue = ClientQueue::held(64, after);
@@ -661,9 +697,7 @@ mod tests {
             limit: 0,
             retry_ms: 1000,
         };
-        replay(&stream, &Metrics::default(), &r, &queue)
-            .await
-            .unwrap();
+        let replayed = replay(&stream, &Metrics::default(), &r, &queue).await;
         queue.release();
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
@@ -679,7 +713,7 @@ mod tests {
             .split_inclusive(';')
             .map(|e| e.rsplit('\n').next().unwrap())
             .collect();
-        (events, stream.reads.into_inner().unwrap())
+        (replayed, events, stream.reads.into_inner().unwrap())
     }
 
     /// A resume told a stale end of the stream (5, by a node that has just
@@ -687,11 +721,11 @@ mod tests {
     /// first live frame it holds (8): nothing between is skipped.
     #[tokio::test]
     async fn a_resume_told_a_stale_end_reads_up_to_the_first_held_frame() {
-        let (got, reads) = replay_told(5, 2, None).await;
+        let (_, got, reads) = replay_told(&[5], 2, None).await;
         assert_eq!(got, "3;4;5;6;7;8;9;10;");
         assert_eq!(reads, [(3, 5), (6, 7)]);
         // Told the true end, it reads once.
-        let (got, reads) = replay_told(7, 2, None).await;
+        let (_, got, reads) = replay_told(&[7], 2, None).await;
         assert_eq!(got, "3;4;5;6;7;8;9;10;");
         assert_eq!(reads, [(3, 7)]);
     }
@@ -700,10 +734,30 @@ mod tests {
     /// after the stale end reaches it before the held live frames.
     #[tokio::test]
     async fn an_initial_read_told_a_stale_end_reads_up_to_the_first_held_frame() {
-        let (got, _) = replay_told(5, 0, Some(Initial::Last(2))).await;
+        let (_, got, _) = replay_told(&[5], 0, Some(Initial::Last(2))).await;
         assert_eq!(got, "4;5;6;7;8;9;10;");
-        let (got, _) = replay_told(5, 0, Some(Initial::LastPerSubject)).await;
+        let (_, got, _) = replay_told(&[5], 0, Some(Initial::LastPerSubject)).await;
         assert_eq!(got, "5;6;7;8;9;10;");
+    }
+
+    /// A stream's end below the resume point (1, for a client that has
+    /// event 2) comes from a node behind the stream: asked again, the next
+    /// answer (10) bounds the read, and nothing is skipped.
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_told_an_end_below_its_id_asks_again() {
+        let (replayed, got, reads) = replay_told(&[1, 1, 10], 2, None).await;
+        assert_eq!(replayed.unwrap(), (8, 10));
+        assert_eq!(got, "3;4;5;6;7;8;9;10;");
+        assert_eq!(reads, [(3, 10)]);
+    }
+
+    /// Told such an end every time, the replay fails (the client resumes
+    /// again) rather than release the live frames past a gap.
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_always_told_an_end_below_its_id_fails() {
+        let (replayed, _, reads) = replay_told(&[1], 2, None).await;
+        assert!(matches!(replayed, Err(HistoryError::Behind { after: 2 })));
+        assert!(reads.is_empty());
     }
 
     #[test]

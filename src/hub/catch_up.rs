@@ -77,6 +77,7 @@ impl<U: Upstream> Dispatcher<U> {
             frames,
             truncated,
             read_to,
+            ..
         } = caught_up;
         // Every live frame held was stored before it arrived, so the read
         // must reach just before the first of them: if it did not (the

@@ -62,6 +62,8 @@ pub(crate) enum HistoryError {
     OriginAway(String),
     #[error("the mirror is at {mirror}, behind its origin at {origin}")]
     MirrorBehind { mirror: u64, origin: u64 },
+    #[error("every answer put the stream's end below event {after}, which a client has")]
+    Behind { after: u64 },
 }
 
 fn nats_err(e: impl std::fmt::Display) -> HistoryError {
@@ -274,26 +276,7 @@ impl History {
         topics: &[CatchUpTopic<K>],
         limit: u64,
     ) -> CaughtUp<K> {
-        let give_up = tokio::time::Instant::now() + CATCH_UP_GIVE_UP;
-        let mut delay = CATCH_UP_FIRST_DELAY;
-        loop {
-            match self.catch_up_once(nats, topics, limit).await {
-                Ok(out) => return out,
-                Err(e) if tokio::time::Instant::now() + delay >= give_up => {
-                    tracing::warn!(error = %e, "catch-up gave up; its streams resume on their own");
-                    return CaughtUp {
-                        frames: Vec::new(),
-                        truncated: topics.iter().map(|t| t.key).collect(),
-                        read_to: 0,
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "catch-up failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(CATCH_UP_MAX_DELAY);
-                }
-            }
-        }
+        retry_catch_up(topics, || self.catch_up_once(nats, topics, limit)).await
     }
 
     /// One pass: a single read of the stream from the oldest sequence any
@@ -315,6 +298,7 @@ impl History {
             frames: Vec::new(),
             truncated: Vec::new(),
             read_to: last,
+            last,
         };
         let mut todo = Vec::new();
         for t in topics {
@@ -343,7 +327,11 @@ impl History {
         );
         let router = Router::new(&todo);
         let mut scan = Scan::open_for_catch_up(self, start, last).await?;
+        // The read takes every subject: it ends at `last` unless the node
+        // that served it is behind (see retry_catch_up).
+        out.read_to = start - 1;
         while let Some((seq, msg)) = scan.next().await? {
+            out.read_to = seq;
             let mut frame = None;
             for key in router.route(msg.subject.as_str(), seq) {
                 let f = frame.get_or_insert_with(|| super::event_frame(seq, &msg));
@@ -798,8 +786,67 @@ pub(crate) struct CatchUpTopic<K> {
 pub(crate) struct CaughtUp<K> {
     pub(crate) frames: Vec<(u64, K, Bytes)>,
     pub(crate) truncated: Vec<K>,
-    /// The stream's last sequence the read went up to (0: none read).
+    /// The last sequence the read took (every subject), or the stream's
+    /// last when nothing needed reading (0: none read).
     pub(crate) read_to: u64,
+    /// The stream's last sequence when the read began.
+    pub(crate) last: u64,
+}
+
+/// Reads a catch-up short of the stream's end its read was told may make
+/// again, a little later, before what they read is taken as all there is.
+const CATCH_UP_SHORT_RETRIES: u32 = 3;
+
+/// Runs a catch-up read (`once`) until it succeeds, with backoff: during a
+/// leader election JetStream answers nothing for seconds. Gives up after
+/// [`CATCH_UP_GIVE_UP`], returning every topic as truncated.
+///
+/// A read of every subject that ends before the last sequence the stream
+/// said it holds was served by a node behind the stream: one that has just
+/// come back from a freeze still answers as the stream's leader for a
+/// moment, from what it held before. Taken as complete, it would skip the
+/// events between without a trace. So it is read again, up to
+/// [`CATCH_UP_SHORT_RETRIES`] times; after that, what it read is taken (the
+/// stream's last messages may have been deleted).
+pub(crate) async fn retry_catch_up<K: Copy, F, Fut>(
+    topics: &[CatchUpTopic<K>],
+    mut once: F,
+) -> CaughtUp<K>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<CaughtUp<K>, HistoryError>>,
+{
+    let give_up = tokio::time::Instant::now() + CATCH_UP_GIVE_UP;
+    let mut delay = CATCH_UP_FIRST_DELAY;
+    let mut short = 0;
+    loop {
+        let err = match once().await {
+            Ok(out) if out.read_to < out.last && short < CATCH_UP_SHORT_RETRIES => {
+                short += 1;
+                tracing::warn!(
+                    read_to = out.read_to,
+                    last = out.last,
+                    "catch-up read ended before the stream's end; reading again"
+                );
+                tokio::time::sleep(CATCH_UP_FIRST_DELAY * short).await;
+                continue;
+            }
+            Ok(out) => return out,
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + delay >= give_up {
+            tracing::warn!(error = %err, "catch-up gave up; its streams resume on their own");
+            return CaughtUp {
+                frames: Vec::new(),
+                truncated: topics.iter().map(|t| t.key).collect(),
+                read_to: 0,
+                last: 0,
+            };
+        }
+        tracing::warn!(error = %err, retry_in = ?delay, "catch-up failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(CATCH_UP_MAX_DELAY);
+    }
 }
 
 /// Stored events matching some patterns with sequence in `start..=end`, in
@@ -844,6 +891,50 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Catch-up reads of every subject that end at `read_to`, against a
+    /// stream whose end is 10; how many reads were made, and what was taken.
+    async fn catch_up_reading(ends: &[u64]) -> (usize, u64) {
+        let topics = [CatchUpTopic {
+            key: 1u8,
+            pattern: "a.>".into(),
+            after: 0,
+        }];
+        let reads = std::cell::Cell::new(0);
+        let out = retry_catch_up(&topics, || {
+            let n = reads.get();
+            reads.set(n + 1);
+            let read_to = ends[n.min(ends.len() - 1)];
+            async move {
+                Ok(CaughtUp {
+                    frames: Vec::new(),
+                    truncated: Vec::new(),
+                    read_to,
+                    last: 10,
+                })
+            }
+        })
+        .await;
+        (reads.get(), out.read_to)
+    }
+
+    /// A catch-up read that ends before the stream's end it was told was
+    /// served by a node behind the stream (one just back from a freeze):
+    /// it is read again, and the whole read is what is delivered.
+    #[tokio::test(start_paused = true)]
+    async fn a_catch_up_read_short_of_the_end_is_read_again() {
+        assert_eq!(catch_up_reading(&[4, 10]).await, (2, 10));
+        assert_eq!(catch_up_reading(&[10]).await, (1, 10));
+    }
+
+    /// A read that stays short (the stream's last messages were deleted)
+    /// is taken after a bounded number of reads, not retried for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_catch_up_read_that_stays_short_is_taken_after_a_few_reads() {
+        let (reads, read_to) = catch_up_reading(&[4]).await;
+        assert_eq!(reads, CATCH_UP_SHORT_RETRIES as usize + 1);
+        assert_eq!(read_to, 4);
     }
 
     #[test]

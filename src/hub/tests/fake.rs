@@ -223,6 +223,7 @@ impl Upstream for Fake {
             frames: Vec::new(),
             truncated: Vec::new(),
             read_to: last,
+            last,
         };
         for t in topics {
             if t.after >= last {
