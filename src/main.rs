@@ -247,16 +247,25 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         Ok(stop) => stop,
         Err(code) => return code,
     };
-    let addr = cfg.listen;
-    println!("sse-relay dev");
-    println!("  NATS:      {url}");
-    println!("  demo page: http://{addr}/");
-    println!("  token (events.>, 24h): {token}");
-    println!(
-        "  stream:    curl -N -H \"Authorization: Bearer {token}\" \"http://{addr}/events?subject={DEMO_SUBJECT}\""
-    );
-    println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
-    let code = serve_until(cfg, Some(Arc::new(DevRoutes::new(&token))), stop);
+    let routes: Arc<dyn Extension> = Arc::new(DevRoutes::new(&token));
+    // The banner names the address bound (`--listen 127.0.0.1:0` picks a port).
+    let banner = |addr: std::net::SocketAddr| {
+        println!("sse-relay dev");
+        println!("  NATS:      {url}");
+        println!("  demo page: http://{addr}/");
+        println!("  token (events.>, 24h): {token}");
+        println!(
+            "  stream:    curl -N -H \"Authorization: Bearer {token}\" \"http://{addr}/events?subject={DEMO_SUBJECT}\""
+        );
+        println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
+    };
+    let code = match sse_relay::shards::serve_announced(cfg, Some(routes), stop, banner) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    };
     drop(nats);
     code
 }

@@ -34,10 +34,24 @@ pub fn serve(
     extension: Option<Arc<dyn Extension>>,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
-    let listeners = bind_all(&cfg).map_err(|source| RunError::Bind {
+    serve_announced(cfg, extension, stop, |_| {})
+}
+
+/// [`serve`], calling `bound` with the address the shards listen on (the
+/// port resolved when `--listen` asked for port 0) before any shard starts.
+pub fn serve_announced(
+    cfg: Config,
+    extension: Option<Arc<dyn Extension>>,
+    stop: CancellationToken,
+    bound: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), RunError> {
+    let bind_error = |source| RunError::Bind {
         addr: cfg.listen,
         source,
-    })?;
+    };
+    let listeners = bind_all(&cfg).map_err(bind_error)?;
+    let addr = listeners[0].local_addr().map_err(bind_error)?;
+    bound(addr);
     let metrics = Arc::new(Metrics::default());
     let limits = Arc::new(Limits::new(cfg.limits.clone()));
     let mut shard_cfg = cfg;

@@ -280,3 +280,44 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
     )
     .await
 }
+
+/// `dev --listen 127.0.0.1:0` binds a free port, and its banner names that
+/// port, not 0: the page and curl command it prints work as printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_banner_names_the_port_it_bound() {
+    within(
+        TEST_LIMIT,
+        "dev_mode_banner_names_the_port_it_bound",
+        async {
+            let mut child = tokio::process::Command::new(relay_bin())
+                .args(["dev", "--listen", "127.0.0.1:0"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn dev");
+            let mut stdout = child.stdout.take().unwrap();
+            let mut text = String::new();
+            let mut buf = [0u8; 4096];
+            let printed = tokio::time::timeout(WAIT, async {
+                while !text.contains("token (") {
+                    let n = stdout.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "dev exited early: {text}");
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+            .await;
+            assert!(printed.is_ok(), "dev printed its banner: {text}");
+            let addr = text
+                .split("demo page: http://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .expect("the page's address in the banner")
+                .to_string();
+            assert!(!addr.ends_with(":0"), "the banner names port 0: {text}");
+            let r = http_get(&addr, "/healthz", &[]).await;
+            assert_eq!(r.status, 200, "dev answers where its banner says");
+        },
+    )
+    .await
+}
