@@ -383,18 +383,22 @@ async fn replay<S: Source>(
 /// fails and the client resumes again.
 async fn bounds_reaching<S: Source>(history: &S, after: u64) -> Result<Bounds, HistoryError> {
     let mut pause = BEHIND_PAUSE;
-    for _ in 0..BEHIND_ASKS {
+    for ask in 1..=BEHIND_ASKS {
         let bounds = history.bounds().await?;
         if bounds.last >= after {
             return Ok(bounds);
         }
-        tracing::info!(
+        tracing::debug!(
+            target: RESUME_LOG,
             after,
             last = bounds.last,
-            "the stream's end read is below the resume point; asking again"
+            ask,
+            "the stream's end read is below the resume point"
         );
-        tokio::time::sleep(pause).await;
-        pause *= 2;
+        if ask < BEHIND_ASKS {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
     }
     Err(HistoryError::Behind { after })
 }

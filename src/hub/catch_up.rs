@@ -77,6 +77,7 @@ impl<U: Upstream> Dispatcher<U> {
             frames,
             truncated,
             read_to,
+            gave_up,
             ..
         } = caught_up;
         // Every live frame held was stored before it arrived, so the read
@@ -87,7 +88,7 @@ impl<U: Upstream> Dispatcher<U> {
         let first_held = catch_up.held.iter().map(|d| d.seq).min();
         if let Some(f) = first_held
             && f > read_to + 1
-            && read_to > 0
+            && !gave_up
             && catch_up.rounds < CATCH_UP_ROUNDS
         {
             tracing::info!(

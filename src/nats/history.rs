@@ -298,7 +298,8 @@ impl History {
             frames: Vec::new(),
             truncated: Vec::new(),
             read_to: last,
-            last,
+            known: 0,
+            gave_up: false,
         };
         let mut todo = Vec::new();
         for t in topics {
@@ -325,6 +326,7 @@ impl History {
             topics = todo.len(),
             "catch-up reads the stream"
         );
+        out.known = todo.iter().map(|t| t.after).max().unwrap_or(0).min(last);
         let router = Router::new(&todo);
         let mut scan = Scan::open_for_catch_up(self, start, last).await?;
         // The read takes every subject: it ends at `last` unless the node
@@ -787,27 +789,34 @@ pub(crate) struct CaughtUp<K> {
     pub(crate) frames: Vec<(u64, K, Bytes)>,
     pub(crate) truncated: Vec<K>,
     /// The last sequence the read took (every subject), or the stream's
-    /// last when nothing needed reading (0: none read).
+    /// last when nothing needed reading.
     pub(crate) read_to: u64,
-    /// The stream's last sequence when the read began.
-    pub(crate) last: u64,
+    /// The highest sequence a topic had delivered live before the read:
+    /// stored for certain, so a read of every subject from below it that
+    /// stops short of it was served by a node behind the stream.
+    pub(crate) known: u64,
+    /// The stream could not be read: every topic is truncated.
+    pub(crate) gave_up: bool,
 }
 
-/// Reads a catch-up short of the stream's end its read was told may make
-/// again, a little later, before what they read is taken as all there is.
+/// Reads a catch-up short of an event it knows is stored may make again, a
+/// little later, before what they read is taken as all there is.
 const CATCH_UP_SHORT_RETRIES: u32 = 3;
 
 /// Runs a catch-up read (`once`) until it succeeds, with backoff: during a
 /// leader election JetStream answers nothing for seconds. Gives up after
 /// [`CATCH_UP_GIVE_UP`], returning every topic as truncated.
 ///
-/// A read of every subject that ends before the last sequence the stream
-/// said it holds was served by a node behind the stream: one that has just
-/// come back from a freeze still answers as the stream's leader for a
-/// moment, from what it held before. Taken as complete, it would skip the
-/// events between without a trace. So it is read again, up to
-/// [`CATCH_UP_SHORT_RETRIES`] times; after that, what it read is taken (the
-/// stream's last messages may have been deleted).
+/// A read of every subject that ends below a sequence a topic delivered
+/// live (`known`: stored for certain) was served by a node behind the
+/// stream: one that has just come back from a freeze still answers as the
+/// stream's leader for a moment, from what it held before. Taken as
+/// complete, it would skip the events between without a trace. So it is
+/// read again, up to [`CATCH_UP_SHORT_RETRIES`] times; after that, what it
+/// read is taken (that message may have been deleted since). A read that
+/// ends short of the stream's end but past `known` is taken at once: the
+/// stream's last messages may have been deleted or expired, which is no
+/// reason to hold live delivery.
 pub(crate) async fn retry_catch_up<K: Copy, F, Fut>(
     topics: &[CatchUpTopic<K>],
     mut once: F,
@@ -821,12 +830,12 @@ where
     let mut short = 0;
     loop {
         let err = match once().await {
-            Ok(out) if out.read_to < out.last && short < CATCH_UP_SHORT_RETRIES => {
+            Ok(out) if out.read_to < out.known && short < CATCH_UP_SHORT_RETRIES => {
                 short += 1;
                 tracing::warn!(
                     read_to = out.read_to,
-                    last = out.last,
-                    "catch-up read ended before the stream's end; reading again"
+                    known = out.known,
+                    "catch-up read ended before an event delivered live; reading again"
                 );
                 tokio::time::sleep(CATCH_UP_FIRST_DELAY * short).await;
                 continue;
@@ -840,7 +849,8 @@ where
                 frames: Vec::new(),
                 truncated: topics.iter().map(|t| t.key).collect(),
                 read_to: 0,
-                last: 0,
+                known: 0,
+                gave_up: true,
             };
         }
         tracing::warn!(error = %err, retry_in = ?delay, "catch-up failed; retrying");
@@ -894,7 +904,8 @@ mod tests {
     }
 
     /// Catch-up reads of every subject that end at `read_to`, against a
-    /// stream whose end is 10; how many reads were made, and what was taken.
+    /// stream whose end is 10 and of which a topic delivered 8 live; how
+    /// many reads were made, and what was taken.
     async fn catch_up_reading(ends: &[u64]) -> (usize, u64) {
         let topics = [CatchUpTopic {
             key: 1u8,
@@ -911,7 +922,8 @@ mod tests {
                     frames: Vec::new(),
                     truncated: Vec::new(),
                     read_to,
-                    last: 10,
+                    known: 8,
+                    gave_up: false,
                 })
             }
         })
@@ -919,17 +931,20 @@ mod tests {
         (reads.get(), out.read_to)
     }
 
-    /// A catch-up read that ends before the stream's end it was told was
-    /// served by a node behind the stream (one just back from a freeze):
-    /// it is read again, and the whole read is what is delivered.
+    /// A catch-up read that ends below an event delivered live was served
+    /// by a node behind the stream (one just back from a freeze): it is
+    /// read again, and the whole read is what is delivered. One that ends
+    /// past it but before the stream's end (its last messages deleted or
+    /// expired) is taken at once.
     #[tokio::test(start_paused = true)]
     async fn a_catch_up_read_short_of_the_end_is_read_again() {
         assert_eq!(catch_up_reading(&[4, 10]).await, (2, 10));
         assert_eq!(catch_up_reading(&[10]).await, (1, 10));
+        assert_eq!(catch_up_reading(&[8, 10]).await, (1, 8));
     }
 
-    /// A read that stays short (the stream's last messages were deleted)
-    /// is taken after a bounded number of reads, not retried for ever.
+    /// A read that stays short (the event was deleted since) is taken
+    /// after a bounded number of reads, not retried for ever.
     #[tokio::test(start_paused = true)]
     async fn a_catch_up_read_that_stays_short_is_taken_after_a_few_reads() {
         let (reads, read_to) = catch_up_reading(&[4]).await;

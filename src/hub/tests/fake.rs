@@ -223,7 +223,8 @@ impl Upstream for Fake {
             frames: Vec::new(),
             truncated: Vec::new(),
             read_to: last,
-            last,
+            known: 0,
+            gave_up: false,
         };
         for t in topics {
             if t.after >= last {

@@ -412,6 +412,33 @@ async fn a_catch_up_told_a_stale_end_reads_up_to_what_it_holds() {
     assert_eq!(got.ids, [1, 2, 3, 4, 5, 6]);
 }
 
+/// The same from an empty stream: a catch-up told the stream ends at 0
+/// (nothing read) while it holds a live frame reads again too; a read of
+/// nothing is not a catch-up that gave up.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_of_an_empty_stream_told_a_stale_end_reads_again() {
+    let s = start(config());
+    let j = s.join(&["events.w.*"], None).await;
+    s.link.send(LinkEvent::Disconnected).unwrap();
+    until("disconnect seen", || true).await;
+    s.fake.store("events.w.a"); // 1: missed
+    s.fake.store("events.w.a"); // 2: missed
+    let gate = Arc::new(Semaphore::new(0));
+    *s.fake.catch_up_gate.lock().unwrap() = Some(gate.clone());
+    s.fake.lock().stale_last = Some((0, 1));
+    s.link.send(LinkEvent::Connected).unwrap();
+    settle().await;
+    s.fake.publish("events.w.b"); // 3, held
+    gate.add_permits(10);
+    let mut got = Received::default();
+    until("every event", || {
+        drain(&j.queue, &mut got);
+        got.ids.len() >= 3
+    })
+    .await;
+    assert_eq!(got.ids, [1, 2, 3]);
+}
+
 /// A stream end that stays stale does not hold live delivery for ever:
 /// after a few reads the catch-up delivers what it has.
 #[tokio::test(start_paused = true)]
