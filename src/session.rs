@@ -360,8 +360,15 @@ async fn replay<S: Source>(
     // first), so the read must reach just before the first of them. If it
     // did not, the end was stale (a node that had just come back answered)
     // and the events between would be skipped: read them too.
+    // Usually the events between are on other subjects: asking whether
+    // any is the client's costs a request per filter, a read three.
     match queue.first_held() {
-        Some(first) if first > read_to + 1 => {
+        Some(first)
+            if first > read_to + 1
+                && history
+                    .holds_any(&r.patterns, read_to + 1, first - 1)
+                    .await? =>
+        {
             tracing::debug!(
                 target: RESUME_LOG,
                 read_to,
@@ -371,6 +378,7 @@ async fn replay<S: Source>(
             let reader = history.range(&r.patterns, read_to + 1, first - 1).await?;
             Ok((n + copy_into(reader, queue).await?, first - 1))
         }
+        Some(first) if first > read_to + 1 => Ok((n, first - 1)),
         _ => Ok((n, read_to)),
     }
 }
@@ -425,6 +433,12 @@ async fn copy_into<F: Frames>(mut reader: F, queue: &ClientQueue) -> Result<u64,
 trait Source {
     type Reader: Frames;
     async fn bounds(&self) -> Result<Bounds, HistoryError>;
+    async fn holds_any(
+        &self,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+    ) -> Result<bool, HistoryError>;
     async fn range(
         &self,
         patterns: &[String],
@@ -455,6 +469,14 @@ impl Source for History {
     type Reader = RangeReader;
     async fn bounds(&self) -> Result<Bounds, HistoryError> {
         History::bounds(self).await
+    }
+    async fn holds_any(
+        &self,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+    ) -> Result<bool, HistoryError> {
+        History::holds_any(self, patterns, start, end).await
     }
     async fn range(
         &self,
@@ -613,6 +635,8 @@ mod tests {
     /// subject, with an end of stream that may be stale.
     struct Stale {
         stored: u64,
+        /// Sequences of other subjects: not the client's.
+        others: Vec<u64>,
         /// The last sequences `bounds` reports, in turn (the last one
         /// from then on).
         told: std::sync::Mutex<Vec<u64>>,
@@ -626,6 +650,7 @@ mod tests {
     impl Stale {
         fn events(&self, start: u64, end: u64) -> Vec<Stored> {
             (start.max(1)..=end.min(self.stored))
+                .filter(|s| !self.others.contains(s))
                 .map(|s| (s, frame(s)))
                 .collect()
         }
@@ -653,6 +678,14 @@ mod tests {
                 last,
                 created: 0,
             })
+        }
+        async fn holds_any(
+            &self,
+            _: &[String],
+            start: u64,
+            end: u64,
+        ) -> Result<bool, HistoryError> {
+            Ok(!self.events(start, end).is_empty())
         }
         async fn range(&self, _: &[String], start: u64, end: u64) -> Result<Listed, HistoryError> {
             self.reads.lock().unwrap().push((start, end));
@@ -687,9 +720,18 @@ mod tests {
     ) -> (Result<(u64, u64), HistoryError>, String, Vec<(u64, u64)>) {
         let stream = Stale {
             stored: 10,
+            others: Vec::new(),
             told: std::sync::Mutex::new(told.to_vec()),
             reads: Default::default(),
         };
+        replay_from(stream, after, initial).await
+    }
+
+    async fn replay_from(
+        stream: Stale,
+        after: u64,
+        initial: Option<Initial>,
+    ) -> (Result<(u64, u64), HistoryError>, String, Vec<(u64, u64)>) {
         let queue = ClientQueue::held(64, after);
         for seq in 8..=10 {
             queue.offer(seq, &frame(seq));
@@ -732,6 +774,22 @@ mod tests {
         let (_, got, reads) = replay_told(&[7], 2, None).await;
         assert_eq!(got, "3;4;5;6;7;8;9;10;");
         assert_eq!(reads, [(3, 7)]);
+    }
+
+    /// When what lies between is on other subjects (6 and 7 here), one
+    /// question says so and no read is opened for it.
+    #[tokio::test]
+    async fn a_seam_without_the_clients_events_opens_no_read() {
+        let stream = Stale {
+            stored: 10,
+            others: vec![6, 7],
+            told: std::sync::Mutex::new(vec![5]),
+            reads: Default::default(),
+        };
+        let (replayed, got, reads) = replay_from(stream, 2, None).await;
+        assert_eq!(replayed.unwrap(), (3, 7));
+        assert_eq!(got, "3;4;5;8;9;10;");
+        assert_eq!(reads, [(3, 5)]);
     }
 
     /// The same holds for a fresh stream's `initial=`: what was stored

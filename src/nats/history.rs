@@ -187,6 +187,22 @@ impl History {
         })
     }
 
+    /// Whether the stream holds an event matching `patterns` (or sharing a
+    /// consumer filter with them) in `start..=end`: a request per filter,
+    /// where opening a read costs a consumer's creation, info and deletion.
+    pub(crate) async fn holds_any(
+        &self,
+        patterns: &[String],
+        start: u64,
+        end: u64,
+    ) -> Result<bool, HistoryError> {
+        if start > end || start == 0 || patterns.is_empty() {
+            return Ok(false);
+        }
+        let (filters, _) = consumer_filter(patterns);
+        leader_holds(&self.js, &self.stream, &self.metrics, &filters, start, end).await
+    }
+
     /// Opens a read of the stored events matching `patterns` with sequence
     /// in `start..=end`, in order.
     pub(crate) async fn range(
@@ -566,33 +582,15 @@ impl Scan {
         if from > self.end {
             return Ok(false);
         }
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(nats_err)?;
-        let all = [">".to_string()];
-        let filters = if self.filters.is_empty() {
-            &all[..]
-        } else {
-            &self.filters[..]
-        };
-        for f in filters {
-            self.metrics.jetstream_requests.inc();
-            let got = stream
-                .raw_message_builder()
-                .sequence(from)
-                .next_by_subject(f.clone())
-                .send()
-                .await;
-            match got {
-                Ok(m) if m.sequence <= self.end => return Ok(true),
-                Ok(_) => {}
-                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
-                Err(e) => return Err(nats_err(e)),
-            }
-        }
-        Ok(false)
+        leader_holds(
+            &self.js,
+            &self.stream,
+            &self.metrics,
+            &self.filters,
+            from,
+            self.end,
+        )
+        .await
     }
 
     /// The next message with its stream sequence; None past `end`.
@@ -732,6 +730,42 @@ fn consumer_filter(patterns: &[String]) -> (Vec<String>, Vec<String>) {
     } else {
         (kept, Vec::new())
     }
+}
+
+/// Whether the stream leader holds a message on one of `filters` (every
+/// subject when empty) with sequence in `from..=end`: `STREAM.MSG.GET` with
+/// `next_by_subj`, one request per filter, answered by the leader only.
+async fn leader_holds(
+    js: &jetstream::Context,
+    stream: &str,
+    metrics: &Metrics,
+    filters: &[String],
+    from: u64,
+    end: u64,
+) -> Result<bool, HistoryError> {
+    let stream = js.get_stream_no_info(stream).await.map_err(nats_err)?;
+    let all = [">".to_string()];
+    let filters = if filters.is_empty() {
+        &all[..]
+    } else {
+        filters
+    };
+    for f in filters {
+        metrics.jetstream_requests.inc();
+        let got = stream
+            .raw_message_builder()
+            .sequence(from)
+            .next_by_subject(f.clone())
+            .send()
+            .await;
+        match got {
+            Ok(m) if m.sequence <= end => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(nats_err(e)),
+        }
+    }
+    Ok(false)
 }
 
 /// A pattern matching every subject `a` or `b` matches: token by token,
