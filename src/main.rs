@@ -110,7 +110,7 @@ fn init_tracing(format: LogFormat) {
 fn serve(cfg: Config, extension: Option<Arc<dyn Extension>>) -> ExitCode {
     init_tracing(cfg.log_format);
     match watch_signals() {
-        Ok(stop) => serve_until(cfg, extension, stop),
+        Ok(stop) => serve_until(cfg, extension, stop, |_| {}),
         Err(code) => code,
     }
 }
@@ -119,8 +119,9 @@ fn serve_until(
     cfg: Config,
     extension: Option<Arc<dyn Extension>>,
     stop: CancellationToken,
+    bound: impl FnOnce(std::net::SocketAddr),
 ) -> ExitCode {
-    match sse_relay::shards::serve(cfg, extension, stop) {
+    match sse_relay::shards::serve(cfg, extension, stop, bound) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -259,13 +260,7 @@ fn dev(args: sse_relay::config::DevArgs) -> ExitCode {
         );
         println!("  publish:   nats --server {url} pub {DEMO_SUBJECT} '{{\"hello\":\"world\"}}'");
     };
-    let code = match sse_relay::shards::serve_announced(cfg, Some(routes), stop, banner) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    };
+    let code = serve_until(cfg, Some(routes), stop, banner);
     drop(nats);
     code
 }

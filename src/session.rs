@@ -333,15 +333,7 @@ async fn replay<S: Source>(
             }
             Initial::Last(n) => history.last_n(&r.patterns, n, bounds, r.limit).await?,
         };
-        let mut sent = 0;
-        for (seq, frame) in &frames {
-            std::future::poll_fn(|cx| queue.poll_space(cx)).await;
-            if !queue.replay(*seq, frame) {
-                break;
-            }
-            sent += 1;
-        }
-        (sent, bounds.last)
+        (copy_into(frames.into_iter(), queue).await?, bounds.last)
     } else {
         // Read after the client's subscriptions are active: anything stored
         // later reaches the hold, anything up to `last` comes from here.
@@ -360,27 +352,25 @@ async fn replay<S: Source>(
     // first), so the read must reach just before the first of them. If it
     // did not, the end was stale (a node that had just come back answered)
     // and the events between would be skipped: read them too.
+    let Some(first) = queue.first_held().filter(|&f| f > read_to + 1) else {
+        return Ok((n, read_to));
+    };
     // Usually the events between are on other subjects: asking whether
     // any is the client's costs a request per filter, a read three.
-    match queue.first_held() {
-        Some(first)
-            if first > read_to + 1
-                && history
-                    .holds_any(&r.patterns, read_to + 1, first - 1)
-                    .await? =>
-        {
-            tracing::debug!(
-                target: RESUME_LOG,
-                read_to,
-                first_held = first,
-                "resume read ended before the live frames it holds; reading the rest"
-            );
-            let reader = history.range(&r.patterns, read_to + 1, first - 1).await?;
-            Ok((n + copy_into(reader, queue).await?, first - 1))
-        }
-        Some(first) if first > read_to + 1 => Ok((n, first - 1)),
-        _ => Ok((n, read_to)),
+    if !history
+        .holds_any(&r.patterns, read_to + 1, first - 1)
+        .await?
+    {
+        return Ok((n, first - 1));
     }
+    tracing::debug!(
+        target: RESUME_LOG,
+        read_to,
+        first_held = first,
+        "resume read ended before the live frames it holds; reading the rest"
+    );
+    let reader = history.range(&r.patterns, read_to + 1, first - 1).await?;
+    Ok((n + copy_into(reader, queue).await?, first - 1))
 }
 
 /// The stream's bounds, from a node that holds `after`: the client has
@@ -508,6 +498,13 @@ impl Source for History {
 impl Frames for RangeReader {
     async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
         RangeReader::next(self).await
+    }
+}
+
+/// Frames already read (`initial=`'s).
+impl Frames for std::vec::IntoIter<Stored> {
+    async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
+        Ok(Iterator::next(self))
     }
 }
 
@@ -656,16 +653,8 @@ mod tests {
         }
     }
 
-    struct Listed(std::collections::VecDeque<Stored>);
-
-    impl Frames for Listed {
-        async fn next(&mut self) -> Result<Option<Stored>, HistoryError> {
-            Ok(self.0.pop_front())
-        }
-    }
-
     impl Source for Stale {
-        type Reader = Listed;
+        type Reader = std::vec::IntoIter<Stored>;
         async fn bounds(&self) -> Result<Bounds, HistoryError> {
             let mut told = self.told.lock().unwrap();
             let last = if told.len() > 1 {
@@ -687,9 +676,14 @@ mod tests {
         ) -> Result<bool, HistoryError> {
             Ok(!self.events(start, end).is_empty())
         }
-        async fn range(&self, _: &[String], start: u64, end: u64) -> Result<Listed, HistoryError> {
+        async fn range(
+            &self,
+            _: &[String],
+            start: u64,
+            end: u64,
+        ) -> Result<std::vec::IntoIter<Stored>, HistoryError> {
             self.reads.lock().unwrap().push((start, end));
-            Ok(Listed(self.events(start, end).into()))
+            Ok(self.events(start, end).into_iter())
         }
         async fn last_per_subject(
             &self,

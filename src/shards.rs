@@ -29,17 +29,9 @@ use crate::server::{RunError, Shard};
 /// fails, which stops the others), then returns once every shard drained.
 /// Binding happens before any shard starts: a port in use is an error here,
 /// not a half-started relay. `extension` adds routes to every shard.
+/// `bound` is called with the address the shards listen on (the port
+/// resolved when `--listen` asked for port 0) before any shard starts.
 pub fn serve(
-    cfg: Config,
-    extension: Option<Arc<dyn Extension>>,
-    stop: CancellationToken,
-) -> Result<(), RunError> {
-    serve_announced(cfg, extension, stop, |_| {})
-}
-
-/// [`serve`], calling `bound` with the address the shards listen on (the
-/// port resolved when `--listen` asked for port 0) before any shard starts.
-pub fn serve_announced(
     cfg: Config,
     extension: Option<Arc<dyn Extension>>,
     stop: CancellationToken,

@@ -4,13 +4,13 @@
 //! caught-up and held frames are then merged by sequence and delivered.
 
 use super::Upstream;
-
-/// Reads one catch-up may make before it delivers what it holds anyway.
-const CATCH_UP_ROUNDS: u32 = 4;
 use super::dispatcher::{CatchUp, Delivery, Dispatcher, Done};
 use super::topics::TopicKey;
 use crate::client::EndReason;
 use crate::nats::{CatchUpTopic, CaughtUp};
+
+/// Reads one catch-up may make before it delivers what it holds anyway.
+const CATCH_UP_ROUNDS: u32 = 4;
 
 impl<U: Upstream> Dispatcher<U> {
     /// Holds live delivery and re-reads every subscription's events from

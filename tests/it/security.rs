@@ -239,18 +239,7 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
                 .kill_on_drop(true)
                 .spawn()
                 .expect("spawn dev");
-            let mut stdout = child.stdout.take().unwrap();
-            let mut text = String::new();
-            let mut buf = [0u8; 4096];
-            let printed = tokio::time::timeout(WAIT, async {
-                while !text.contains("demo page") {
-                    let n = stdout.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "dev exited early: {text}");
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            })
-            .await;
-            assert!(printed.is_ok(), "dev printed its banner: {text}");
+            let text = dev_banner(&mut child).await;
             assert!(!text.contains("nats://127.0.0.1:1\n"), "{text}");
             assert!(
                 text.contains(&format!("http://127.0.0.1:{port}/")),
@@ -281,6 +270,24 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
     .await
 }
 
+/// Dev mode's banner, read to its last line (`publish:`): dev prints
+/// nothing more, and its stdout may then close without a failed write.
+async fn dev_banner(child: &mut tokio::process::Child) -> String {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let printed = tokio::time::timeout(WAIT, async {
+        while !text.contains("  publish:") || !text.ends_with('\n') {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "dev exited early: {text}");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await;
+    assert!(printed.is_ok(), "dev printed its banner: {text}");
+    text
+}
+
 /// `dev --listen 127.0.0.1:0` binds a free port, and its banner names that
 /// port, not 0: the page and curl command it prints work as printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,18 +303,7 @@ async fn dev_mode_banner_names_the_port_it_bound() {
                 .kill_on_drop(true)
                 .spawn()
                 .expect("spawn dev");
-            let mut stdout = child.stdout.take().unwrap();
-            let mut text = String::new();
-            let mut buf = [0u8; 4096];
-            let printed = tokio::time::timeout(WAIT, async {
-                while !text.contains("token (") {
-                    let n = stdout.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "dev exited early: {text}");
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            })
-            .await;
-            assert!(printed.is_ok(), "dev printed its banner: {text}");
+            let text = dev_banner(&mut child).await;
             let addr = text
                 .split("demo page: http://")
                 .nth(1)

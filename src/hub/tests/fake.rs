@@ -398,6 +398,15 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
     }
 }
 
+/// Drains `q` into `got` until it holds `n` event ids or more (bounded).
+pub(super) async fn receive_ids(q: &ClientQueue, got: &mut Received, n: usize) {
+    until(&format!("{n} events"), || {
+        drain(q, got);
+        got.ids.len() >= n
+    })
+    .await;
+}
+
 pub(super) fn received(q: &ClientQueue) -> Received {
     let mut r = Received::default();
     drain(q, &mut r);

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use super::{Backfill, Heartbeat, HubConfig};
 use crate::client::Departure;
 use crate::nats::LinkEvent;
-use fake::{Received, config, drain, in_an_hour, received, settle, start, until};
+use fake::{Received, config, drain, in_an_hour, receive_ids, received, settle, start, until};
 
 #[tokio::test(start_paused = true)]
 async fn one_subscription_per_pattern_dropped_with_its_last_client() {
@@ -66,11 +66,7 @@ async fn a_pending_join_keeps_its_active_topics() {
     s.fake.publish("events.c.a.1");
     s.fake.publish("events.c.b.1");
     let mut got = Received::default();
-    until("both events", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 2
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 2).await;
     assert_eq!(got.ids, [1, 2]);
 }
 
@@ -108,11 +104,7 @@ async fn a_topic_that_becomes_active_during_a_join_stays_for_it() {
     s.fake.publish("events.a");
     s.fake.publish("events.b");
     let mut got = Received::default();
-    until("both events", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 2
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 2).await;
     assert_eq!(got.ids, [1, 2]);
 }
 
@@ -201,11 +193,7 @@ async fn once_per_client_on_overlapping_patterns() {
         .map(|subj| s.fake.publish(subj))
         .collect();
     let mut got = Received::default();
-    until("four events", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 4
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 4).await;
     assert_eq!(got.ids, want);
 }
 
@@ -223,11 +211,7 @@ async fn splice_from_memory_has_no_gap_and_no_duplicate() {
         s.fake.publish("events.a");
     }
     let mut got = Received::default();
-    until("13..=25", || {
-        drain(&resumed.queue, &mut got);
-        got.ids.len() >= 13
-    })
-    .await;
+    receive_ids(&resumed.queue, &mut got, 13).await;
     assert_eq!(got.ids, (13..=25).collect::<Vec<_>>());
     assert_eq!(s.fake.lock().reads, 0, "no JetStream read");
     drop(first);
@@ -404,11 +388,7 @@ async fn a_catch_up_told_a_stale_end_reads_up_to_what_it_holds() {
     // Live while the catch-up reads; nothing of events.w.b came before.
     s.fake.publish("events.w.b"); // 6
     gate.add_permits(10);
-    until("every event", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 6
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 6).await;
     assert_eq!(got.ids, [1, 2, 3, 4, 5, 6]);
 }
 
@@ -431,11 +411,7 @@ async fn a_catch_up_of_an_empty_stream_told_a_stale_end_reads_again() {
     s.fake.publish("events.w.b"); // 3, held
     gate.add_permits(10);
     let mut got = Received::default();
-    until("every event", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 3
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 3).await;
     assert_eq!(got.ids, [1, 2, 3]);
 }
 
@@ -462,11 +438,7 @@ async fn a_catch_up_told_a_stale_end_for_ever_gives_up_after_a_few_reads() {
     s.fake.store("events.w.a"); // 2: missed, and never found
     s.fake.publish("events.w.b"); // 3
     gate.add_permits(100);
-    until("the held event", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 2
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 2).await;
     assert_eq!(got.ids, [1, 3]);
     assert_eq!(s.fake.lock().catch_ups, 4, "four reads, then delivery");
 }
@@ -510,11 +482,7 @@ async fn holes_are_found_when_the_stream_position_was_unknown() {
     s.fake.publish("events.w.a"); // 3: Nats-Last-Sequence 2
     s.fake.publish("events.w.b"); // 4
     let mut got = Received::default();
-    until("every event", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 4
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 4).await;
     assert_eq!(got.ids, [1, 2, 3, 4]);
     assert_eq!(s.metrics.catchups.get(), 1);
 }
@@ -529,11 +497,7 @@ async fn a_sequence_jump_on_a_whole_stream_subscription_is_filled() {
     s.fake.store("events.b"); // 2: never republished
     s.fake.publish("events.c"); // 3
     let mut got = Received::default();
-    until("every event", || {
-        drain(&j.queue, &mut got);
-        got.ids.len() >= 3
-    })
-    .await;
+    receive_ids(&j.queue, &mut got, 3).await;
     assert_eq!(got.ids, [1, 2, 3]);
     assert_eq!(s.metrics.catchups.get(), 1);
 }
