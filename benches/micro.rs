@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the relay's hot paths: SSE encoding, subject
-//! matching/containment, JWT verification (HS256, ES256) and the fan-out of
-//! one frame into 10,000 client queues, and what the metrics add per write.
+//! matching/containment, JWT verification (HS256, ES256), the fan-out of
+//! one frame into 10,000 client queues, the live path's work per batch of
+//! messages on 10,000 subjects, and what the metrics add per write.
 //!
 //! `cargo bench --bench micro` (about a minute and a half in all).
 
@@ -182,6 +183,43 @@ fn fanout_run(iters: u64, frame: &Bytes) -> Duration {
     total
 }
 
+/// Live messages per batch in `hub::live_batch` (what one read of the
+/// NATS socket typically hands over at 30k msg/s).
+const LIVE_BATCH: usize = 64;
+const LIVE_SUBJECTS: usize = 10_000;
+
+/// The live path per message on 10,000 subjects with one client each:
+/// RePublish headers read, the frame encoded, the replay window (32 MiB,
+/// full, so every push evicts) and the client's queue in and out. The
+/// messages are built untimed; dropping them (async-nats' header maps) is
+/// timed, as it is in the relay.
+fn bench_live_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hub::live_batch");
+    g.throughput(Throughput::Elements(LIVE_BATCH as u64));
+    let mut live = sse_relay::LiveBatch::new(LIVE_SUBJECTS, 32 << 20, 100);
+    let mut seq = 1;
+    // Fill the window first: the steady state evicts on every push.
+    while seq < 400_000 {
+        let msgs = live.messages(seq, LIVE_BATCH);
+        live.run(msgs);
+        seq += LIVE_BATCH as u64;
+    }
+    g.bench_function("64_messages_on_10k_subjects", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let msgs = live.messages(seq, LIVE_BATCH);
+                seq += LIVE_BATCH as u64;
+                let start = Instant::now();
+                black_box(live.run(msgs));
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
 /// What each write of a live chunk adds for the publish-to-write histogram:
 /// reading the clock and one observation (a short mutex-guarded update).
 fn bench_metrics(c: &mut Criterion) {
@@ -217,6 +255,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = bench_encode, bench_subject, bench_jwt, bench_fanout, bench_metrics
+    targets = bench_encode, bench_subject, bench_jwt, bench_fanout, bench_live_batch, bench_metrics
 }
 criterion_main!(micro);

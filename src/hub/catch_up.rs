@@ -134,7 +134,7 @@ impl<U: Upstream> Dispatcher<U> {
         items.extend(catch_up.held);
         items.sort_by_key(|d| d.seq);
         tracing::info!(events = items.len(), "caught up");
-        self.deliver(items).await;
+        self.deliver(&items).await;
         if std::mem::take(&mut self.catch_up_again) {
             self.start_catch_up("triggered again during catch-up");
         }

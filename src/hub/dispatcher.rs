@@ -190,6 +190,7 @@ impl<U: Upstream> Dispatcher<U> {
         let mut armed: Option<Instant> = None;
         let mut batch = Vec::new();
         let mut ended = Vec::new();
+        let mut bufs = super::fanout::BatchBuffers::default();
         let mut drain_tick = tokio::time::interval(super::drain::DRAIN_TICK);
         drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let comment = Bytes::from_static(sse::HEARTBEAT);
@@ -259,8 +260,9 @@ impl<U: Upstream> Dispatcher<U> {
                     }
                 },
                 () = std::future::poll_fn(|cx| self.merge.poll_batch(cx, &mut batch, &mut ended)) => {
-                    let items = super::fanout::encode_batch(&mut batch);
-                    self.deliver(items).await;
+                    super::fanout::encode_batch(&mut batch, &mut bufs);
+                    self.deliver(&bufs.deliveries).await;
+                    bufs.done();
                     for topic in ended.drain(..) {
                         self.subscription_ended(topic);
                     }

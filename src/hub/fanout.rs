@@ -22,7 +22,7 @@ impl<U: Upstream> Dispatcher<U> {
     /// write: a burst larger than a client queue must not evict a client
     /// that only lacked a turn on the CPU. (Outside the co-op budget nothing
     /// else would make this task yield.)
-    pub(super) async fn deliver(&mut self, items: Vec<Delivery>) {
+    pub(super) async fn deliver(&mut self, items: &[Delivery]) {
         for (i, chunk) in items.chunks(DISPATCH_CHUNK).enumerate() {
             if i > 0 {
                 tokio::task::yield_now().await;
@@ -115,6 +115,7 @@ impl<U: Upstream> Dispatcher<U> {
     pub(super) fn drain_merge(&mut self) {
         let mut batch = Vec::new();
         let mut ended = Vec::new();
+        let mut bufs = BatchBuffers::default();
         // A noop waker is fine: the run loop polls the merge set again (with
         // its real waker) before it next waits, and the ready list keeps
         // every slot woken meanwhile.
@@ -124,8 +125,9 @@ impl<U: Upstream> Dispatcher<U> {
             .poll_batch(&mut cx, &mut batch, &mut ended)
             .is_ready()
         {
-            let items = encode_batch(&mut batch);
-            self.deliver_now(&items);
+            encode_batch(&mut batch, &mut bufs);
+            self.deliver_now(&bufs.deliveries);
+            bufs.done();
             for topic in ended.drain(..) {
                 self.subscription_ended(topic);
             }
@@ -133,17 +135,44 @@ impl<U: Upstream> Dispatcher<U> {
     }
 }
 
-/// Turns a merged batch into deliveries sorted by sequence, each event
-/// encoded once even when overlapping topics both received it.
-pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>) -> Vec<Delivery> {
-    let mut msgs: Vec<(Republished, TopicKey, LiveMessage)> = batch
-        .drain(..)
-        .filter_map(|(t, m)| republished(&m).map(|r| (r, t, m)))
-        .collect();
+/// Buffers kept from one batch to the next: a batch allocates nothing of
+/// its own (a large allocation per batch made glibc's malloc consolidate
+/// its free lists, then split chunks for every small allocation after it).
+#[derive(Default)]
+pub(super) struct BatchBuffers {
+    sorting: Vec<(Republished, TopicKey, LiveMessage)>,
+    pub(super) deliveries: Vec<Delivery>,
+}
+
+/// Items a [`BatchBuffers`] keeps room for after a burst made it larger.
+const KEPT_BATCH: usize = 1024;
+
+impl BatchBuffers {
+    /// Lets go of the delivered frames, and of the room a burst took.
+    pub(super) fn done(&mut self) {
+        self.deliveries.clear();
+        self.deliveries.shrink_to(KEPT_BATCH);
+        self.sorting.shrink_to(KEPT_BATCH);
+    }
+}
+
+/// Turns a merged batch into deliveries sorted by sequence (in
+/// `bufs.deliveries`, cleared first), each event encoded once even when
+/// overlapping topics both received it.
+pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>, bufs: &mut BatchBuffers) {
+    let BatchBuffers {
+        sorting,
+        deliveries: out,
+    } = bufs;
+    out.clear();
+    sorting.extend(
+        batch
+            .drain(..)
+            .filter_map(|(t, m)| republished(&m).map(|r| (r, t, m))),
+    );
     // Stable: copies of one event from overlapping topics stay adjacent.
-    msgs.sort_by_key(|(r, ..)| r.seq);
-    let mut out: Vec<Delivery> = Vec::with_capacity(msgs.len());
-    for (r, topic, m) in msgs {
+    sorting.sort_by_key(|(r, ..)| r.seq);
+    for (r, topic, m) in sorting.drain(..) {
         let frame = match out.last() {
             Some(d) if d.seq == r.seq => d.frame.clone(),
             _ => event_frame(r.seq, &m),
@@ -156,5 +185,4 @@ pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>) -> Vec<Deli
             stored_us: r.stored_us,
         });
     }
-    out
 }

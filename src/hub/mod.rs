@@ -49,6 +49,7 @@ use crate::metrics::Metrics;
 use crate::nats::{HistoryError, LinkEvent};
 use crate::sse;
 
+pub(crate) mod bench;
 mod catch_up;
 mod dispatcher;
 mod drain;

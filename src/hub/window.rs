@@ -9,7 +9,7 @@
 //! as old frames are evicted, and is dropped whenever the live path may have
 //! missed something (NATS reconnect), until catch-up makes it whole again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 use bytes::Bytes;
@@ -29,10 +29,10 @@ struct Ring {
     bytes: usize,
 }
 
-/// Per-topic rings of recent frames under one byte budget.
+/// Per-topic rings of recent frames under one byte budget. The rings live
+/// in the LRU map itself: one lookup (foldhash, not SipHash) per frame.
 pub(crate) struct Window<K> {
-    rings: HashMap<K, Ring>,
-    lru: LruCache<K, ()>,
+    rings: LruCache<K, Ring>,
     bytes: usize,
     cap: usize,
 }
@@ -40,8 +40,7 @@ pub(crate) struct Window<K> {
 impl<K: Hash + Eq + Copy> Window<K> {
     pub(crate) fn new(cap_bytes: u64) -> Self {
         Window {
-            rings: HashMap::new(),
-            lru: LruCache::unbounded(),
+            rings: LruCache::unbounded(),
             bytes: 0,
             cap: usize::try_from(cap_bytes).unwrap_or(usize::MAX),
         }
@@ -54,32 +53,30 @@ impl<K: Hash + Eq + Copy> Window<K> {
         if self.cap == 0 {
             return;
         }
-        self.rings.insert(
+        self.rings.put(
             topic,
             Ring {
                 covered_from,
                 ..Ring::default()
             },
         );
-        self.lru.put(topic, ());
     }
 
     /// Forgets `topic`'s frames and coverage.
     pub(crate) fn stop(&mut self, topic: K) {
-        if let Some(r) = self.rings.remove(&topic) {
+        if let Some(r) = self.rings.pop(&topic) {
             self.bytes -= r.bytes;
-            self.lru.pop(&topic);
         }
     }
 
     pub(crate) fn stop_all(&mut self) {
         self.rings.clear();
-        self.lru.clear();
         self.bytes = 0;
     }
 
     /// Records a frame of `topic` (in sequence order).
     pub(crate) fn push(&mut self, topic: K, seq: u64, frame: &Bytes) {
+        // Promotes the topic: the most recently pushed gives up frames last.
         let Some(r) = self.rings.get_mut(&topic) else {
             return;
         };
@@ -89,16 +86,18 @@ impl<K: Hash + Eq + Copy> Window<K> {
         r.frames.push_back((seq, frame.clone()));
         r.bytes += cost(frame);
         self.bytes += cost(frame);
-        self.lru.promote(&topic);
         self.evict();
     }
 
     fn evict(&mut self) {
         while self.bytes > self.cap {
-            let Some((&topic, _)) = self.lru.peek_lru() else {
+            let Some((&topic, _)) = self.rings.peek_lru() else {
                 return;
             };
-            let r = self.rings.get_mut(&topic).expect("lru and rings agree");
+            let r = self
+                .rings
+                .peek_mut(&topic)
+                .expect("the least recent is there");
             if let Some((seq, f)) = r.frames.pop_front() {
                 r.bytes -= cost(&f);
                 self.bytes -= cost(&f);
@@ -108,14 +107,14 @@ impl<K: Hash + Eq + Copy> Window<K> {
             // way so the least recent entry always holds frames (bytes above
             // the cap means some ring does), and eviction stays O(1).
             if r.frames.is_empty() {
-                self.lru.promote(&topic);
+                self.rings.promote(&topic);
             }
         }
     }
 
     /// The sequence above which `topic`'s ring is whole, if it has one.
     pub(crate) fn covered_from(&self, topic: K) -> Option<u64> {
-        self.rings.get(&topic).map(|r| r.covered_from)
+        self.rings.peek(&topic).map(|r| r.covered_from)
     }
 
     /// Extends `topic`'s ring back: `frames` are every event of the topic in
@@ -123,7 +122,7 @@ impl<K: Hash + Eq + Copy> Window<K> {
     /// nothing changes). The budget still applies: the oldest frames may be
     /// evicted again at once.
     pub(crate) fn prepend(&mut self, topic: K, from: u64, to: u64, frames: Vec<(u64, Bytes)>) {
-        let Some(r) = self.rings.get_mut(&topic) else {
+        let Some(r) = self.rings.peek_mut(&topic) else {
             return;
         };
         if r.covered_from != to || frames.iter().any(|(s, _)| *s <= from || *s > to) {
@@ -136,14 +135,14 @@ impl<K: Hash + Eq + Copy> Window<K> {
         r.covered_from = from;
         r.bytes += added;
         self.bytes += added;
-        self.lru.promote(&topic);
+        self.rings.promote(&topic);
         self.evict();
     }
 
     /// How many frames of `topic` are above `after`, or None when the ring
     /// does not reach back that far (the caller must read the stream).
     pub(crate) fn count_after(&self, topic: K, after: u64) -> Option<usize> {
-        let r = self.rings.get(&topic)?;
+        let r = self.rings.peek(&topic)?;
         if r.covered_from > after {
             return None;
         }
@@ -155,7 +154,6 @@ impl<K: Hash + Eq + Copy> Window<K> {
         if let Some(r) = self.rings.get(&topic) {
             let i = r.frames.partition_point(|(s, _)| *s <= after);
             out.extend(r.frames.range(i..).cloned());
-            self.lru.promote(&topic);
         }
     }
 

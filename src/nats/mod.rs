@@ -7,6 +7,9 @@ mod link;
 mod scope;
 mod upstream;
 
+use async_nats::header::{
+    HeaderMap, HeaderName, HeaderValue, NATS_LAST_SEQUENCE, NATS_SEQUENCE, NATS_TIME_STAMP,
+};
 use bytes::Bytes;
 
 pub(crate) use history::{
@@ -20,14 +23,17 @@ pub(crate) use upstream::{LiveMessage, NatsUpstream, Upstream};
 /// The header a publisher sets to name the SSE event (`event:` line).
 pub const EVENT_HEADER: &str = "Sse-Event";
 
+const EVENT: HeaderName = HeaderName::from_static(EVENT_HEADER);
+
 /// Encodes a stored or republished message as its SSE frame: `id:` is the
 /// stream sequence, `event:` the `Sse-Event` header when set.
 pub(crate) fn event_frame(seq: u64, msg: &async_nats::Message) -> Bytes {
     let event = msg
         .headers
         .as_ref()
-        .and_then(|h| h.get(EVENT_HEADER))
-        .map(|v| v.as_str())
+        .and_then(|h| h.iter().find(|(n, _)| **n == EVENT))
+        .and_then(|(_, v)| v.first())
+        .map(HeaderValue::as_str)
         .filter(|s| !s.is_empty());
     crate::sse::encode_event(seq, event, &msg.payload)
 }
@@ -47,28 +53,33 @@ pub(crate) struct Republished {
 
 /// Reads RePublish's headers of a live message. A message without a valid
 /// `Nats-Sequence` was not republished by the stream and has no resumable
-/// id.
+/// id. Headers are read here and in [`event_frame`] by a scan of the map's
+/// few entries, names compared as `HeaderMap::get` compares them: `get`
+/// parses the name it is given and hashes it (SipHash), four times per
+/// live message before.
 pub(crate) fn republished(msg: &async_nats::Message) -> Option<Republished> {
-    let headers = msg.headers.as_ref()?;
+    let headers: &HeaderMap = msg.headers.as_ref()?;
+    let (mut seq, mut previous, mut stamp) = (None, None, None);
+    for (name, values) in headers.iter() {
+        let slot = if *name == NATS_SEQUENCE {
+            &mut seq
+        } else if *name == NATS_LAST_SEQUENCE {
+            &mut previous
+        } else if *name == NATS_TIME_STAMP {
+            &mut stamp
+        } else {
+            continue;
+        };
+        *slot = values.first().map(HeaderValue::as_str);
+    }
     // Stream sequences start at 1: a 0 is no event of the stream.
-    let seq = headers
-        .get("Nats-Sequence")?
-        .as_str()
-        .parse()
-        .ok()
-        .filter(|&s: &u64| s > 0);
+    let seq = seq?.parse().ok().filter(|&s: &u64| s > 0);
     let Some(seq) = seq else {
         tracing::warn!(subject = ?msg.subject.as_str(), "message without a valid Nats-Sequence ignored");
         return None;
     };
-    let previous = headers
-        .get("Nats-Last-Sequence")
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0);
-    let stored_us = headers
-        .get("Nats-Time-Stamp")
-        .and_then(|v| rfc3339_micros(v.as_str()))
-        .unwrap_or(0);
+    let previous = previous.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stored_us = stamp.and_then(rfc3339_micros).unwrap_or(0);
     Some(Republished {
         seq,
         previous,
@@ -147,7 +158,7 @@ pub(crate) fn rfc3339_micros(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{republished, rfc3339_micros};
+    use super::{Republished, event_frame, republished, rfc3339_micros};
 
     fn live(seq: &str) -> async_nats::Message {
         let mut headers = async_nats::HeaderMap::new();
@@ -169,6 +180,46 @@ mod tests {
         for bad in ["0", "-1", "x", "", "18446744073709551616"] {
             assert_eq!(republished(&live(bad)), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn reads_every_header_republish_sets_and_the_event_name() {
+        let mut m = live("42");
+        let h = m.headers.as_mut().unwrap();
+        h.insert("Nats-Stream", "EVENTS");
+        h.insert("Nats-Subject", "events.a");
+        h.insert("Nats-Last-Sequence", "40");
+        h.insert("Nats-Time-Stamp", "1970-01-01T00:00:01.5Z");
+        assert_eq!(
+            republished(&m),
+            Some(Republished {
+                seq: 42,
+                previous: 40,
+                stored_us: 1_500_000,
+            })
+        );
+        assert_eq!(&event_frame(42, &m)[..], b"id: 42\ndata: x\n\n");
+        m.headers
+            .as_mut()
+            .unwrap()
+            .insert("Sse-Event", "order.shipped");
+        assert_eq!(
+            &event_frame(42, &m)[..],
+            b"id: 42\nevent: order.shipped\ndata: x\n\n"
+        );
+        // Without RePublish's headers: no id, and no guess at one.
+        let mut plain = live("1");
+        plain.headers = None;
+        assert_eq!(republished(&plain), None);
+        assert_eq!(
+            republished(&live("9")),
+            Some(Republished {
+                seq: 9,
+                previous: 0,
+                stored_us: 0,
+            }),
+            "the other headers are optional"
+        );
     }
 
     #[test]

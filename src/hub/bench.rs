@@ -1,0 +1,97 @@
+//! The live path's per-batch work, reachable from `benches/micro.rs`:
+//! what the dispatcher does with a batch of live messages, without the
+//! sockets and tasks around it. Each message is a RePublish copy with its
+//! five headers; each batch is encoded (once per event), remembered in the
+//! replay window (under a budget it keeps evicting from), offered to its
+//! topic's client queue and taken from the queue as a connection would.
+
+use std::task::{Context, Waker};
+
+use bytes::Bytes;
+use slotmap::SlotMap;
+
+use super::fanout::{BatchBuffers, encode_batch};
+use super::topics::TopicKey;
+use super::window::Window;
+use crate::client::{ClientQueue, Offer};
+
+/// A hub's live path over `topics` subjects with one client each.
+pub struct LiveBatch {
+    keys: Vec<TopicKey>,
+    queues: Vec<ClientQueue>,
+    window: Window<TopicKey>,
+    bufs: BatchBuffers,
+    batch: Vec<(TopicKey, async_nats::Message)>,
+    payload: Bytes,
+}
+
+impl LiveBatch {
+    /// `topics` subjects, a replay window of `window_bytes`, and a payload
+    /// of `payload_len` bytes per event.
+    pub fn new(topics: usize, window_bytes: u64, payload_len: usize) -> Self {
+        let mut slots: SlotMap<TopicKey, ()> = SlotMap::with_key();
+        let keys: Vec<TopicKey> = (0..topics).map(|_| slots.insert(())).collect();
+        let mut window = Window::new(window_bytes);
+        for &k in &keys {
+            window.start(k, 0);
+        }
+        LiveBatch {
+            queues: (0..topics).map(|_| ClientQueue::new(1024, 0)).collect(),
+            keys,
+            window,
+            bufs: BatchBuffers::default(),
+            batch: Vec::new(),
+            payload: Bytes::from(vec![b'x'; payload_len]),
+        }
+    }
+
+    /// The live copies of events `first..first + n`, round-robin over the
+    /// subjects, as async-nats hands them over (headers parsed).
+    pub fn messages(&self, first: u64, n: usize) -> Vec<async_nats::Message> {
+        (first..first + n as u64)
+            .map(|seq| {
+                let topic = seq as usize % self.keys.len();
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Stream", "EVENTS");
+                h.insert("Nats-Subject", format!("events.user.{topic}").as_str());
+                h.insert("Nats-Sequence", seq.to_string().as_str());
+                h.insert("Nats-Time-Stamp", "2026-11-30T19:20:00.948397123Z");
+                let previous = seq.saturating_sub(self.keys.len() as u64);
+                h.insert("Nats-Last-Sequence", previous.to_string().as_str());
+                async_nats::Message {
+                    subject: format!("relay.events.user.{topic}").into(),
+                    reply: None,
+                    payload: self.payload.clone(),
+                    headers: Some(h),
+                    status: None,
+                    description: None,
+                    length: 0,
+                }
+            })
+            .collect()
+    }
+
+    /// One batch through the live path; returns the bytes the clients took.
+    pub fn run(&mut self, msgs: Vec<async_nats::Message>) -> usize {
+        let n = self.keys.len();
+        self.batch.extend(msgs.into_iter().map(|m| {
+            let seq = crate::nats::republished(&m).map_or(0, |r| r.seq);
+            (self.keys[seq as usize % n], m)
+        }));
+        encode_batch(&mut self.batch, &mut self.bufs);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut taken = 0;
+        let mut deepest = 0;
+        for d in &self.bufs.deliveries {
+            self.window.push(d.topic, d.seq, &d.frame);
+            let q = &self.queues[d.seq as usize % n];
+            let offered = q.offer_live(d.seq, &d.frame, d.stored_us, &mut deepest);
+            debug_assert_eq!(offered, Offer::Queued);
+            if let std::task::Poll::Ready(Some((chunk, _))) = q.poll_chunk_stored(&mut cx) {
+                taken += chunk.len();
+            }
+        }
+        self.bufs.done();
+        taken
+    }
+}
