@@ -24,6 +24,8 @@ struct Run {
     peer: Peer,
     report: Report,
     per_second: PerSecond,
+    /// The NATS-path probe's latency by second.
+    probe_per_second: PerSecond,
     pass: bool,
 }
 
@@ -53,14 +55,32 @@ pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
             opts.rate.unwrap_or(10.0)
         );
         let p99s: Vec<_> = runs.iter().map(|r| r.per_second.p99_ms()).collect();
-        let series: Vec<_> = runs
+        let probes: Vec<_> = runs.iter().map(|r| r.probe_per_second.p99_ms()).collect();
+        let names: Vec<_> = runs
+            .iter()
+            .map(|r| format!("{}: NATS path", r.peer.name()))
+            .collect();
+        let servers = runs
             .iter()
             .zip(&p99s)
-            .map(|(r, v)| Series {
+            .enumerate()
+            .map(|(i, (r, v))| Series {
                 name: r.peer.name(),
                 values: v,
-            })
-            .collect();
+                color: i,
+                dashed: false,
+            });
+        let paths = names
+            .iter()
+            .zip(&probes)
+            .enumerate()
+            .map(|(i, (n, v))| Series {
+                name: n,
+                values: v,
+                color: i,
+                dashed: true,
+            });
+        let series: Vec<_> = servers.chain(paths).collect();
         std::fs::write(path, line_chart(&title, &series))
             .map_err(|e| format!("--svg {path}: {e}"))?;
         report.set("svg", path.as_str());
@@ -128,7 +148,9 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let s0 = Snap::take(&b, &fleet.pids());
     let ctl = PubCtl::new(total_rate);
     let js = opts.acked.then(|| b.js.clone());
-    fleet.send(&format!("epoch {}", now_ns()))?;
+    let epoch = now_ns();
+    fleet.send(&format!("epoch {epoch}"))?;
+    probe.set_epoch(epoch);
     let task = tokio::spawn(publish::run(b.client.clone(), js, subjects, ctl.clone()));
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
@@ -137,7 +159,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let pub_secs = t0.elapsed().as_secs_f64();
     drain(&mut fleet, rounds * ok, Duration::from_secs(5)).await?;
     let s1 = Snap::take(&b, &fleet.pids());
-    let probe_hist = probe.finish().await;
+    let (probe_hist, probe_per_second) = probe.finish().await;
     let totals = fleet.finish(rounds).await?;
     note_publish(&b, &ctl, opts, &mut report).await;
     report.set("expected_per_client", rounds);
@@ -155,6 +177,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     s0.report(&s1, &mut report);
     let p99s = totals.per_second.p99_ms();
     report.set("p99_per_s_ms", json!(p99s));
+    report.set("probe_p99_per_s_ms", json!(probe_per_second.p99_ms()));
     report.set("relay_rss_end_kib", b.relay_rss_kib());
     b.note_relay_logs(&mut report);
     if let Some(st) = b.peer.as_mut().and_then(|p| p.exited()) {
@@ -168,6 +191,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
         peer,
         report,
         per_second: totals.per_second,
+        probe_per_second,
         pass,
     })
 }

@@ -6,13 +6,15 @@
 //! server adds. It shares CPU 1 with the clients, so it reads a sample of
 //! the subjects: about [`PROBE_RATE`] messages a second.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::report::Hist;
+use crate::report::{Hist, PerSecond};
 
 /// Messages a second the probe aims to read, at most.
 pub(crate) const PROBE_RATE: f64 = 1000.0;
@@ -39,10 +41,13 @@ pub(crate) fn sampled_subjects(prefix: &str, subjects: usize, total_rate: f64) -
         .collect()
 }
 
-/// A running probe; [`Probe::finish`] stops it and returns its histogram.
+/// A running probe; [`Probe::finish`] stops it and returns its histograms.
 pub(crate) struct Probe {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<Hist>,
+    task: JoinHandle<(Hist, PerSecond)>,
+    /// The clients' `epoch` (unix ns; 0: not yet), so the probe's seconds
+    /// are theirs.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Probe {
@@ -65,16 +70,25 @@ impl Probe {
             .await
             .map_err(|e| format!("probe: flush: {e}"))?;
         let (stop, mut stopped) = oneshot::channel();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let clock = epoch.clone();
         let task = tokio::spawn(async move {
             let _client = client;
             let mut all = futures_util::stream::select_all(subs);
             let mut hist = Hist::default();
+            let mut per_second = PerSecond::default();
             loop {
                 tokio::select! {
                     m = all.next() => match m {
                         Some(m) => {
                             if let Some(t) = payload_t(&m.payload) {
-                                hist.record(now_ns().saturating_sub(t) / 1000);
+                                let now = now_ns();
+                                let us = now.saturating_sub(t) / 1000;
+                                hist.record(us);
+                                let e = clock.load(Ordering::Relaxed);
+                                if e > 0 && now >= e {
+                                    per_second.record(((now - e) / 1_000_000_000) as usize, us);
+                                }
                             }
                         }
                         None => break,
@@ -82,12 +96,17 @@ impl Probe {
                     _ = &mut stopped => break,
                 }
             }
-            hist
+            (hist, per_second)
         });
-        Ok(Probe { stop, task })
+        Ok(Probe { stop, task, epoch })
     }
 
-    pub(crate) async fn finish(self) -> Hist {
+    /// Counts seconds from `epoch_ns`, as the clients do.
+    pub(crate) fn set_epoch(&self, epoch_ns: u64) {
+        self.epoch.store(epoch_ns, Ordering::Relaxed);
+    }
+
+    pub(crate) async fn finish(self) -> (Hist, PerSecond) {
         let _ = self.stop.send(());
         self.task.await.unwrap_or_default()
     }

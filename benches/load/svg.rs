@@ -6,10 +6,13 @@
 use std::fmt::Write;
 
 /// One line: its name and a value per second (`None`: no sample, the
-/// point is left out).
+/// point is left out), drawn in colour number `color`, dashed or not (a
+/// server's NATS-path probe shares its colour, dashed).
 pub(crate) struct Series<'a> {
     pub(crate) name: &'a str,
     pub(crate) values: &'a [Option<f64>],
+    pub(crate) color: usize,
+    pub(crate) dashed: bool,
 }
 
 const W: f64 = 720.0;
@@ -101,7 +104,12 @@ pub(crate) fn line_chart(title: &str, series: &[Series<'_>]) -> String {
         H - 6.0
     );
     for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let color = COLORS[s.color % COLORS.len()];
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
         let points: Vec<String> = s
             .values
             .iter()
@@ -110,13 +118,13 @@ pub(crate) fn line_chart(title: &str, series: &[Series<'_>]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
             points.join(" ")
         );
         let ly = TOP + 16.0 * i as f64 + 8.0;
         let _ = writeln!(
             out,
-            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
             x1 + 12.0,
             x1 + 32.0,
             x1 + 38.0,

@@ -162,16 +162,27 @@ fn polylines(svg: &str) -> Vec<Vec<(f64, f64)>> {
 fn svg_has_one_polyline_per_series_and_a_point_per_sampled_second() {
     let relay = [Some(1.0), Some(2.5), None, Some(4.0)];
     let axum = [Some(3.0), Some(30.0), Some(12.0)];
+    let probe = [Some(0.5), Some(0.5)];
     let svg = line_chart(
         "p99 <per second>",
         &[
             Series {
                 name: "relay",
                 values: &relay,
+                color: 0,
+                dashed: false,
             },
             Series {
                 name: "peer-axum",
                 values: &axum,
+                color: 1,
+                dashed: false,
+            },
+            Series {
+                name: "relay: NATS path",
+                values: &probe,
+                color: 0,
+                dashed: true,
             },
         ],
     );
@@ -179,7 +190,14 @@ fn svg_has_one_polyline_per_series_and_a_point_per_sampled_second() {
     assert!(svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("p99 &lt;per second&gt;"));
     let lines = polylines(&svg);
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
+    // The probe is drawn dashed, in its server's colour.
+    assert_eq!(
+        svg.matches("stroke-dasharray").count(),
+        2,
+        "its line and its legend"
+    );
+    assert_eq!(svg.matches("stroke=\"#1f77b4\"").count(), 4);
     assert_eq!(lines[0].len(), 3, "the second without samples is left out");
     assert_eq!(lines[1].len(), 3);
     // Larger values sit higher (smaller y); x grows with the second.
