@@ -156,6 +156,19 @@ fn bench_fanout(c: &mut Criterion) {
         b.iter_custom(|iters| fanout_run(iters, &frame))
     });
     g.finish();
+    // What a fan-out round costs the relay outside the kernel: offered to
+    // each queue, then taken by each connection, one frame at a time.
+    let mut g = c.benchmark_group("hub::fanout_round");
+    g.throughput(Throughput::Elements(FANOUT_CLIENTS as u64));
+    let round = sse_relay::FanoutRound::new(FANOUT_CLIENTS);
+    let mut seq = 0;
+    g.bench_function("one_frame_to_10k_queues_and_taken", |b| {
+        b.iter(|| {
+            seq += 1;
+            black_box(round.run(seq, &frame))
+        })
+    });
+    g.finish();
 }
 
 /// Times `iters` fan-outs of `frame` to [`FANOUT_CLIENTS`] queues; the queues

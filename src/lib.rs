@@ -61,8 +61,8 @@ pub mod subject;
 
 pub use error::ApiError;
 pub use http::MAX_EXTENSION_BODY;
-/// The hub's live path, for `benches/micro.rs`.
+/// The hub's live path and fan-out, for `benches/micro.rs`.
 #[doc(hidden)]
-pub use hub::bench::LiveBatch;
+pub use hub::bench::{FanoutRound, LiveBatch};
 pub use nats::{EVENT_HEADER, Scope, default_stream_config};
 pub use server::{RunError, Shard, bind, run};

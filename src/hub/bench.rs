@@ -95,3 +95,37 @@ impl LiveBatch {
         taken
     }
 }
+
+/// One fan-out round: a frame offered to every client of one subject, then
+/// taken from each queue as its connection would (one frame at a time).
+pub struct FanoutRound {
+    queues: Vec<std::sync::Arc<ClientQueue>>,
+}
+
+impl FanoutRound {
+    pub fn new(clients: usize) -> Self {
+        FanoutRound {
+            queues: (0..clients)
+                .map(|_| std::sync::Arc::new(ClientQueue::new(1024, 0)))
+                .collect(),
+        }
+    }
+
+    /// Offers event `seq` to every queue, then takes it from each; returns
+    /// the bytes taken.
+    pub fn run(&self, seq: u64, frame: &Bytes) -> usize {
+        let mut deepest = 0;
+        for q in &self.queues {
+            let offered = q.offer_live(seq, frame, 0, &mut deepest);
+            debug_assert_eq!(offered, Offer::Queued);
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut taken = 0;
+        for q in &self.queues {
+            if let std::task::Poll::Ready(Some((chunk, _))) = q.poll_chunk_stored(&mut cx) {
+                taken += chunk.len();
+            }
+        }
+        taken
+    }
+}
