@@ -19,52 +19,6 @@ const MAX_CHUNK: usize = 64 * 1024;
 /// burst does not pin memory to an idle connection.
 const IDLE_CAPACITY: usize = 16;
 
-/// Queued frames in order, the first one inline: a connection that keeps
-/// up holds one frame at a time, and queueing and taking it then touch the
-/// queue's own memory only, not a buffer of its own as well (on a fan-out
-/// to 10,000 queues each is a cache miss).
-#[derive(Debug, Default)]
-struct Frames {
-    /// The oldest frame; None only when `rest` is empty too.
-    first: Option<Bytes>,
-    rest: VecDeque<Bytes>,
-}
-
-impl Frames {
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
-    fn push_back(&mut self, frame: Bytes) {
-        if self.first.is_none() {
-            self.first = Some(frame);
-        } else {
-            self.rest.push_back(frame);
-        }
-    }
-
-    fn pop_front(&mut self) -> Option<Bytes> {
-        let frame = self.first.take()?;
-        self.first = self.rest.pop_front();
-        Some(frame)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Bytes> {
-        self.first.iter().chain(&self.rest)
-    }
-
-    /// Gives back the room a burst took, once drained.
-    fn trim(&mut self) {
-        if self.first.is_none() && self.rest.capacity() > IDLE_CAPACITY {
-            self.rest = VecDeque::new();
-        }
-    }
-}
-
 /// Why a stream ends; the closing party, named in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
@@ -142,7 +96,7 @@ pub struct ClientQueue {
 
 #[derive(Debug, Default)]
 struct QueueState {
-    frames: Frames,
+    frames: VecDeque<Bytes>,
     /// Highest event id queued so far: ids must strictly increase.
     last_seq: u64,
     /// Set when the stream must end after `tail` (if any) is written.
@@ -341,7 +295,7 @@ impl ClientQueue {
             return false;
         }
         if reason == EndReason::Slow {
-            st.frames = Frames::default();
+            st.frames = VecDeque::new();
             st.held = None;
         }
         st.end = Some(reason);
@@ -365,7 +319,7 @@ impl ClientQueue {
     pub fn abandon(&self) {
         let mut st = self.lock();
         st.abandoned = true;
-        st.frames = Frames::default();
+        st.frames = VecDeque::new();
         st.held = None;
         st.tail = None;
         let space = st.space_waker.take();
@@ -401,15 +355,15 @@ impl ClientQueue {
                     })
                     .count();
                 let mut buf = BytesMut::with_capacity(size.min(MAX_CHUNK.max(size)));
-                for _ in 0..n {
-                    if let Some(f) = st.frames.pop_front() {
-                        buf.put_slice(&f);
-                    }
+                for f in st.frames.drain(..n) {
+                    buf.put_slice(&f);
                 }
                 Some(buf.freeze())
             }
         };
-        st.frames.trim();
+        if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
+            st.frames = VecDeque::new();
+        }
         if chunk.is_some() {
             if let Some(w) = st.space_waker.take() {
                 w.wake();
@@ -471,29 +425,6 @@ mod tests {
 
     fn text(b: &Bytes) -> &str {
         std::str::from_utf8(b).unwrap()
-    }
-
-    #[test]
-    fn frames_keep_their_order_across_the_inline_slot() {
-        let mut f = Frames::default();
-        let b = |n: u8| Bytes::from(vec![n]);
-        for n in 1..=3 {
-            f.push_back(b(n));
-        }
-        assert_eq!(f.pop_front(), Some(b(1)));
-        f.push_back(b(4));
-        assert_eq!(f.len(), 3);
-        assert_eq!(f.iter().map(|x| x[0]).collect::<Vec<_>>(), vec![2, 3, 4]);
-        let drained: Vec<u8> = std::iter::from_fn(|| f.pop_front()).map(|x| x[0]).collect();
-        assert_eq!(drained, vec![2, 3, 4]);
-        assert!(f.is_empty());
-        assert_eq!(f.iter().count(), 0);
-        for n in 0..100 {
-            f.push_back(b(n));
-        }
-        while f.pop_front().is_some() {}
-        f.trim();
-        assert_eq!(f.rest.capacity(), 0, "a drained burst gives its room back");
     }
 
     #[test]
