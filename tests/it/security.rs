@@ -246,28 +246,35 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
                 "{text}"
             );
             // SIGTERM ends dev mode and the nats-server it started.
-            let nats_addr = text
-                .split("nats://")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .expect("the NATS address in the banner")
-                .to_string();
-            let pid = child.id().expect("dev is running").to_string();
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status();
-            let status = tokio::time::timeout(WAIT, child.wait()).await;
-            assert!(
-                matches!(&status, Ok(Ok(s)) if s.success()),
-                "dev exits 0 on SIGTERM: {status:?}"
-            );
-            assert!(
-                TcpStream::connect(&nats_addr).await.is_err(),
-                "the nats-server dev started is gone with it ({nats_addr})"
-            );
+            stop_dev(&mut child, &text).await;
         },
     )
     .await
+}
+
+/// Ends dev mode with SIGTERM, which also stops the nats-server it
+/// started (asserted). A SIGKILL (`kill_on_drop`) would leave that server
+/// running: every test that starts dev mode ends it here.
+async fn stop_dev(child: &mut tokio::process::Child, banner: &str) {
+    let nats_addr = banner
+        .split("nats://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the NATS address in the banner")
+        .to_string();
+    let pid = child.id().expect("dev is running").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let status = tokio::time::timeout(WAIT, child.wait()).await;
+    assert!(
+        matches!(&status, Ok(Ok(s)) if s.success()),
+        "dev exits 0 on SIGTERM: {status:?}"
+    );
+    assert!(
+        TcpStream::connect(&nats_addr).await.is_err(),
+        "the nats-server dev started is gone with it ({nats_addr})"
+    );
 }
 
 /// Dev mode's banner, read to its last line (`publish:`): dev prints
@@ -313,6 +320,7 @@ async fn dev_mode_banner_names_the_port_it_bound() {
             assert!(!addr.ends_with(":0"), "the banner names port 0: {text}");
             let r = http_get(&addr, "/healthz", &[]).await;
             assert_eq!(r.status, 200, "dev answers where its banner says");
+            stop_dev(&mut child, &text).await;
         },
     )
     .await
