@@ -15,10 +15,10 @@ pub(crate) struct Series<'a> {
     pub(crate) dashed: bool,
 }
 
-const W: f64 = 720.0;
+const W: f64 = 760.0;
 const H: f64 = 360.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 150.0;
+const RIGHT: f64 = 190.0;
 const TOP: f64 = 36.0;
 const BOTTOM: f64 = 44.0;
 const COLORS: [&str; 6] = [
