@@ -63,6 +63,6 @@ pub use error::ApiError;
 pub use http::MAX_EXTENSION_BODY;
 /// The hub's live path and fan-out, for `benches/micro.rs`.
 #[doc(hidden)]
-pub use hub::bench::{FanoutRound, LiveBatch};
+pub use hub::bench::{FanoutRound, LiveBatch, LiveMessages};
 pub use nats::{EVENT_HEADER, Scope, default_stream_config};
 pub use server::{RunError, Shard, bind, run};

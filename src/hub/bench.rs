@@ -15,6 +15,9 @@ use super::topics::TopicKey;
 use super::window::Window;
 use crate::client::{ClientQueue, Offer};
 
+/// A batch of live messages for [`LiveBatch::run`].
+pub struct LiveMessages(pub(super) Vec<(TopicKey, async_nats::Message)>);
+
 /// A hub's live path over `topics` subjects with one client each.
 pub struct LiveBatch {
     keys: Vec<TopicKey>,
@@ -46,9 +49,10 @@ impl LiveBatch {
     }
 
     /// The live copies of events `first..first + n`, round-robin over the
-    /// subjects, as async-nats hands them over (headers parsed).
-    pub fn messages(&self, first: u64, n: usize) -> Vec<async_nats::Message> {
-        (first..first + n as u64)
+    /// subjects, as the merge of subscriptions hands them over: headers
+    /// parsed, each with its subscription's key.
+    pub fn messages(&self, first: u64, n: usize) -> LiveMessages {
+        let messages = (first..first + n as u64)
             .map(|seq| {
                 let topic = seq as usize % self.keys.len();
                 let mut h = async_nats::HeaderMap::new();
@@ -58,7 +62,7 @@ impl LiveBatch {
                 h.insert("Nats-Time-Stamp", "2026-11-30T19:20:00.948397123Z");
                 let previous = seq.saturating_sub(self.keys.len() as u64);
                 h.insert("Nats-Last-Sequence", previous.to_string().as_str());
-                async_nats::Message {
+                let m = async_nats::Message {
                     subject: format!("relay.events.user.{topic}").into(),
                     reply: None,
                     payload: self.payload.clone(),
@@ -66,18 +70,17 @@ impl LiveBatch {
                     status: None,
                     description: None,
                     length: 0,
-                }
+                };
+                (self.keys[topic], m)
             })
-            .collect()
+            .collect();
+        LiveMessages(messages)
     }
 
     /// One batch through the live path; returns the bytes the clients took.
-    pub fn run(&mut self, msgs: Vec<async_nats::Message>) -> usize {
+    pub fn run(&mut self, msgs: LiveMessages) -> usize {
         let n = self.keys.len();
-        self.batch.extend(msgs.into_iter().map(|m| {
-            let seq = crate::nats::republished(&m).map_or(0, |r| r.seq);
-            (self.keys[seq as usize % n], m)
-        }));
+        self.batch.extend(msgs.0);
         encode_batch(&mut self.batch, &mut self.bufs);
         let mut cx = Context::from_waker(Waker::noop());
         let mut taken = 0;

@@ -189,19 +189,14 @@ pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>, bufs: &mut 
 
 #[cfg(test)]
 mod tests {
-    use slotmap::SlotMap;
-
     use super::{BatchBuffers, KEPT_BATCH, encode_batch};
     use crate::hub::bench::LiveBatch;
-    use crate::hub::topics::TopicKey;
 
     #[test]
     fn batch_buffers_are_kept_between_batches_up_to_a_bound() {
         let live = LiveBatch::new(4, 1 << 20, 10);
-        let mut keys: SlotMap<TopicKey, ()> = SlotMap::with_key();
-        let key = keys.insert(());
         let mut bufs = BatchBuffers::default();
-        let mut batch: Vec<_> = live.messages(1, 64).into_iter().map(|m| (key, m)).collect();
+        let mut batch = live.messages(1, 64).0;
         encode_batch(&mut batch, &mut bufs);
         assert_eq!(bufs.deliveries.len(), 64);
         assert!(bufs.deliveries.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -210,11 +205,7 @@ mod tests {
         let room = bufs.deliveries.capacity();
         assert!(room >= 64, "the next batch reuses the room: {room}");
         // A burst's room is given back down to the bound.
-        let mut burst: Vec<_> = live
-            .messages(100, 5 * KEPT_BATCH)
-            .into_iter()
-            .map(|m| (key, m))
-            .collect();
+        let mut burst = live.messages(100, 5 * KEPT_BATCH).0;
         encode_batch(&mut burst, &mut bufs);
         bufs.done();
         assert!(bufs.deliveries.capacity() <= KEPT_BATCH);
