@@ -53,12 +53,9 @@ impl Frames {
         match self {
             Frames::Many(d) if d.capacity() > 0 => d.push_back(frame),
             Frames::Many(_) => *self = Frames::One(frame),
-            Frames::One(_) => {
-                let Frames::One(first) = std::mem::take(self) else {
-                    unreachable!("matched One")
-                };
+            Frames::One(first) => {
                 let mut d = VecDeque::with_capacity(4);
-                d.push_back(first);
+                d.push_back(first.clone());
                 d.push_back(frame);
                 *self = Frames::Many(d);
             }
@@ -66,13 +63,13 @@ impl Frames {
     }
 
     fn pop_front(&mut self) -> Option<Bytes> {
-        match self {
-            Frames::Many(d) => d.pop_front(),
-            Frames::One(_) => match std::mem::take(self) {
-                Frames::One(f) => Some(f),
-                Frames::Many(_) => unreachable!("matched One"),
-            },
+        if let Frames::Many(d) = self {
+            return d.pop_front();
         }
+        let Frames::One(f) = std::mem::take(self) else {
+            return None;
+        };
+        Some(f)
     }
 
     fn iter(&self) -> impl Iterator<Item = &Bytes> {
