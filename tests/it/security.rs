@@ -230,16 +230,14 @@ async fn dev_mode_stays_on_loopback_and_ignores_the_environment() {
             // NATS_URL and RELAY_LISTEN from a production shell are not read: dev
             // starts its own nats-server and listens where its flags say.
             let port = free_port();
-            let mut child = tokio::process::Command::new(relay_bin())
-                .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
-                .env("NATS_URL", "nats://127.0.0.1:1")
-                .env("RELAY_LISTEN", "0.0.0.0:9")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn dev");
-            let text = dev_banner(&mut child).await;
+            let (mut child, text) = start_dev(
+                &format!("127.0.0.1:{port}"),
+                &[
+                    ("NATS_URL", "nats://127.0.0.1:1"),
+                    ("RELAY_LISTEN", "0.0.0.0:9"),
+                ],
+            )
+            .await;
             assert!(!text.contains("nats://127.0.0.1:1\n"), "{text}");
             assert!(
                 text.contains(&format!("http://127.0.0.1:{port}/")),
@@ -277,6 +275,21 @@ async fn stop_dev(child: &mut tokio::process::Child, banner: &str) {
     );
 }
 
+/// Starts `sse-relay dev --listen <listen>` with `envs` set; returns it
+/// with its banner. End it with [`stop_dev`].
+async fn start_dev(listen: &str, envs: &[(&str, &str)]) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(relay_bin())
+        .args(["dev", "--listen", listen])
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn dev");
+    let text = dev_banner(&mut child).await;
+    (child, text)
+}
+
 /// Dev mode's banner, read to its last line (`publish:`): dev prints
 /// nothing more, and its stdout may then close without a failed write.
 async fn dev_banner(child: &mut tokio::process::Child) -> String {
@@ -303,14 +316,7 @@ async fn dev_mode_banner_names_the_port_it_bound() {
         TEST_LIMIT,
         "dev_mode_banner_names_the_port_it_bound",
         async {
-            let mut child = tokio::process::Command::new(relay_bin())
-                .args(["dev", "--listen", "127.0.0.1:0"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn dev");
-            let text = dev_banner(&mut child).await;
+            let (mut child, text) = start_dev("127.0.0.1:0", &[]).await;
             let addr = text
                 .split("demo page: http://")
                 .nth(1)
