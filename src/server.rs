@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::nats::{self, History, Link, LinkEvent, NatsUpstream, Scope, StreamError};
+use crate::nats::{self, Feed, History, Link, NatsUpstream, Scope, StreamError};
 
 /// After the drain has closed every stream: time for their last bytes and
 /// for replays still running to end.
@@ -244,6 +244,14 @@ async fn start_nats(
         }
     };
     let _ = app.link.set(link.clone());
+    // The live feed connects while the stream is read.
+    let feed = match Feed::start(&cfg, shard, link.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fatal.send(RunError::Nats(e));
+            return;
+        }
+    };
     let js = async_nats::jetstream::new(client.clone());
     let scope = match load_scope(&js, &cfg, &link, &cancel).await {
         Ok(Some(scope)) => Arc::new(scope),
@@ -258,9 +266,9 @@ async fn start_nats(
     let history = History::new(js, &scope, app.metrics.clone());
     // Subscribed to before the hub starts: no election is missed.
     let events = link.subscribe();
-    link.watch_stream(&client, &scope.stream).await;
+    link.watch_stream(&feed, &scope.stream).await;
     let hub = Hub::start(
-        NatsUpstream::new(client.clone(), scope.clone(), history.clone()),
+        NatsUpstream::new(feed, scope.clone(), history.clone()),
         HubConfig {
             heartbeat: cfg.heartbeat,
             client_queue: cfg.client_queue,
@@ -315,7 +323,7 @@ async fn load_scope(
 }
 
 /// Keeps this shard's share of the `nats_connected` gauge (one per shard
-/// connection that is up) until shutdown.
+/// whose two connections are up) until shutdown.
 async fn count_connection(metrics: &Metrics, link: &Link, cancel: &CancellationToken) {
     let mut events = link.subscribe();
     let mut up = false;
@@ -330,8 +338,6 @@ async fn count_connection(metrics: &Metrics, link: &Link, cancel: &CancellationT
         tokio::select! {
             () = cancel.cancelled() => break,
             ev = events.recv() => match ev {
-                Ok(LinkEvent::Connected) => set_up(true),
-                Ok(LinkEvent::Disconnected) => set_up(false),
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     set_up(link.is_connected());
                 }

@@ -1,9 +1,10 @@
 //! The live path's per-batch work, reachable from `benches/micro.rs`:
-//! what the dispatcher does with a batch of live messages, without the
-//! sockets and tasks around it. Each message is a RePublish copy with its
-//! five headers; each batch is encoded (once per event), remembered in the
-//! replay window (under a budget it keeps evicting from), offered to its
-//! topic's client queue and taken from the queue as a connection would.
+//! what the feed and the dispatcher do with a batch of live messages,
+//! without the sockets and tasks around them. Each message is a RePublish
+//! copy with its five headers, as the server writes it; each is parsed
+//! into its frame, the batch sorted, remembered in the replay window
+//! (under a budget it keeps evicting from), offered to its topic's client
+//! queue and taken from the queue as a connection would.
 
 use std::task::{Context, Waker};
 
@@ -14,9 +15,11 @@ use super::fanout::{BatchBuffers, encode_batch};
 use super::topics::TopicKey;
 use super::window::Window;
 use crate::client::{ClientQueue, Offer};
+use crate::nats::{LiveMessage, wire};
 
-/// A batch of live messages for [`LiveBatch::run`].
-pub struct LiveMessages(pub(super) Vec<(TopicKey, async_nats::Message)>);
+/// A batch of live messages for [`LiveBatch::run`]: `HMSG` operations as
+/// they come off the socket, each subscription's id its topic's index.
+pub struct LiveMessages(Vec<u8>);
 
 /// A hub's live path over `topics` subjects with one client each.
 pub struct LiveBatch {
@@ -24,7 +27,7 @@ pub struct LiveBatch {
     queues: Vec<ClientQueue>,
     window: Window<TopicKey>,
     bufs: BatchBuffers,
-    batch: Vec<(TopicKey, async_nats::Message)>,
+    batch: Vec<(TopicKey, LiveMessage)>,
     payload: Bytes,
 }
 
@@ -49,38 +52,57 @@ impl LiveBatch {
     }
 
     /// The live copies of events `first..first + n`, round-robin over the
-    /// subjects, as the merge of subscriptions hands them over: headers
-    /// parsed, each with its subscription's key.
+    /// subjects, as the server sends them to the feed.
     pub fn messages(&self, first: u64, n: usize) -> LiveMessages {
-        let messages = (first..first + n as u64)
-            .map(|seq| {
-                let topic = seq as usize % self.keys.len();
-                let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Stream", "EVENTS");
-                h.insert("Nats-Subject", format!("events.user.{topic}").as_str());
-                h.insert("Nats-Sequence", seq.to_string().as_str());
-                h.insert("Nats-Time-Stamp", "2026-11-30T19:20:00.948397123Z");
-                let previous = seq.saturating_sub(self.keys.len() as u64);
-                h.insert("Nats-Last-Sequence", previous.to_string().as_str());
-                let m = async_nats::Message {
-                    subject: format!("relay.events.user.{topic}").into(),
-                    reply: None,
-                    payload: self.payload.clone(),
-                    headers: Some(h),
-                    status: None,
-                    description: None,
-                    length: 0,
-                };
-                (self.keys[topic], m)
-            })
-            .collect();
-        LiveMessages(messages)
+        let mut wire = Vec::new();
+        for seq in first..first + n as u64 {
+            let topic = seq as usize % self.keys.len();
+            let previous = seq.saturating_sub(self.keys.len() as u64);
+            let headers = format!(
+                "NATS/1.0\r\nNats-Stream: EVENTS\r\nNats-Subject: events.user.{topic}\r\n\
+                 Nats-Sequence: {seq}\r\nNats-Time-Stamp: 2026-11-30T19:20:00.948397123Z\r\n\
+                 Nats-Last-Sequence: {previous}\r\n\r\n"
+            );
+            let total = headers.len() + self.payload.len();
+            wire.extend_from_slice(
+                format!(
+                    "HMSG relay.events.user.{topic} {topic} {} {total}\r\n",
+                    headers.len()
+                )
+                .as_bytes(),
+            );
+            wire.extend_from_slice(headers.as_bytes());
+            wire.extend_from_slice(&self.payload);
+            wire.extend_from_slice(b"\r\n");
+        }
+        LiveMessages(wire)
+    }
+
+    /// Reads `msgs` as the feed does: each into its frame, with its topic.
+    pub(super) fn parse(&self, msgs: &LiveMessages, into: &mut Vec<(TopicKey, LiveMessage)>) {
+        let mut rest = &msgs.0[..];
+        while let Ok(Some((op, used))) = wire::parse(rest, usize::MAX / 2) {
+            if let wire::ServerOp::Msg {
+                sid,
+                headers,
+                payload,
+                ..
+            } = op
+            {
+                if let Some(m) = wire::live_message(headers, payload) {
+                    into.push((self.keys[sid as usize], m));
+                }
+            }
+            rest = &rest[used..];
+        }
     }
 
     /// One batch through the live path; returns the bytes the clients took.
-    pub fn run(&mut self, msgs: LiveMessages) -> usize {
+    pub fn run(&mut self, msgs: &LiveMessages) -> usize {
         let n = self.keys.len();
-        self.batch.extend(msgs.0);
+        let mut batch = std::mem::take(&mut self.batch);
+        self.parse(msgs, &mut batch);
+        self.batch = batch;
         encode_batch(&mut self.batch, &mut self.bufs);
         let mut cx = Context::from_waker(Waker::noop());
         let mut taken = 0;

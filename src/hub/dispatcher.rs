@@ -246,7 +246,7 @@ impl<U: Upstream> Dispatcher<U> {
                         // The stream may have been recreated meanwhile.
                         self.check_stream("nats reconnected", true);
                     }
-                    Ok(LinkEvent::Connected) => {}
+                    Ok(LinkEvent::Connected | LinkEvent::Requests) => {}
                     Ok(LinkEvent::SlowConsumer) => self.start_catch_up("slow consumer"),
                     Ok(LinkEvent::StreamLeaderElected) => {
                         self.start_catch_up("stream leader elected");

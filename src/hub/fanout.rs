@@ -7,7 +7,6 @@ use super::dispatcher::{Delivery, Dispatcher};
 use super::topics::TopicKey;
 use super::{LiveMessage, Upstream};
 use crate::client::{EndReason, Offer};
-use crate::nats::{Republished, event_frame, republished};
 
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
@@ -140,7 +139,7 @@ impl<U: Upstream> Dispatcher<U> {
 /// its free lists, then split chunks for every small allocation after it).
 #[derive(Default)]
 pub(super) struct BatchBuffers {
-    sorting: Vec<(Republished, TopicKey, LiveMessage)>,
+    sorting: Vec<(TopicKey, LiveMessage)>,
     pub(super) deliveries: Vec<Delivery>,
 }
 
@@ -157,25 +156,23 @@ impl BatchBuffers {
 }
 
 /// Turns a merged batch into deliveries sorted by sequence (in
-/// `bufs.deliveries`, cleared first), each event encoded once even when
-/// overlapping topics both received it.
+/// `bufs.deliveries`, cleared first; `batch` is left empty), the copies of
+/// one event that overlapping topics received sharing one frame.
 pub(super) fn encode_batch(batch: &mut Vec<(TopicKey, LiveMessage)>, bufs: &mut BatchBuffers) {
     let BatchBuffers {
         sorting,
         deliveries: out,
     } = bufs;
     out.clear();
-    sorting.extend(
-        batch
-            .drain(..)
-            .filter_map(|(t, m)| republished(&m).map(|r| (r, t, m))),
-    );
+    sorting.append(batch);
     // Stable: copies of one event from overlapping topics stay adjacent.
-    sorting.sort_by_key(|(r, ..)| r.seq);
-    for (r, topic, m) in sorting.drain(..) {
+    sorting.sort_by_key(|(_, m)| m.id.seq);
+    for (topic, m) in sorting.drain(..) {
+        let r = m.id;
+        // Overlapping topics each received a copy: one frame for all.
         let frame = match out.last() {
             Some(d) if d.seq == r.seq => d.frame.clone(),
-            _ => event_frame(r.seq, &m),
+            _ => m.frame,
         };
         out.push(Delivery {
             seq: r.seq,
@@ -196,7 +193,8 @@ mod tests {
     fn batch_buffers_are_kept_between_batches_up_to_a_bound() {
         let live = LiveBatch::new(4, 1 << 20, 10);
         let mut bufs = BatchBuffers::default();
-        let mut batch = live.messages(1, 64).0;
+        let mut batch = Vec::new();
+        live.parse(&live.messages(1, 64), &mut batch);
         encode_batch(&mut batch, &mut bufs);
         assert_eq!(bufs.deliveries.len(), 64);
         assert!(bufs.deliveries.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -205,7 +203,8 @@ mod tests {
         let room = bufs.deliveries.capacity();
         assert!(room >= 64, "the next batch reuses the room: {room}");
         // A burst's room is given back down to the bound.
-        let mut burst = live.messages(100, 5 * KEPT_BATCH).0;
+        let mut burst = Vec::new();
+        live.parse(&live.messages(100, 5 * KEPT_BATCH), &mut burst);
         encode_batch(&mut burst, &mut bufs);
         bufs.done();
         assert!(bufs.deliveries.capacity() <= KEPT_BATCH);

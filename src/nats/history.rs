@@ -288,11 +288,11 @@ impl History {
     /// that holds live delivery.
     pub(crate) async fn catch_up<K: Copy + Send + 'static>(
         &self,
-        nats: &async_nats::Client,
+        feed: &super::Feed,
         topics: &[CatchUpTopic<K>],
         limit: u64,
     ) -> CaughtUp<K> {
-        retry_catch_up(topics, || self.catch_up_once(nats, topics, limit)).await
+        retry_catch_up(topics, || self.catch_up_once(feed, topics, limit)).await
     }
 
     /// One pass: a single read of the stream from the oldest sequence any
@@ -301,14 +301,14 @@ impl History {
     /// proportional to the events missed, whatever the number of topics.
     async fn catch_up_once<K: Copy + Send + 'static>(
         &self,
-        nats: &async_nats::Client,
+        feed: &super::Feed,
         topics: &[CatchUpTopic<K>],
         limit: u64,
     ) -> Result<CaughtUp<K>, HistoryError> {
-        // After a reconnect the client re-sends every SUB first; once the
+        // After a reconnect the feed re-sends every SUB first; once the
         // flush returns the server has them, so the stream's last sequence
         // read next bounds what live delivery may have missed.
-        nats.flush().await.map_err(nats_err)?;
+        feed.flush().await.map_err(nats_err)?;
         let last = self.bounds().await?.last;
         let mut out = CaughtUp {
             frames: Vec::new(),

@@ -1,24 +1,28 @@
-//! The relay's NATS side: the connection (`link`), the stream's
-//! [`Scope`], JetStream reads (`History`) and the hub's `NatsUpstream`.
-//! Also the one place a NATS message becomes an SSE frame.
+//! The relay's NATS side: the connections (`link`, and the live `feed`
+//! with its protocol in `wire`), the stream's [`Scope`], JetStream reads
+//! (`History`) and the hub's `NatsUpstream`. Also the one place a NATS
+//! message becomes an SSE frame (`event_frame` for stored messages,
+//! `wire::live_message` for live ones).
 
+mod feed;
 mod history;
 mod link;
 mod scope;
 mod upstream;
+pub(crate) mod wire;
 
-use async_nats::header::{
-    HeaderMap, HeaderName, HeaderValue, NATS_LAST_SEQUENCE, NATS_SEQUENCE, NATS_TIME_STAMP,
-};
+use async_nats::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
 
+pub(crate) use feed::Feed;
 pub(crate) use history::{
     Bounds, CatchUpTopic, CaughtUp, History, HistoryError, RangeReader, ResumePlan, Stored,
 };
 pub(crate) use link::{Link, LinkEvent, connect};
 pub use scope::{Scope, default_stream_config};
 pub(crate) use scope::{StreamError, load_scope};
-pub(crate) use upstream::{LiveMessage, NatsUpstream, Upstream};
+pub(crate) use upstream::{NatsUpstream, Upstream};
+pub(crate) use wire::LiveMessage;
 
 /// The header a publisher sets to name the SSE event (`event:` line).
 pub const EVENT_HEADER: &str = "Sse-Event";
@@ -49,41 +53,6 @@ pub(crate) struct Republished {
     /// When the stream stored it (`Nats-Time-Stamp`), in microseconds since
     /// the Unix epoch; 0 when absent or unreadable.
     pub stored_us: u64,
-}
-
-/// Reads RePublish's headers of a live message. A message without a valid
-/// `Nats-Sequence` was not republished by the stream and has no resumable
-/// id. Headers are read here and in [`event_frame`] by a scan of the map's
-/// few entries, names compared as `HeaderMap::get` compares them, without
-/// the name parsing and SipHash a `get` costs.
-pub(crate) fn republished(msg: &async_nats::Message) -> Option<Republished> {
-    let headers: &HeaderMap = msg.headers.as_ref()?;
-    let (mut seq, mut previous, mut stamp) = (None, None, None);
-    for (name, values) in headers.iter() {
-        let slot = if *name == NATS_SEQUENCE {
-            &mut seq
-        } else if *name == NATS_LAST_SEQUENCE {
-            &mut previous
-        } else if *name == NATS_TIME_STAMP {
-            &mut stamp
-        } else {
-            continue;
-        };
-        *slot = values.first().map(HeaderValue::as_str);
-    }
-    // Stream sequences start at 1: a 0 is no event of the stream.
-    let seq = seq?.parse().ok().filter(|&s: &u64| s > 0);
-    let Some(seq) = seq else {
-        tracing::warn!(subject = ?msg.subject.as_str(), "message without a valid Nats-Sequence ignored");
-        return None;
-    };
-    let previous = previous.and_then(|v| v.parse().ok()).unwrap_or(0);
-    let stored_us = stamp.and_then(rfc3339_micros).unwrap_or(0);
-    Some(Republished {
-        seq,
-        previous,
-        stored_us,
-    })
 }
 
 /// Microseconds since the Unix epoch of an RFC 3339 time as nats-server
@@ -157,68 +126,27 @@ pub(crate) fn rfc3339_micros(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Republished, event_frame, republished, rfc3339_micros};
+    use super::{event_frame, rfc3339_micros};
 
-    fn live(seq: &str) -> async_nats::Message {
+    #[test]
+    fn a_stored_message_s_frame_names_its_event() {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Sequence", seq);
-        async_nats::Message {
-            subject: "relay.events.a".into(),
+        headers.insert("Sse-Event", "order.shipped");
+        let mut m = async_nats::Message {
+            subject: "events.a".into(),
             reply: None,
             payload: bytes::Bytes::from_static(b"x"),
             headers: Some(headers),
             status: None,
             description: None,
             length: 0,
-        }
-    }
-
-    #[test]
-    fn a_live_message_needs_a_stream_sequence_of_1_or_more() {
-        assert_eq!(republished(&live("7")).map(|r| r.seq), Some(7));
-        for bad in ["0", "-1", "x", "", "18446744073709551616"] {
-            assert_eq!(republished(&live(bad)), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn reads_every_header_republish_sets_and_the_event_name() {
-        let mut m = live("42");
-        let h = m.headers.as_mut().unwrap();
-        h.insert("Nats-Stream", "EVENTS");
-        h.insert("Nats-Subject", "events.a");
-        h.insert("Nats-Last-Sequence", "40");
-        h.insert("Nats-Time-Stamp", "1970-01-01T00:00:01.5Z");
-        assert_eq!(
-            republished(&m),
-            Some(Republished {
-                seq: 42,
-                previous: 40,
-                stored_us: 1_500_000,
-            })
-        );
-        assert_eq!(&event_frame(42, &m)[..], b"id: 42\ndata: x\n\n");
-        m.headers
-            .as_mut()
-            .unwrap()
-            .insert("Sse-Event", "order.shipped");
+        };
         assert_eq!(
             &event_frame(42, &m)[..],
             b"id: 42\nevent: order.shipped\ndata: x\n\n"
         );
-        // Without RePublish's headers: no id, and no guess at one.
-        let mut plain = live("1");
-        plain.headers = None;
-        assert_eq!(republished(&plain), None);
-        assert_eq!(
-            republished(&live("9")),
-            Some(Republished {
-                seq: 9,
-                previous: 0,
-                stored_us: 0,
-            }),
-            "the other headers are optional"
-        );
+        m.headers = None;
+        assert_eq!(&event_frame(42, &m)[..], b"id: 42\ndata: x\n\n");
     }
 
     #[test]

@@ -1,21 +1,18 @@
 //! What the hub needs from NATS, as a trait ([`Upstream`]): the live feed
 //! (one subscription per pattern) and the stream's history; and
-//! [`NatsUpstream`], the trait on a real connection (core subscriptions on
-//! the stream's republish destination, JetStream for history). The hub's
+//! [`NatsUpstream`], the trait on real connections (the live feed's
+//! subscriptions on the stream's republish destination, JetStream for
+//! history). The hub's
 //! unit tests implement it with a fake that publishes synthetic events
 //! under paused time.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use async_nats::Subscriber;
 use futures_util::Stream;
 
-use super::{Bounds, CatchUpTopic, CaughtUp, History, HistoryError, Scope, Stored};
-
-/// A live message: async-nats' type, so the hot path converts nothing.
-/// The stream sequence is in its `Nats-Sequence` header (RePublish).
-pub(crate) type LiveMessage = async_nats::Message;
+use super::feed::{Feed, FeedSub};
+use super::{Bounds, CatchUpTopic, CaughtUp, History, HistoryError, LiveMessage, Scope, Stored};
 
 pub(crate) trait Upstream: Clone + Send + Sync + 'static {
     type Live: Stream<Item = LiveMessage> + Unpin + Send + 'static;
@@ -66,15 +63,15 @@ pub(crate) trait Upstream: Clone + Send + Sync + 'static {
 
 #[derive(Clone)]
 pub(crate) struct NatsUpstream {
-    client: async_nats::Client,
+    feed: Feed,
     scope: Arc<Scope>,
     history: History,
 }
 
 impl NatsUpstream {
-    pub(crate) fn new(client: async_nats::Client, scope: Arc<Scope>, history: History) -> Self {
+    pub(crate) fn new(feed: Feed, scope: Arc<Scope>, history: History) -> Self {
         NatsUpstream {
-            client,
+            feed,
             scope,
             history,
         }
@@ -82,21 +79,20 @@ impl NatsUpstream {
 }
 
 impl Upstream for NatsUpstream {
-    type Live = Subscriber;
+    type Live = FeedSub;
 
-    async fn subscribe(&self, pattern: &str) -> Result<(Subscriber, Option<u64>), String> {
+    async fn subscribe(&self, pattern: &str) -> Result<(FeedSub, Option<u64>), String> {
         let live = self
             .scope
             .live_subject(pattern)
             .ok_or_else(|| format!("{pattern:?} is not republished by the stream"))?;
+        // Resolves once the server has the SUB: every event republished
+        // from now on reaches this subscription.
         let sub = self
-            .client
-            .subscribe(live)
+            .feed
+            .subscribe(&live)
             .await
             .map_err(|e| e.to_string())?;
-        // Once the server answers the flush it has the SUB: every event
-        // republished from now on reaches this subscription.
-        self.client.flush().await.map_err(|e| e.to_string())?;
         let covered = self.history.bounds().await.ok().map(|b| b.last);
         Ok((sub, covered))
     }
@@ -122,6 +118,6 @@ impl Upstream for NatsUpstream {
         topics: Vec<CatchUpTopic<K>>,
         limit: u64,
     ) -> CaughtUp<K> {
-        self.history.catch_up(&self.client, &topics, limit).await
+        self.history.catch_up(&self.feed, &topics, limit).await
     }
 }

@@ -23,6 +23,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod load_harness;
+mod nats_auth;
 mod observe;
 mod publish;
 mod recreate;

@@ -1,5 +1,5 @@
 //! `--workers`: one process runs several shards on one port, each with its
-//! own NATS connection, and clients on any shard get every event.
+//! own NATS connections, and clients on any shard get every event.
 
 use std::time::Duration;
 
@@ -9,8 +9,9 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The relay's NATS connections (named `sse-relay/<shard>`) with the
-/// subjects each one subscribes to, from the server's `/connz`.
+/// The relay's NATS connections (named `sse-relay/<shard>` for requests,
+/// `sse-relay/<shard>/live` for the live feed) with the subjects each one
+/// subscribes to, from the server's `/connz`.
 async fn relay_connections(nats: &NatsServer) -> Vec<(String, Vec<String>)> {
     let r = http_get(&nats.monitor_addr(), "/connz?subs=1&limit=100000", &[]).await;
     assert_eq!(r.status, 200, "GET /connz: {}", r.body);
@@ -34,7 +35,9 @@ async fn relay_connections(nats: &NatsServer) -> Vec<(String, Vec<String>)> {
     out
 }
 
-async fn wait_relay_connections(nats: &NatsServer, n: usize) -> Vec<(String, Vec<String>)> {
+/// Waits until `shards` shards each hold their two connections.
+async fn wait_relay_connections(nats: &NatsServer, shards: usize) -> Vec<(String, Vec<String>)> {
+    let n = 2 * shards;
     poll_until(WAIT, &format!("{n} relay connections on NATS"), || async {
         let conns = relay_connections(nats).await;
         (conns.len() == n).then_some(conns)
@@ -65,7 +68,15 @@ async fn two_workers_spread_clients_and_deliver_every_event() {
             relay.wait_ready(Duration::from_secs(15)).await;
             let conns = wait_relay_connections(&nats, 2).await;
             let names: Vec<&str> = conns.iter().map(|(n, _)| n.as_str()).collect();
-            assert_eq!(names, ["sse-relay/0", "sse-relay/1"]);
+            assert_eq!(
+                names,
+                [
+                    "sse-relay/0",
+                    "sse-relay/0/live",
+                    "sse-relay/1",
+                    "sse-relay/1/live"
+                ]
+            );
 
             // Clients each on a subject of their own, one on a shared
             // subject, and one on two subjects at once.
@@ -89,9 +100,10 @@ async fn two_workers_spread_clients_and_deliver_every_event() {
                 );
             }
 
-            // The kernel spread the connections: both shards subscribed.
+            // The kernel spread the connections: both shards' feeds
+            // subscribed.
             let conns = relay_connections(&nats).await;
-            for (name, subs) in &conns {
+            for (name, subs) in conns.iter().filter(|(n, _)| n.ends_with("/live")) {
                 assert!(
                     subs.iter().any(|s| s.starts_with("relay.events.solo.")),
                     "{name} holds no client subscription: connections landed on one shard only: {conns:?}"
@@ -190,8 +202,8 @@ async fn default_workers_is_one_per_available_cpu() {
             let conns = wait_relay_connections(&nats, cpus).await;
             assert_eq!(
                 conns.len(),
-                cpus,
-                "one NATS connection per shard: {conns:?}"
+                2 * cpus,
+                "two NATS connections per shard: {conns:?}"
             );
         },
     )

@@ -67,18 +67,14 @@ impl Stream for FakeSub {
 
 /// The live copy RePublish makes of event `seq`; `previous` is the event
 /// stored before it on the same subject (0: none).
-fn message(seq: u64, previous: u64, subject: &str, payload: &Bytes) -> LiveMessage {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Sequence", seq.to_string().as_str());
-    headers.insert("Nats-Last-Sequence", previous.to_string().as_str());
-    async_nats::Message {
-        subject: format!("relay.{subject}").into(),
-        reply: None,
-        payload: payload.clone(),
-        headers: Some(headers),
-        status: None,
-        description: None,
-        length: 0,
+fn message(seq: u64, previous: u64, payload: &Bytes) -> LiveMessage {
+    LiveMessage {
+        id: crate::nats::Republished {
+            seq,
+            previous,
+            stored_us: 0,
+        },
+        frame: crate::sse::encode_event(seq, None, payload),
     }
 }
 
@@ -106,7 +102,7 @@ impl Fake {
             .map_or(0, |(s, _, _)| *s);
         for (pattern, tx) in &st.subs {
             if subject::matches(pattern, subject) {
-                let _ = tx.send(message(seq, previous, subject, payload));
+                let _ = tx.send(message(seq, previous, payload));
             }
         }
     }

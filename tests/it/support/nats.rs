@@ -33,7 +33,8 @@ impl NatsServer {
         .await
     }
 
-    async fn start_with(opts: NatsServerOptions) -> NatsServer {
+    /// Starts with `opts` (the monitoring port always on).
+    pub async fn start_with(opts: NatsServerOptions) -> NatsServer {
         let server = start_node(opts).unwrap_or_else(|e| panic!("nats-server did not start: {e}"));
         if let Err(e) = wait_healthy(&server, "/healthz", START_LIMIT).await {
             panic!("nats-server did not start: {e}");

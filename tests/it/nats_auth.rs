@@ -1,0 +1,269 @@
+//! The relay's two NATS connections (requests and the live feed) reach a
+//! server that requires TLS, and one that requires a `.creds` file
+//! (operator mode): the stream is served and live events arrive.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use sse_relay::dev::NatsServerOptions;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The relay's connections on `nats`, by name, as `/connz` shows them.
+async fn relay_connections(nats: &NatsServer) -> Vec<Value> {
+    let r = http_get(&nats.monitor_addr(), "/connz?limit=1000", &[]).await;
+    assert_eq!(r.status, 200, "GET /connz: {}", r.body);
+    let mut conns: Vec<Value> = r.json()["connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| {
+            c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sse-relay/"))
+        })
+        .collect();
+    conns.sort_by_key(|c| c["name"].as_str().unwrap_or_default().to_owned());
+    conns
+}
+
+/// Opens a stream on `events.a`, publishes with `publisher` and asserts
+/// the event arrives live with its stream sequence as id.
+async fn live_event_arrives(relay: &Relay, nats: &NatsServer, publisher: async_nats::Client) {
+    let tok = token(SECRET, &["events.a"], 300);
+    let mut c = relay.open_stream(nats, &tok, &["events.a"]).await;
+    let js = async_nats::jetstream::new(publisher);
+    let ack = js
+        .publish("events.a", "over the feed".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let ev = c.expect_data_event(WAIT, "the live event").await;
+    assert_eq!(
+        (ev.seq(), ev.data.as_str()),
+        (ack.sequence, "over the feed")
+    );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 it signed: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    let mut ca = vec!["req", "-x509", "-nodes", "-days", "2"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=test CA",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-nodes"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_connections_speak_tls_when_the_server_requires_it() {
+    within(Duration::from_secs(60), "tls", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = certificates(dir.path());
+        let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
+        let nats = NatsServer::start_with(NatsServerOptions {
+            args: vec![
+                "--tls".into(),
+                "--tlscert".into(),
+                path(&cert),
+                "--tlskey".into(),
+                path(&key),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let url = nats.url().replace("nats://", "tls://");
+        // The relay trusts the platform's roots; SSL_CERT_FILE names them.
+        let relay = Relay::start(&url, &[], &[("SSL_CERT_FILE", &path(&ca))]).await;
+        let conns = relay_connections(&nats).await;
+        let names: Vec<&str> = conns.iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(names, ["sse-relay/0", "sse-relay/0/live"]);
+        for c in &conns {
+            assert!(
+                c["tls_version"].as_str().is_some_and(|v| !v.is_empty()),
+                "{} is not on TLS: {c}",
+                c["name"]
+            );
+        }
+        let publisher = async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.clone())
+            .require_tls(true)
+            .connect(&url)
+            .await
+            .expect("publisher over TLS");
+        live_event_arrives(&relay, &nats, publisher).await;
+    })
+    .await
+}
+
+/// A JWT as `nsc` writes one: `claims` signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": nkeys::KeyPair::new_user().public_key(),
+        "iat": now_secs(),
+        "iss": issuer.public_key(),
+        "name": "test",
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = b64.encode(claims.to_string());
+    let sig = issuer
+        .sign(format!("{header}.{claims}").as_bytes())
+        .unwrap();
+    format!("{header}.{claims}.{}", b64.encode(sig))
+}
+
+/// An operator, its system account, an account with JetStream, and a
+/// user's `.creds` file; the
+/// server config that trusts them. Returns (config file, creds file).
+fn operator_mode(dir: &Path) -> (PathBuf, PathBuf) {
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        json!({
+            "type": "account",
+            "version": 2,
+            "limits": {
+                "subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1,
+                "data": -1, "payload": -1, "wildcards": true,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+            },
+        }),
+    );
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        json!({"type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let conf = dir.join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: {system_jwt}\n  {acc}: {account_jwt}\n}}\n",
+            sys = system.public_key(),
+            acc = account.public_key()
+        ),
+    )
+    .unwrap();
+    let creds = dir.join("user.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    (conf, creds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_connections_sign_in_with_the_creds_file() {
+    within(Duration::from_secs(60), "creds", async {
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, creds) = operator_mode(dir.path());
+        let nats = NatsServer::start_with(NatsServerOptions {
+            args: vec!["-c".into(), conf.to_str().unwrap().into()],
+            ..Default::default()
+        })
+        .await;
+        let creds_arg = creds.to_str().unwrap();
+        let relay = Relay::start(&nats.url(), &["--nats-creds", creds_arg], &[]).await;
+        let names: Vec<String> = relay_connections(&nats)
+            .await
+            .iter()
+            .filter_map(|c| c["name"].as_str().map(String::from))
+            .collect();
+        assert_eq!(names, ["sse-relay/0", "sse-relay/0/live"]);
+        let publisher = async_nats::ConnectOptions::with_credentials_file(creds.clone())
+            .await
+            .expect("creds")
+            .connect(nats.url())
+            .await
+            .expect("publisher with the creds");
+        live_event_arrives(&relay, &nats, publisher).await;
+    })
+    .await
+}
