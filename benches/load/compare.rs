@@ -1,5 +1,6 @@
 //! fanout and many-subjects, once per server under test (`--peers`): the
-//! relay, `peer-axum`, `peer-epoll`. Each run gets a fresh nats-server and
+//! relay, `peer-axum` (also on the republished copies,
+//! `peer-axum-republished`), `peer-epoll`. Each run gets a fresh nats-server and
 //! stream, the same clients, rate, duration and publisher, a NATS-path
 //! probe (`probe.rs`) and per-second latency; the results are one row per
 //! server, one JSON object per server and, with `--svg`, one chart.
@@ -112,9 +113,8 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     report.set("server", peer.name());
     let relays = if peer == Peer::Relay { opts.relays } else { 0 };
     let mut b = Bench::start(opts, relays).await?;
-    let prefix = if peer == Peer::Relay {
-        probe::republish_prefix()
-    } else {
+    let prefix = peer.subject_prefix();
+    if peer != Peer::Relay {
         let lifetime = opts.duration + Duration::from_secs(120);
         let cpu = opts.pin.then_some(0);
         let proc = peers::spawn(
@@ -126,8 +126,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
             cpu,
         )?;
         b.peer = Some(proc);
-        String::new()
-    };
+    }
     // The relay's ids are stream sequences (round-robin over the subjects);
     // the peers' are the per-subject count.
     let stride = if peer == Peer::Relay && many {

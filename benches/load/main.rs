@@ -57,18 +57,21 @@ options:
                             storm: unlimited unless given)
   --peers LIST              fanout, many-subjects: the servers to run, one after
                             the other with the same clients, rate, duration and
-                            publisher (default relay); LIST of relay, axum, epoll:
+                            publisher (default relay); LIST of relay, axum,
+                            axum-republished, epoll:
                               axum   the obvious axum relay: one plain NATS
                                      subscription per request, axum's Sse
+                              axum-republished  the same on the stream's
+                                     republished copies (what the relay reads)
                               epoll  one thread, mio (epoll), hand-parsed NATS,
                                      one SUB per subject, one write per delivery
-                            The peers read the plain subjects, send the
+                            The other peers read the plain subjects, send the
                             payload's per-subject count \"n\" as the SSE id and
                             run pinned like the relay. One row per server:
                             deliveries/s, latency, a NATS-path probe's p50/p99
                             (a subscriber in the harness on what the server
-                            reads: relay.events.bench.<k> for the relay,
-                            events.bench.<k> for the peers, a sample of ~1000
+                            reads: relay.events.bench.<k> for the relay and
+                            axum-republished, events.bench.<k> for the others, a sample of ~1000
                             msg/s), added p99 (end-to-end p99 minus the probe's),
                             server user/sys CPU per delivery, harness CPU, loss
   --svg PATH                fanout, many-subjects: write an SVG chart of the p99
@@ -221,7 +224,9 @@ fn main() -> ExitCode {
         .collect();
     match args.first().map(String::as_str) {
         Some("client-worker") => return client::worker_main(),
-        Some(which @ ("peer-axum" | "peer-epoll")) => return peers::peer_main(which),
+        Some(which @ ("peer-axum" | "peer-axum-republished" | "peer-epoll")) => {
+            return peers::peer_main(which);
+        }
         _ => {}
     }
     let opts = match parse(&args) {

@@ -1,7 +1,9 @@
 //! `peer-axum`: the relay an engineer would write in an afternoon. One
 //! plain NATS subscription per request on the subject asked for, each
 //! message an SSE event whose id is the publisher's count on the subject,
-//! through axum's `Sse` with keep-alive comments. No tuning.
+//! through axum's `Sse` with keep-alive comments. No tuning. As
+//! `peer-axum-republished` it subscribes to the stream's republished copy
+//! of that subject (the relay's NATS path, five headers per message).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use super::nats_proto::payload_n;
 struct AppState {
     nats: async_nats::Client,
     heartbeat: Duration,
+    prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +41,7 @@ pub(crate) fn main(args: &PeerArgs) -> Result<(), String> {
         let state = AppState {
             nats,
             heartbeat: args.heartbeat,
+            prefix: args.subject_prefix.clone(),
         };
         let app = Router::new()
             .route("/events", get(events))
@@ -62,7 +66,7 @@ async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, StatusCode> {
     let messages = state
         .nats
-        .subscribe(params.subject)
+        .subscribe(format!("{}{}", state.prefix, params.subject))
         .await
         .map_err(|_| StatusCode::BAD_GATEWAY)?;
     let events = messages.map(|m| {

@@ -21,6 +21,9 @@ use crate::procs::{Proc, command};
 pub(crate) enum Peer {
     Relay,
     Axum,
+    /// The axum relay on the stream's republished copies (the relay's
+    /// NATS path, five headers per message) instead of the plain subjects.
+    AxumRepublished,
     Epoll,
 }
 
@@ -32,6 +35,7 @@ impl Peer {
             let p = match name {
                 "relay" => Peer::Relay,
                 "axum" => Peer::Axum,
+                "axum-republished" => Peer::AxumRepublished,
                 "epoll" => Peer::Epoll,
                 other => return Err(format!("--peers: unknown peer {other:?}")),
             };
@@ -41,15 +45,26 @@ impl Peer {
             out.push(p);
         }
         if out.is_empty() {
-            return Err("--peers needs at least one of relay,axum,epoll".into());
+            return Err("--peers needs at least one of relay,axum,axum-republished,epoll".into());
         }
         Ok(out)
+    }
+
+    /// What the server puts before a client's subject to subscribe: the
+    /// stream's republish prefix for the servers that read the stream's
+    /// copies.
+    pub(crate) fn subject_prefix(self) -> String {
+        match self {
+            Peer::Relay | Peer::AxumRepublished => crate::probe::republish_prefix(),
+            Peer::Axum | Peer::Epoll => String::new(),
+        }
     }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Peer::Relay => "relay",
             Peer::Axum => "peer-axum",
+            Peer::AxumRepublished => "peer-axum-republished",
             Peer::Epoll => "peer-epoll",
         }
     }
@@ -62,6 +77,9 @@ pub(crate) struct PeerArgs {
     pub(crate) heartbeat: Duration,
     /// The process exits by itself after this long.
     pub(crate) lifetime: Duration,
+    /// Put before the subject a client asks for (`relay.` for the
+    /// republished copies).
+    pub(crate) subject_prefix: String,
 }
 
 /// Entry point of the `peer-axum` and `peer-epoll` subcommands.
@@ -77,9 +95,10 @@ pub(crate) fn peer_main(which: &str) -> ExitCode {
         nats_url: var("LOAD_NATS_URL"),
         heartbeat: secs("LOAD_HEARTBEAT_S"),
         lifetime: secs("LOAD_LIFETIME_S"),
+        subject_prefix: var("LOAD_SUBJECT_PREFIX"),
     };
     let r = match which {
-        "peer-axum" => axum::main(&args),
+        "peer-axum" | "peer-axum-republished" => axum::main(&args),
         _ => epoll::main(&args),
     };
     match r {
@@ -108,6 +127,7 @@ pub(crate) fn spawn(
         .env("LOAD_NATS_URL", nats_url)
         .env("LOAD_HEARTBEAT_S", heartbeat_s.to_string())
         .env("LOAD_LIFETIME_S", lifetime.as_secs().max(1).to_string())
+        .env("LOAD_SUBJECT_PREFIX", peer.subject_prefix())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
