@@ -254,7 +254,13 @@ impl Task {
             let conn = match self.dialer.dial(DIAL_TIMEOUT).await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::warn!(error = %e, shard = self.shard, attempt, "nats live feed: cannot connect");
+                    // An outage retries every 2 s: a warning for the first
+                    // failure, then one a minute.
+                    if attempt % 30 == 1 {
+                        tracing::warn!(error = %e, shard = self.shard, attempt, "nats live feed: cannot connect");
+                    } else {
+                        tracing::debug!(error = %e, shard = self.shard, attempt, "nats live feed: cannot connect");
+                    }
                     continue;
                 }
             };
