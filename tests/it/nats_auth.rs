@@ -1,6 +1,8 @@
-//! The relay's two NATS connections (requests and the live feed) reach a
-//! server that requires TLS, and one that requires a `.creds` file
-//! (operator mode): the stream is served and live events arrive.
+//! The relay's two NATS connections (requests and the live feed): they
+//! reach a server that requires TLS, and one that requires a `.creds`
+//! file (operator mode), and the stream is served with live events; on a
+//! cluster, a shard's two connections start on the same node and relays
+//! spread over the seeds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -264,6 +266,40 @@ async fn both_connections_sign_in_with_the_creds_file() {
             .await
             .expect("publisher with the creds");
         live_event_arrives(&relay, &nats, publisher).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_s_two_connections_start_on_one_node_and_relays_spread() {
+    within(Duration::from_secs(120), "seeds", async {
+        let cluster = NatsCluster::start(3).await;
+        let js = async_nats::jetstream::new(cluster.client().await);
+        cluster
+            .create_stream(&js, events_stream_config(), WAIT)
+            .await;
+        let mut nodes = std::collections::HashSet::new();
+        // Ten relays in turn: each one's two connections on one node, and
+        // not every relay on the same node (that ten random starts pick
+        // one node is 1 in 19,683).
+        for _ in 0..10 {
+            let relay = Relay::start_existing_stream(&cluster.url_list(), &[]).await;
+            let requests = cluster.wait_connection("sse-relay/0", WAIT).await;
+            let feed = cluster.wait_connection("sse-relay/0/live", WAIT).await;
+            assert_eq!(requests, feed, "a shard's connections on one node");
+            nodes.insert(feed);
+            drop(relay);
+            poll_until(WAIT, "the relay's connections gone", || async {
+                (cluster.node_with_connection("sse-relay/0").await.is_none()
+                    && cluster
+                        .node_with_connection("sse-relay/0/live")
+                        .await
+                        .is_none())
+                .then_some(())
+            })
+            .await;
+        }
+        assert!(nodes.len() > 1, "every relay started on node {nodes:?}");
     })
     .await
 }
