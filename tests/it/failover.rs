@@ -569,8 +569,9 @@ async fn nats_restart_with_2000_subscriptions_costs_a_few_requests() {
 // 3-node cluster
 // ---------------------------------------------------------------------------
 
-/// The relay's connection name on NATS.
+/// The relay's connection names on NATS: requests, and the live feed.
 const RELAY_CONN: &str = "sse-relay/0";
+const RELAY_FEED: &str = "sse-relay/0/live";
 
 struct ClusterSetup {
     cluster: NatsCluster,
@@ -603,6 +604,10 @@ async fn cluster_setup() -> ClusterSetup {
 enum Victim {
     /// The node the relay is connected to (not the stream leader).
     RelayNode,
+    /// The same node frozen (SIGSTOP) for good instead of killed: its
+    /// sockets stay open and answer nothing, so only the relay's pings
+    /// can tell that it is gone.
+    FrozenRelayNode,
     /// The stream leader (not the node the relay is connected to).
     Leader,
     /// One node that is both.
@@ -677,7 +682,7 @@ async fn cluster_node_loss(victim: Victim, load: Load, kill_after: usize, flood:
     let mut s = cluster_setup().await;
     let relay_node = s.cluster.wait_connection(RELAY_CONN, WAIT).await;
     let leader = match victim {
-        Victim::RelayNode | Victim::Leader => {
+        Victim::RelayNode | Victim::FrozenRelayNode | Victim::Leader => {
             s.cluster
                 .move_stream_leader(
                     &s.js,
@@ -703,9 +708,21 @@ async fn cluster_node_loss(victim: Victim, load: Load, kill_after: usize, flood:
         }
     };
     let victim_node = match victim {
-        Victim::RelayNode | Victim::Both => relay_node,
+        Victim::RelayNode | Victim::FrozenRelayNode | Victim::Both => relay_node,
         Victim::Leader => leader,
     };
+    if victim == Victim::FrozenRelayNode {
+        // The test's own client pings once a minute: it must not be on
+        // the node that freezes.
+        s.client = within(
+            WAIT,
+            "connect to the leader",
+            async_nats::connect(s.cluster.nodes[leader].url()),
+        )
+        .await
+        .expect("connect to the leader");
+        s.js = async_nats::jetstream::new(s.client.clone());
+    }
     eprintln!(
         "{victim:?}: relay on {}, stream leader {}, killing {} (setup took {:?})",
         s.cluster.nodes[relay_node].name,
@@ -776,7 +793,11 @@ async fn cluster_node_loss(victim: Victim, load: Load, kill_after: usize, flood:
     };
     wait_progress(&mut prog, kill_after, Duration::from_secs(15)).await;
     readers.wait_all_reached(1, WAIT).await;
-    s.cluster.kill(victim_node);
+    if victim == Victim::FrozenRelayNode {
+        s.cluster.pause(victim_node);
+    } else {
+        s.cluster.kill(victim_node);
+    }
     let killed_at = Instant::now();
     eprintln!(
         "{victim:?}: killed after {} acked events, {} core publishes, {:?} into the test",
@@ -796,11 +817,20 @@ async fn cluster_node_loss(victim: Victim, load: Load, kill_after: usize, flood:
         eprintln!("{victim:?}: core flood sent {sent}");
     }
     if victim != Victim::Leader {
-        let now_on = s.cluster.wait_connection(RELAY_CONN, WAIT).await;
-        assert_ne!(
-            now_on, victim_node,
-            "the relay must have moved off the killed node"
-        );
+        // Pings every 5 s, given up after two unanswered: a frozen node is
+        // noticed within 15 s (and a reconnect may try it first again).
+        let limit = if victim == Victim::FrozenRelayNode {
+            Duration::from_secs(30)
+        } else {
+            WAIT
+        };
+        for conn in [RELAY_CONN, RELAY_FEED] {
+            let now_on = s.cluster.wait_connection(conn, limit).await;
+            assert_ne!(
+                now_on, victim_node,
+                "{conn} must have moved off the killed node"
+            );
+        }
     }
     let stored = stream_contents(&s.js, "EVENTS", Duration::from_secs(15)).await;
     eprintln!("{victim:?}: the stream holds {} events", stored.len());
@@ -837,6 +867,28 @@ async fn cluster_kill_node_the_relay_is_connected_to() {
         "cluster_kill_node_the_relay_is_connected_to",
         cluster_node_loss(
             Victim::RelayNode,
+            Load::Paced {
+                n: 1200,
+                per_sec: 200,
+            },
+            300,
+            None,
+        ),
+    )
+    .await
+}
+
+/// Freeze the node the relay is connected to (the stream leader is on
+/// another node): the relay's pings find both its connections dead, it
+/// reconnects to a surviving node and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_freeze_node_the_relay_is_connected_to() {
+    let _load = load_group(module_path!()).await;
+    within(
+        Duration::from_secs(55),
+        "cluster_freeze_node_the_relay_is_connected_to",
+        cluster_node_loss(
+            Victim::FrozenRelayNode,
             Load::Paced {
                 n: 1200,
                 per_sec: 200,
