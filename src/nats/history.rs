@@ -70,6 +70,37 @@ fn nats_err(e: impl std::fmt::Display) -> HistoryError {
     HistoryError::Nats(e.to_string())
 }
 
+/// `state.last_seq` of a `STREAM.INFO` answer; its `error`, or an empty
+/// answer (no responders), as an error.
+fn stream_last(reply: &[u8]) -> Result<u64, HistoryError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        state: Option<State>,
+        error: Option<ApiError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct State {
+        last_seq: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        description: String,
+    }
+    if reply.is_empty() {
+        return Err(HistoryError::Nats("no JetStream answered".into()));
+    }
+    let answer: Answer = serde_json::from_slice(reply)
+        .map_err(|e| HistoryError::Nats(format!("unreadable STREAM.INFO answer: {e}")))?;
+    match (answer.state, answer.error) {
+        (_, Some(e)) => Err(HistoryError::Nats(e.description)),
+        (Some(state), None) => Ok(state.last_seq),
+        (None, None) => Err(HistoryError::Nats(
+            "STREAM.INFO answer without state".into(),
+        )),
+    }
+}
+
 /// What reads need to reach the stream. The one owner of stream-info
 /// requests (`bounds`), so each is counted once.
 #[derive(Clone)]
@@ -173,6 +204,21 @@ impl History {
     pub(crate) async fn bounds(&self) -> Result<Bounds, HistoryError> {
         self.metrics.jetstream_requests.inc();
         self.bounds_uncounted().await
+    }
+
+    /// The stream's last sequence, asked over the live feed: the request
+    /// follows the feed's subscriptions to the stream's leader on the same
+    /// routes, so the leader has every `SUB` sent before it when it
+    /// answers (over the request connection, which may be on another
+    /// server, nothing orders the two). Counted as [`History::bounds`].
+    pub(crate) async fn last_via(&self, feed: &super::Feed) -> Result<u64, HistoryError> {
+        self.metrics.jetstream_requests.inc();
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.stream);
+        let reply = feed
+            .request(&subject, Bytes::new())
+            .await
+            .map_err(nats_err)?;
+        stream_last(&reply)
     }
 
     /// [`History::bounds`] for `/metrics`, which must not move the count of
@@ -305,11 +351,10 @@ impl History {
         topics: &[CatchUpTopic<K>],
         limit: u64,
     ) -> Result<CaughtUp<K>, HistoryError> {
-        // After a reconnect the feed re-sends every SUB first; once the
-        // flush returns the server has them, so the stream's last sequence
-        // read next bounds what live delivery may have missed.
-        feed.flush().await.map_err(nats_err)?;
-        let last = self.bounds().await?.last;
+        // After a reconnect the feed re-sends every SUB first; the stream's
+        // last sequence, asked behind them on the feed, bounds what live
+        // delivery may have missed.
+        let last = self.last_via(feed).await?;
         let mut out = CaughtUp {
             frames: Vec::new(),
             truncated: Vec::new(),
@@ -924,6 +969,20 @@ impl RangeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_last_sequence_of_a_stream_info_answer() {
+        use super::stream_last;
+        let ok = br#"{"type":"io.nats.jetstream.api.v1.stream_info_response","state":{"messages":3,"first_seq":5,"last_seq":7}}"#;
+        assert_eq!(stream_last(ok).unwrap(), 7);
+        let refused = br#"{"type":"x","error":{"code":404,"err_code":10059,"description":"stream not found"}}"#;
+        assert!(
+            matches!(stream_last(refused), Err(HistoryError::Nats(d)) if d == "stream not found")
+        );
+        assert!(stream_last(b"").is_err(), "no responders");
+        assert!(stream_last(b"{").is_err());
+        assert!(stream_last(b"{}").is_err());
+    }
 
     fn b(first: u64, last: u64) -> Bounds {
         Bounds {

@@ -86,14 +86,17 @@ impl Upstream for NatsUpstream {
             .scope
             .live_subject(pattern)
             .ok_or_else(|| format!("{pattern:?} is not republished by the stream"))?;
-        // Resolves once the server has the SUB: every event republished
-        // from now on reaches this subscription.
-        let sub = self
-            .feed
-            .subscribe(&live)
-            .await
-            .map_err(|e| e.to_string())?;
-        let covered = self.history.bounds().await.ok().map(|b| b.last);
+        let sub = self.feed.subscribe(&live).map_err(|e| e.to_string())?;
+        // Answered once the stream's leader has the SUB: every event it
+        // stores after this last sequence reaches the subscription. If the
+        // stream does not answer, a flush still says the server has it.
+        let covered = match self.history.last_via(&self.feed).await {
+            Ok(last) => Some(last),
+            Err(_) => {
+                self.feed.flush().await.map_err(|e| e.to_string())?;
+                None
+            }
+        };
         Ok((sub, covered))
     }
 

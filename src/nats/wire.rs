@@ -250,6 +250,19 @@ pub(crate) fn sub(out: &mut BytesMut, subject: &str, sid: u64) {
     out.put_slice(b"\r\n");
 }
 
+/// `PUB <subject> <reply> <#bytes>` and the payload.
+pub(crate) fn publish(out: &mut BytesMut, subject: &str, reply: &str, payload: &[u8]) {
+    out.put_slice(b"PUB ");
+    out.put_slice(subject.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(reply.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(itoa::Buffer::new().format(payload.len()).as_bytes());
+    out.put_slice(b"\r\n");
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+}
+
 /// `UNSUB <sid>`.
 pub(crate) fn unsub(out: &mut BytesMut, sid: u64) {
     out.put_slice(b"UNSUB ");
@@ -416,7 +429,11 @@ mod tests {
         let mut out = BytesMut::new();
         sub(&mut out, "relay.events.>", 12);
         unsub(&mut out, 12);
-        assert_eq!(&out[..], b"SUB relay.events.> 12\r\nUNSUB 12\r\n");
+        publish(&mut out, "$JS.API.STREAM.INFO.EVENTS", "_INBOX.x.7", b"{}");
+        assert_eq!(
+            &out[..],
+            b"SUB relay.events.> 12\r\nUNSUB 12\r\nPUB $JS.API.STREAM.INFO.EVENTS _INBOX.x.7 2\r\n{}\r\n"
+        );
         assert!(is_subscribable("relay.events.a"));
         for bad in ["", "a b", "a\r\nPUB x 1", "a\tb"] {
             assert!(!is_subscribable(bad), "{bad:?}");

@@ -7,6 +7,11 @@
 //! async-nats connection; [`Link`] tells the hub when the feed's
 //! connection is lost and back, which is what decides a catch-up.
 //!
+//! The feed also carries the few JetStream requests whose answer must
+//! come after its subscriptions reached the stream's leader (the stream's
+//! end read by a subscribe and a catch-up): sent on the same connection
+//! after the `SUB`s, they travel the same routes behind them.
+//!
 //! The feed reconnects forever (the seeds, then the servers they announce,
 //! from the first in [`Link::seeds`]' order each time, as the request
 //! connection does, with its backoff), re-sends every `SUB` first, and
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,8 +40,10 @@ use dial::{Conn, Dialer, Info};
 /// Messages a subscription holds for the hub before the feed drops what
 /// comes next and reports a slow consumer (async-nats' default capacity).
 const SUB_CAPACITY: usize = 65_536;
-/// How long a `PING` may go unanswered before a flush fails.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a flush's `PING` or a request may go unanswered.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The subscription id of the feed's reply inbox.
+const INBOX_SID: u64 = 0;
 /// Bound on one connection attempt, as for the request connection.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Unanswered keep-alive pings before the connection is given up.
@@ -50,6 +57,8 @@ pub(crate) enum FeedError {
     Stopped,
     #[error("NATS did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the connection was lost before the answer")]
+    Lost,
     #[error("{0:?} cannot be subscribed to")]
     Subject(String),
 }
@@ -70,12 +79,20 @@ enum Cmd {
     Unsub(u64),
     /// Answered once the server has everything written before it.
     Flush(oneshot::Sender<()>),
+    /// A request; the reply's payload (empty: no responders).
+    Request {
+        subject: String,
+        payload: Bytes,
+        tx: oneshot::Sender<Bytes>,
+    },
 }
 
 enum Route {
     Queue(Arc<SubQueue>),
     /// Every message is this event (advisories).
     Signal(LinkEvent),
+    /// Replies to requests, by the token after the inbox prefix.
+    Replies,
 }
 
 impl Feed {
@@ -85,14 +102,7 @@ impl Feed {
         let name = format!("sse-relay/{shard}/live");
         let dialer = Dialer::new(link.seeds(), cfg.nats_creds.as_deref(), name)?;
         let (cmds, rx) = mpsc::unbounded_channel();
-        let task = Task {
-            cmds: rx,
-            subs: HashMap::new(),
-            waiting: Vec::new(),
-            link,
-            dialer,
-            shard,
-        };
+        let task = Task::new(rx, link, dialer, shard);
         tokio::spawn(task.run());
         Ok(Feed {
             cmds,
@@ -100,18 +110,39 @@ impl Feed {
         })
     }
 
-    /// Subscribes to `subject` and resolves once the server has the
-    /// subscription.
-    pub(crate) async fn subscribe(&self, subject: &str) -> Result<FeedSub, FeedError> {
+    /// Subscribes to `subject`. The server has the subscription once a
+    /// flush or a request sent after it is answered.
+    pub(crate) fn subscribe(&self, subject: &str) -> Result<FeedSub, FeedError> {
         let queue = Arc::new(SubQueue::default());
         let sid = self.sub(subject, Route::Queue(queue.clone()))?;
-        let sub = FeedSub {
+        Ok(FeedSub {
             sid,
             queue,
             cmds: self.cmds.clone(),
-        };
-        self.flush().await?;
-        Ok(sub)
+        })
+    }
+
+    /// Sends `payload` to `subject` and returns the reply's payload (empty
+    /// when nothing answers). Sent after every command before it; while
+    /// the feed is away, once it is back.
+    pub(crate) async fn request(&self, subject: &str, payload: Bytes) -> Result<Bytes, FeedError> {
+        if !wire::is_subscribable(subject) {
+            return Err(FeedError::Subject(subject.to_owned()));
+        }
+        let (tx, rx) = oneshot::channel();
+        let subject = subject.to_owned();
+        self.cmds
+            .send(Cmd::Request {
+                subject,
+                payload,
+                tx,
+            })
+            .map_err(|_| FeedError::Stopped)?;
+        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(FeedError::Lost),
+            Err(_) => Err(FeedError::Timeout(ANSWER_TIMEOUT)),
+        }
     }
 
     /// Turns every message on `subject` into `event` on the link, for as
@@ -140,10 +171,10 @@ impl Feed {
         self.cmds
             .send(Cmd::Flush(tx))
             .map_err(|_| FeedError::Stopped)?;
-        match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
+        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(FeedError::Stopped),
-            Err(_) => Err(FeedError::Timeout(FLUSH_TIMEOUT)),
+            Err(_) => Err(FeedError::Timeout(ANSWER_TIMEOUT)),
         }
     }
 }
@@ -238,12 +269,54 @@ struct Task {
     subs: HashMap<u64, Sub>,
     /// Flushes to answer on the next connection, after its `SUB`s.
     waiting: Vec<oneshot::Sender<()>>,
+    /// Requests to send on the next connection, after its `SUB`s.
+    unsent: Vec<(String, Bytes, oneshot::Sender<Bytes>)>,
+    /// `_INBOX.<random>.`: a request's reply subject is this and a token.
+    inbox: String,
+    replies: HashMap<u64, oneshot::Sender<Bytes>>,
+    next_token: u64,
     link: Arc<Link>,
     dialer: Dialer,
     shard: usize,
 }
 
 impl Task {
+    fn new(
+        cmds: mpsc::UnboundedReceiver<Cmd>,
+        link: Arc<Link>,
+        dialer: Dialer,
+        shard: usize,
+    ) -> Task {
+        use std::hash::{BuildHasher, Hasher};
+        let random = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        let inbox = format!("_INBOX.{:016x}{:016x}.", random(), random());
+        let mut subs = HashMap::new();
+        let subject = format!("{inbox}*");
+        subs.insert(
+            INBOX_SID,
+            Sub {
+                subject,
+                to: Route::Replies,
+            },
+        );
+        Task {
+            cmds,
+            subs,
+            waiting: Vec::new(),
+            unsent: Vec::new(),
+            inbox,
+            replies: HashMap::new(),
+            next_token: 1,
+            link,
+            dialer,
+            shard,
+        }
+    }
+
     async fn run(mut self) {
         let mut attempt = 0usize;
         loop {
@@ -264,10 +337,15 @@ impl Task {
                     continue;
                 }
             };
-            attempt = 0;
             let server = conn.server.clone();
+            let since = tokio::time::Instant::now();
             let ended = self.serve(conn).await;
             self.link.set_feed(false, &server, self.shard);
+            // A connection that lasted is retried at once; one the server
+            // ends at once is retried with the backoff, not in a loop.
+            if since.elapsed() >= PING_INTERVAL {
+                attempt = 0;
+            }
             match ended {
                 Ended::Stopped => break,
                 Ended::Lost(why) => {
@@ -325,8 +403,46 @@ impl Task {
                 w.extend_from_slice(wire::PING);
                 pings.sent.push_back(Some(tx));
             }
-            (Cmd::Flush(tx), None) => self.waiting.push(tx),
+            (Cmd::Flush(tx), None) => {
+                // Callers give up after a while: theirs are not kept.
+                self.waiting.retain(|t| !t.is_closed());
+                self.waiting.push(tx);
+            }
+            (
+                Cmd::Request {
+                    subject,
+                    payload,
+                    tx,
+                },
+                Some((w, _)),
+            ) => self.send_request(w, &subject, &payload, tx),
+            (
+                Cmd::Request {
+                    subject,
+                    payload,
+                    tx,
+                },
+                None,
+            ) => {
+                self.unsent.retain(|(.., t)| !t.is_closed());
+                self.unsent.push((subject, payload, tx));
+            }
         }
+    }
+
+    fn send_request(
+        &mut self,
+        out: &mut BytesMut,
+        subject: &str,
+        payload: &[u8],
+        tx: oneshot::Sender<Bytes>,
+    ) {
+        self.replies.retain(|_, t| !t.is_closed());
+        let token = self.next_token;
+        self.next_token += 1;
+        let reply = format!("{}{token}", self.inbox);
+        wire::publish(out, subject, &reply, payload);
+        self.replies.insert(token, tx);
     }
 
     /// Serves one connection until it is lost or the feed stops.
@@ -344,9 +460,16 @@ impl Task {
         for sid in sids {
             wire::sub(&mut out, &self.subs[&sid].subject, sid);
         }
-        for tx in self.waiting.drain(..) {
-            out.extend_from_slice(wire::PING);
-            pings.sent.push_back(Some(tx));
+        for tx in std::mem::take(&mut self.waiting) {
+            if !tx.is_closed() {
+                out.extend_from_slice(wire::PING);
+                pings.sent.push_back(Some(tx));
+            }
+        }
+        for (subject, payload, tx) in std::mem::take(&mut self.unsent) {
+            if !tx.is_closed() {
+                self.send_request(&mut out, &subject, &payload, tx);
+            }
         }
         let ended = async {
             write(&mut io, &mut out).await?;
@@ -383,8 +506,10 @@ impl Task {
             }
         }
         .await;
-        // Flushes not answered here are answered on the next connection.
+        // Flushes not answered here are answered on the next connection;
+        // requests in flight may have been lost: their callers are told.
         self.waiting.extend(pings.sent.into_iter().flatten());
+        self.replies.clear();
         match ended {
             Ok(()) => Ended::Stopped,
             Err(why) => Ended::Lost(why),
@@ -439,6 +564,17 @@ impl Task {
         };
         match &sub.to {
             Route::Signal(event) => self.link.send(*event),
+            Route::Replies => {
+                let token = subject
+                    .strip_prefix(self.inbox.as_bytes())
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(|t| t.parse().ok());
+                if let Some(tx) = token.and_then(|t| self.replies.remove(&t)) {
+                    // A status line (`NATS/1.0 503`: no responders) and no
+                    // body: an empty answer.
+                    let _ = tx.send(Bytes::copy_from_slice(payload));
+                }
+            }
             Route::Queue(q) => {
                 let Some(m) = wire::live_message(headers, payload) else {
                     let subject = String::from_utf8_lossy(subject);
@@ -502,15 +638,58 @@ mod tests {
     fn task(link: &Arc<Link>) -> (Task, mpsc::UnboundedSender<Cmd>) {
         let (cmds, rx) = mpsc::unbounded_channel();
         let urls = ["nats://127.0.0.1:4222".to_owned()];
-        let task = Task {
-            cmds: rx,
-            subs: HashMap::new(),
-            waiting: Vec::new(),
-            link: link.clone(),
-            dialer: Dialer::new(&urls, None, "test".into()).unwrap(),
-            shard: 0,
+        let dialer = Dialer::new(&urls, None, "test".into()).unwrap();
+        (Task::new(rx, link.clone(), dialer, 0), cmds)
+    }
+
+    #[tokio::test]
+    async fn a_reply_reaches_its_request_and_a_lost_connection_fails_the_rest() {
+        let link = Link::new(&[]);
+        let (mut task, _cmds) = task(&link);
+        assert!(task.inbox.starts_with("_INBOX.") && task.inbox.ends_with('.'));
+        assert_eq!(
+            task.subs[&INBOX_SID].subject,
+            format!("{}*", task.inbox),
+            "the inbox is subscribed from the start (and re-sent with the rest)"
+        );
+        let mut out = BytesMut::new();
+        let mut pings = Pings::default();
+        let mut asks = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = oneshot::channel();
+            let ask = Cmd::Request {
+                subject: "$JS.API.STREAM.INFO.EVENTS".into(),
+                payload: Bytes::new(),
+                tx,
+            };
+            task.command(ask, Some((&mut out, &mut pings)));
+            asks.push(rx);
+        }
+        let wire = String::from_utf8(out.to_vec()).unwrap();
+        let reply_to = |n: u64| format!("{}{n}", task.inbox);
+        assert!(wire.contains(&format!(
+            "PUB $JS.API.STREAM.INFO.EVENTS {} 0\r\n",
+            reply_to(2)
+        )));
+        task.route(INBOX_SID, reply_to(2).as_bytes(), None, b"second");
+        task.route(INBOX_SID, b"_INBOX.other.1", None, b"not ours");
+        assert_eq!(asks[1].try_recv().unwrap(), Bytes::from_static(b"second"));
+        assert!(asks[0].try_recv().is_err(), "still waiting");
+        // The connection is lost with two requests in flight: they fail.
+        task.replies.clear();
+        assert!(matches!(
+            asks[0].try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        // While away, a request waits for the next connection.
+        let (tx, _rx) = oneshot::channel();
+        let ask = Cmd::Request {
+            subject: "$JS.API.STREAM.INFO.EVENTS".into(),
+            payload: Bytes::new(),
+            tx,
         };
-        (task, cmds)
+        task.command(ask, None);
+        assert_eq!(task.unsent.len(), 1);
     }
 
     #[tokio::test]
@@ -546,9 +725,13 @@ mod tests {
         // Messages without a stream sequence, or for a removed
         // subscription, go nowhere.
         assert_eq!(queue.items.lock().unwrap().len(), SUB_CAPACITY);
+        let _ = sub.next().await;
+        task.route(1, b"relay.events.a", Some(b"NATS/1.0\r\n\r\n"), b"x");
+        assert_eq!(queue.items.lock().unwrap().len(), SUB_CAPACITY - 1);
         task.command(Cmd::Unsub(1), None);
         task.route(1, b"relay.events.a", Some(wire(7).as_bytes()), b"x");
-        assert!(task.subs.is_empty());
+        assert_eq!(queue.items.lock().unwrap().len(), SUB_CAPACITY - 1);
+        assert!(!task.subs.contains_key(&1));
     }
 
     #[tokio::test]
