@@ -97,6 +97,10 @@ impl Upstream for NatsUpstream {
                 None
             }
         };
+        // A refusal (permissions) came before the answer.
+        if let Some(why) = sub.refused() {
+            return Err(format!("NATS refused the subscription to {live}: {why}"));
+        }
         Ok((sub, covered))
     }
 

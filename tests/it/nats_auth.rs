@@ -182,8 +182,9 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
 
 /// An operator, its system account, an account with JetStream, and a
 /// user's `.creds` file; the
-/// server config that trusts them. Returns (config file, creds file).
-fn operator_mode(dir: &Path) -> (PathBuf, PathBuf) {
+/// server config that trusts them. `sub` is the user's subscribe
+/// permissions. Returns (config file, creds file).
+fn operator_mode(dir: &Path, sub: Value) -> (PathBuf, PathBuf) {
     let operator = nkeys::KeyPair::new_operator();
     let system = nkeys::KeyPair::new_account();
     let account = nkeys::KeyPair::new_account();
@@ -214,7 +215,7 @@ fn operator_mode(dir: &Path) -> (PathBuf, PathBuf) {
     let user_jwt = jwt(
         &account,
         &user.public_key(),
-        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+        json!({"type": "user", "version": 2, "pub": {}, "sub": sub, "subs": -1, "data": -1, "payload": -1}),
     );
     let conf = dir.join("operator.conf");
     std::fs::write(
@@ -245,7 +246,7 @@ fn operator_mode(dir: &Path) -> (PathBuf, PathBuf) {
 async fn both_connections_sign_in_with_the_creds_file() {
     within(Duration::from_secs(60), "creds", async {
         let dir = tempfile::tempdir().unwrap();
-        let (conf, creds) = operator_mode(dir.path());
+        let (conf, creds) = operator_mode(dir.path(), json!({}));
         let nats = NatsServer::start_with(NatsServerOptions {
             args: vec!["-c".into(), conf.to_str().unwrap().into()],
             ..Default::default()
@@ -300,6 +301,44 @@ async fn a_shard_s_two_connections_start_on_one_node_and_relays_spread() {
             .await;
         }
         assert!(nodes.len() > 1, "every relay started on node {nodes:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_nats_refuses_is_a_503_not_a_silent_stream() {
+    within(Duration::from_secs(60), "refused", async {
+        let dir = tempfile::tempdir().unwrap();
+        // The relay's user may not read one subject's live copies.
+        let (conf, creds) = operator_mode(dir.path(), json!({"deny": ["relay.events.secret"]}));
+        let nats = NatsServer::start_with(NatsServerOptions {
+            args: vec!["-c".into(), conf.to_str().unwrap().into()],
+            ..Default::default()
+        })
+        .await;
+        let creds_arg = creds.to_str().unwrap();
+        let relay = Relay::start(&nats.url(), &["--nats-creds", creds_arg], &[]).await;
+        let tok = token(SECRET, &["events.>"], 300);
+        let refused = relay
+            .get(
+                &events_path(&["events.secret"]),
+                &[("authorization", &bearer(&tok))],
+            )
+            .await;
+        assert_json_error(&refused, 503, "a subscription NATS refused");
+        assert!(
+            relay.log().contains("Permissions Violation"),
+            "the log says why: {}",
+            tail(&relay.log(), 2000)
+        );
+        // Other subjects are served.
+        let publisher = async_nats::ConnectOptions::with_credentials_file(creds.clone())
+            .await
+            .expect("creds")
+            .connect(nats.url())
+            .await
+            .expect("publisher with the creds");
+        live_event_arrives(&relay, &nats, publisher).await;
     })
     .await
 }

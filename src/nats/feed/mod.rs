@@ -188,6 +188,8 @@ struct SubQueue {
     /// Set when a message was dropped; reported once until one fits again.
     overflowed: AtomicBool,
     ended: AtomicBool,
+    /// The server's refusal of the `SUB` (permissions): the queue ends.
+    refused: std::sync::OnceLock<String>,
 }
 
 impl SubQueue {
@@ -224,6 +226,15 @@ pub(crate) struct FeedSub {
     sid: u64,
     queue: Arc<SubQueue>,
     cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+impl FeedSub {
+    /// The server's refusal of this subscription, once it has said so
+    /// (its `-ERR` comes before the answer to anything sent after the
+    /// `SUB`).
+    pub(crate) fn refused(&self) -> Option<&str> {
+        self.queue.refused.get().map(String::as_str)
+    }
 }
 
 impl Stream for FeedSub {
@@ -549,11 +560,30 @@ impl Task {
                 ServerOp::Err(text) => {
                     let text = String::from_utf8_lossy(text);
                     tracing::warn!(error = %text, shard = self.shard, "nats live feed: server error");
+                    if let Some(subject) = refused_subject(&text) {
+                        self.refuse(subject, &text);
+                    }
                 }
             }
         }
         read.advance(used);
         Ok(())
+    }
+
+    /// The server did not take the subscriptions on `subject`: they end,
+    /// saying why, and are not sent again.
+    fn refuse(&mut self, subject: &str, why: &str) {
+        self.subs.retain(|_, sub| {
+            let Route::Queue(q) = &sub.to else {
+                return true;
+            };
+            if sub.subject != subject {
+                return true;
+            }
+            let _ = q.refused.set(why.to_owned());
+            q.end();
+            false
+        });
     }
 
     fn route(&mut self, sid: u64, subject: &[u8], headers: Option<&[u8]>, payload: &[u8]) {
@@ -596,6 +626,13 @@ impl Task {
             }
         }
     }
+}
+
+/// The subject of `Permissions Violation for Subscription to "<subject>"`
+/// (nats-server's words; a queue subscription's add ` using queue "<q>"`).
+fn refused_subject(err: &str) -> Option<&str> {
+    let rest = err.strip_prefix("Permissions Violation for Subscription to \"")?;
+    rest.split('"').next()
 }
 
 /// Pings sent on a connection, oldest first: a flush's answer, or `None`
@@ -752,6 +789,41 @@ mod tests {
             matches!(rx.recv().await, Some(Cmd::Unsub(9))),
             "dropping a subscription unsubscribes"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_subscription_ends_saying_why() {
+        let link = Link::new(&[]);
+        let (mut task, cmds) = task(&link);
+        let queue = Arc::new(SubQueue::default());
+        let sub = |sid| Cmd::Sub {
+            sid,
+            subject: "relay.events.secret".into(),
+            to: Route::Queue(queue.clone()),
+        };
+        task.command(sub(4), None);
+        let mut read = BytesMut::from(
+            &b"-ERR 'Permissions Violation for Subscription to \"relay.events.secret\"'\r\n"[..],
+        );
+        let (mut out, mut pings) = (BytesMut::new(), Pings::default());
+        task.read_ops(&mut read, 1 << 20, &mut out, &mut pings)
+            .unwrap();
+        let mut fs = FeedSub {
+            sid: 4,
+            queue: queue.clone(),
+            cmds,
+        };
+        assert_eq!(
+            fs.refused(),
+            Some("Permissions Violation for Subscription to \"relay.events.secret\"")
+        );
+        assert!(fs.next().await.is_none(), "the subscription ended");
+        assert!(!task.subs.contains_key(&4), "not sent again");
+        assert_eq!(
+            refused_subject("Permissions Violation for Subscription to \"a.b\" using queue \"q\""),
+            Some("a.b")
+        );
+        assert_eq!(refused_subject("Maximum Subscriptions Exceeded"), None);
     }
 
     #[tokio::test]
