@@ -242,30 +242,38 @@ fn operator_mode(dir: &Path, sub: Value) -> (PathBuf, PathBuf) {
     (conf, creds)
 }
 
+/// A nats-server in operator mode (`sub`: the relay user's subscribe
+/// permissions), a relay signed in with the user's creds, and a publisher
+/// signed in with them too. `dir` holds the files.
+async fn operator_mode_relay(dir: &Path, sub: Value) -> (NatsServer, Relay, async_nats::Client) {
+    let (conf, creds) = operator_mode(dir, sub);
+    let nats = NatsServer::start_with(NatsServerOptions {
+        args: vec!["-c".into(), conf.to_str().unwrap().into()],
+        ..Default::default()
+    })
+    .await;
+    let creds_arg = creds.to_str().unwrap();
+    let relay = Relay::start(&nats.url(), &["--nats-creds", creds_arg], &[]).await;
+    let publisher = async_nats::ConnectOptions::with_credentials_file(creds.clone())
+        .await
+        .expect("creds")
+        .connect(nats.url())
+        .await
+        .expect("publisher with the creds");
+    (nats, relay, publisher)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_connections_sign_in_with_the_creds_file() {
     within(Duration::from_secs(60), "creds", async {
         let dir = tempfile::tempdir().unwrap();
-        let (conf, creds) = operator_mode(dir.path(), json!({}));
-        let nats = NatsServer::start_with(NatsServerOptions {
-            args: vec!["-c".into(), conf.to_str().unwrap().into()],
-            ..Default::default()
-        })
-        .await;
-        let creds_arg = creds.to_str().unwrap();
-        let relay = Relay::start(&nats.url(), &["--nats-creds", creds_arg], &[]).await;
+        let (nats, relay, publisher) = operator_mode_relay(dir.path(), json!({})).await;
         let names: Vec<String> = relay_connections(&nats)
             .await
             .iter()
             .filter_map(|c| c["name"].as_str().map(String::from))
             .collect();
         assert_eq!(names, ["sse-relay/0", "sse-relay/0/live"]);
-        let publisher = async_nats::ConnectOptions::with_credentials_file(creds.clone())
-            .await
-            .expect("creds")
-            .connect(nats.url())
-            .await
-            .expect("publisher with the creds");
         live_event_arrives(&relay, &nats, publisher).await;
     })
     .await
@@ -310,14 +318,8 @@ async fn a_subscription_nats_refuses_is_a_503_not_a_silent_stream() {
     within(Duration::from_secs(60), "refused", async {
         let dir = tempfile::tempdir().unwrap();
         // The relay's user may not read one subject's live copies.
-        let (conf, creds) = operator_mode(dir.path(), json!({"deny": ["relay.events.secret"]}));
-        let nats = NatsServer::start_with(NatsServerOptions {
-            args: vec!["-c".into(), conf.to_str().unwrap().into()],
-            ..Default::default()
-        })
-        .await;
-        let creds_arg = creds.to_str().unwrap();
-        let relay = Relay::start(&nats.url(), &["--nats-creds", creds_arg], &[]).await;
+        let deny = json!({"deny": ["relay.events.secret"]});
+        let (nats, relay, publisher) = operator_mode_relay(dir.path(), deny).await;
         let tok = token(SECRET, &["events.>"], 300);
         let refused = relay
             .get(
@@ -332,12 +334,6 @@ async fn a_subscription_nats_refuses_is_a_503_not_a_silent_stream() {
             tail(&relay.log(), 2000)
         );
         // Other subjects are served.
-        let publisher = async_nats::ConnectOptions::with_credentials_file(creds.clone())
-            .await
-            .expect("creds")
-            .connect(nats.url())
-            .await
-            .expect("publisher with the creds");
         live_event_arrives(&relay, &nats, publisher).await;
     })
     .await
