@@ -243,11 +243,60 @@ pub enum Cors {
     List(Vec<String>),
 }
 
+/// A user and password, or a token, given in `--nats-url`
+/// (`nats://user:pass@host`, `nats://token@host`); both NATS connections
+/// send it. Its secret is not in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsUrlAuth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsUrlAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsUrlAuth::UserPassword { user, .. } => {
+                write!(f, "UserPassword {{ user: {user:?}, password: <redacted> }}")
+            }
+            NatsUrlAuth::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+/// `url` without its user info, and what the user info says.
+fn split_user_info(url: &str) -> (String, Option<NatsUrlAuth>) {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let info = &rest[..at];
+    let auth = match info.split_once(':') {
+        Some((user, password)) => NatsUrlAuth::UserPassword {
+            user: decode(user),
+            password: decode(password),
+        },
+        None => NatsUrlAuth::Token(decode(info)),
+    };
+    (format!("{scheme}{}", &rest[at + 1..]), Some(auth))
+}
+
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The seeds, without user info.
     pub nats_urls: Vec<String>,
+    /// The user info of the seeds that carry one (all the same).
+    pub nats_url_auth: Option<NatsUrlAuth>,
     pub nats_creds: Option<PathBuf>,
     pub stream: String,
     pub create_stream: bool,
@@ -291,15 +340,22 @@ impl Config {
                 a.listen
             )
         })?;
-        let nats_urls: Vec<String> = a
+        let (nats_urls, auths): (Vec<String>, Vec<Option<NatsUrlAuth>>) = a
             .nats_url
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
+            .map(split_user_info)
+            .unzip();
         if nats_urls.is_empty() {
             return Err("--nats-url / NATS_URL is empty".into());
+        }
+        let mut auths = auths.into_iter().flatten();
+        let nats_url_auth = auths.next();
+        if auths.any(|other| Some(&other) != nats_url_auth.as_ref()) {
+            return Err(
+                "--nats-url: the seeds carry different user info; give the same on each".into(),
+            );
         }
         let key = match (a.jwt_secret, a.jwt_public_key, a.jwks_url) {
             (Some(s), None, None) if s.is_empty() => return Err("--jwt-secret is empty".into()),
@@ -368,6 +424,7 @@ impl Config {
         Ok(Config {
             listen,
             nats_urls,
+            nats_url_auth,
             nats_creds: a.nats_creds,
             stream: a.stream,
             create_stream: a.create_stream,
@@ -546,6 +603,36 @@ mod tests {
     fn splits_nats_seeds() {
         let c = Config::from_args(args(&["--nats-url", "nats://a:1, nats://b:2"])).unwrap();
         assert_eq!(c.nats_urls, vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(c.nats_url_auth, None);
+    }
+
+    #[test]
+    fn user_info_in_nats_urls_is_taken_out_and_kept_out_of_debug() {
+        let c = Config::from_args(args(&[
+            "--nats-url",
+            "nats://alice:s%40pw9x@a:1,b:2,tls://alice:s%40pw9x@c:3",
+        ]))
+        .unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://a:1", "b:2", "tls://c:3"]);
+        assert_eq!(
+            c.nats_url_auth,
+            Some(NatsUrlAuth::UserPassword {
+                user: "alice".into(),
+                password: "s@pw9x".into()
+            })
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("alice") && !shown.contains("pw9x"),
+            "{shown}"
+        );
+        let t = Config::from_args(args(&["--nats-url", "t0ken@a:1"])).unwrap();
+        assert_eq!(t.nats_url_auth, Some(NatsUrlAuth::Token("t0ken".into())));
+        assert!(!format!("{t:?}").contains("t0ken"));
+        assert!(
+            Config::from_args(args(&["--nats-url", "nats://a:x@h:1,nats://b:y@h:2"])).is_err(),
+            "different user info on two seeds"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::config::Config;
+use crate::config::{Config, NatsUrlAuth};
 
 /// Ping often enough that a silently dead server is noticed in seconds, not
 /// the minutes async-nats' 60 s default would take.
@@ -187,6 +187,13 @@ pub(crate) async fn connect(
                 let _ = link.events.send(ev);
             }
         });
+    match &cfg.nats_url_auth {
+        Some(NatsUrlAuth::UserPassword { user, password }) => {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        Some(NatsUrlAuth::Token(token)) => opts = opts.token(token.clone()),
+        None => {}
+    }
     if let Some(path) = &cfg.nats_creds {
         opts = opts
             .credentials_file(path)

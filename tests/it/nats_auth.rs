@@ -1,6 +1,7 @@
 //! The relay's two NATS connections (requests and the live feed): they
 //! reach a server that requires TLS, and one that requires a `.creds`
-//! file (operator mode), and the stream is served with live events; on a
+//! file (operator mode), or a user and password or token in the URL, and
+//! the stream is served with live events; on a
 //! cluster, a shard's two connections start on the same node and relays
 //! spread over the seeds.
 
@@ -335,6 +336,58 @@ async fn a_subscription_nats_refuses_is_a_503_not_a_silent_stream() {
         );
         // Other subjects are served.
         live_event_arrives(&relay, &nats, publisher).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_connections_sign_in_with_the_user_info_of_the_url() {
+    within(Duration::from_secs(60), "url user info", async {
+        let with = |args: &[&str]| NatsServerOptions {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        // A user and password, then a token.
+        let cases = [
+            (
+                &["--user", "alice", "--pass", "s3cret"][..],
+                "alice:s3cret@",
+            ),
+            (&["--auth", "t0ken-s3cret"][..], "t0ken-s3cret@"),
+        ];
+        for (server_args, info) in cases {
+            let nats = NatsServer::start_with(with(server_args)).await;
+            let url = nats.url().replace("nats://", &format!("nats://{info}"));
+            let relay = Relay::start(&url, &[], &[]).await;
+            let names: Vec<String> = relay_connections(&nats)
+                .await
+                .iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect();
+            assert_eq!(names, ["sse-relay/0", "sse-relay/0/live"], "{info}");
+            let publisher = match server_args[0] {
+                "--user" => {
+                    async_nats::ConnectOptions::with_user_and_password(
+                        "alice".into(),
+                        "s3cret".into(),
+                    )
+                    .connect(nats.url())
+                    .await
+                }
+                _ => {
+                    async_nats::ConnectOptions::with_token("t0ken-s3cret".into())
+                        .connect(nats.url())
+                        .await
+                }
+            }
+            .expect("publisher signed in");
+            live_event_arrives(&relay, &nats, publisher).await;
+            assert!(
+                !relay.log().contains("s3cret"),
+                "the secret is in the log: {}",
+                tail(&relay.log(), 2000)
+            );
+        }
     })
     .await
 }

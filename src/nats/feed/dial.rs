@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::NatsUrlAuth;
 use crate::nats::wire::{self, ServerOp};
 
 /// The socket, plain or TLS.
@@ -73,6 +74,7 @@ pub(super) struct Dialer {
     servers: Vec<ServerAddr>,
     next: usize,
     creds: Option<Creds>,
+    url_auth: Option<NatsUrlAuth>,
     name: String,
     tls: Option<Arc<ClientConfig>>,
 }
@@ -81,6 +83,7 @@ impl Dialer {
     pub(super) fn new(
         urls: &[String],
         creds: Option<&Path>,
+        url_auth: Option<NatsUrlAuth>,
         name: String,
     ) -> Result<Dialer, String> {
         let servers = urls
@@ -98,6 +101,7 @@ impl Dialer {
             servers,
             next: 0,
             creds,
+            url_auth,
             name,
             tls: None,
         })
@@ -192,6 +196,14 @@ impl Dialer {
             "headers": true,
             "no_responders": true,
         });
+        match &self.url_auth {
+            Some(NatsUrlAuth::UserPassword { user, password }) => {
+                connect["user"] = user.clone().into();
+                connect["pass"] = password.clone().into();
+            }
+            Some(NatsUrlAuth::Token(token)) => connect["auth_token"] = token.clone().into(),
+            None => {}
+        }
         if let Some(c) = &self.creds {
             let sig = c
                 .key

@@ -100,7 +100,12 @@ impl Feed {
     /// background. Fails only on configuration (URLs, credentials).
     pub(crate) fn start(cfg: &Config, shard: usize, link: Arc<Link>) -> Result<Feed, String> {
         let name = format!("sse-relay/{shard}/live");
-        let dialer = Dialer::new(link.seeds(), cfg.nats_creds.as_deref(), name)?;
+        let dialer = Dialer::new(
+            link.seeds(),
+            cfg.nats_creds.as_deref(),
+            cfg.nats_url_auth.clone(),
+            name,
+        )?;
         let (cmds, rx) = mpsc::unbounded_channel();
         let task = Task::new(rx, link, dialer, shard);
         tokio::spawn(task.run());
@@ -675,7 +680,7 @@ mod tests {
     fn task(link: &Arc<Link>) -> (Task, mpsc::UnboundedSender<Cmd>) {
         let (cmds, rx) = mpsc::unbounded_channel();
         let urls = ["nats://127.0.0.1:4222".to_owned()];
-        let dialer = Dialer::new(&urls, None, "test".into()).unwrap();
+        let dialer = Dialer::new(&urls, None, None, "test".into()).unwrap();
         (Task::new(rx, link.clone(), dialer, 0), cmds)
     }
 
