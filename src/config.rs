@@ -89,7 +89,8 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "RELAY_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
-    /// NATS server URLs (comma-separated seeds).
+    /// NATS server URLs (comma-separated seeds); `user:pass@` or `token@`
+    /// in a URL signs both connections in.
     #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
     /// NATS credentials file.

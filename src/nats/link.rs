@@ -127,7 +127,8 @@ impl Link {
     /// The seeds, in the order both connections try them: the configured
     /// order from a starting point random per shard, so that relays spread
     /// over a cluster's seeds while a shard's two connections start on the
-    /// same server (and move together when it is lost).
+    /// same server (each reconnect starts from the first again, so they
+    /// usually meet again after a loss; nothing depends on it).
     pub(crate) fn seeds(&self) -> &[String] {
         &self.seeds
     }
@@ -216,15 +217,20 @@ pub(crate) async fn connect(
     Ok((client, link))
 }
 
+/// A random number (std's per-process random hash keys), for the seeds'
+/// starting point and the feed's inbox: nothing that needs a CSPRNG.
+pub(super) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 /// `urls` from a random starting point onwards, wrapping around.
 fn rotated(urls: &[String]) -> Vec<String> {
-    use std::hash::{BuildHasher, Hasher};
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
     let mut urls = urls.to_vec();
     if !urls.is_empty() {
-        let start = (random % urls.len() as u64) as usize;
+        let start = (random_u64() % urls.len() as u64) as usize;
         urls.rotate_left(start);
     }
     urls

@@ -64,7 +64,7 @@ pub(crate) fn parse(
         .ok_or(ProtocolError("control line not ended by CRLF"))?;
     let after_line = nl + 1;
     let (name, args) = match line.iter().position(|b| b.is_ascii_whitespace()) {
-        Some(i) => (&line[..i], trim(&line[i..])),
+        Some(i) => (&line[..i], line[i..].trim_ascii()),
         None => (line, &line[..0]),
     };
     let op = if name.eq_ignore_ascii_case(b"MSG") || name.eq_ignore_ascii_case(b"HMSG") {
@@ -166,15 +166,6 @@ fn number(s: &[u8]) -> Result<u64, ProtocolError> {
     })
 }
 
-fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace());
-    match (start, end) {
-        (Some(a), Some(b)) => &s[a..=b],
-        _ => &s[..0],
-    }
-}
-
 /// A republished event as the hub takes it: RePublish's ids and the SSE
 /// frame, encoded once here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +193,7 @@ fn read_headers(block: &[u8]) -> Read<'_> {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         let slot = match name {
             b"Nats-Sequence" => &mut read.seq,
             b"Nats-Last-Sequence" => &mut read.previous,

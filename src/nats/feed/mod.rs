@@ -32,7 +32,7 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::link::{Link, LinkEvent, PING_INTERVAL, reconnect_delay};
+use super::link::{Link, LinkEvent, PING_INTERVAL, random_u64, reconnect_delay};
 use super::wire::{self, LiveMessage, ServerOp};
 use crate::config::Config;
 use dial::{Conn, Dialer, Info};
@@ -143,11 +143,7 @@ impl Feed {
                 tx,
             })
             .map_err(|_| FeedError::Stopped)?;
-        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(FeedError::Lost),
-            Err(_) => Err(FeedError::Timeout(ANSWER_TIMEOUT)),
-        }
+        answered(rx, FeedError::Lost).await
     }
 
     /// Turns every message on `subject` into `event` on the link, for as
@@ -176,11 +172,17 @@ impl Feed {
         self.cmds
             .send(Cmd::Flush(tx))
             .map_err(|_| FeedError::Stopped)?;
-        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(FeedError::Stopped),
-            Err(_) => Err(FeedError::Timeout(ANSWER_TIMEOUT)),
-        }
+        answered(rx, FeedError::Stopped).await
+    }
+}
+
+/// The task's answer within [`ANSWER_TIMEOUT`]; `dropped` when the task
+/// let go of the question unanswered.
+async fn answered<T>(rx: oneshot::Receiver<T>, dropped: FeedError) -> Result<T, FeedError> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(dropped),
+        Err(_) => Err(FeedError::Timeout(ANSWER_TIMEOUT)),
     }
 }
 
@@ -303,13 +305,7 @@ impl Task {
         dialer: Dialer,
         shard: usize,
     ) -> Task {
-        use std::hash::{BuildHasher, Hasher};
-        let random = || {
-            std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-        };
-        let inbox = format!("_INBOX.{:016x}{:016x}.", random(), random());
+        let inbox = format!("_INBOX.{:016x}{:016x}.", random_u64(), random_u64());
         let mut subs = HashMap::new();
         let subject = format!("{inbox}*");
         subs.insert(
@@ -453,7 +449,10 @@ impl Task {
         payload: &[u8],
         tx: oneshot::Sender<Bytes>,
     ) {
-        self.replies.retain(|_, t| !t.is_closed());
+        // No sweep of abandoned entries here (a subscribe burst would make
+        // it quadratic): every request is answered (a reply, an error, or
+        // no responders' status) or the connection is lost, which clears
+        // them all.
         let token = self.next_token;
         self.next_token += 1;
         let reply = format!("{}{token}", self.inbox);
