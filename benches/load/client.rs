@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::report::{Hist, PerSecond};
+use crate::report::{Hist, PerSecond, measured};
 use crate::sse_parse::{ConnState, Event};
 
 /// Parameters, from `LOAD_*` environment variables set by the parent.
@@ -376,7 +376,7 @@ fn on_event(ctx: &Ctx, i: usize, ev: Event, now: u64) {
         c.count
     };
     ctx.received.set(ctx.received.get() + 1);
-    if let Some(t) = ev.t {
+    if let Some(t) = ev.t.filter(|&t| measured(t, ctx.epoch.get())) {
         let us = now.saturating_sub(t) / 1000;
         ctx.hist_total.borrow_mut().record(us);
         ctx.hist_step.borrow_mut().record(us);

@@ -115,7 +115,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let mut b = Bench::start(opts, relays).await?;
     let prefix = peer.subject_prefix();
     if peer != Peer::Relay {
-        let lifetime = opts.duration + Duration::from_secs(120);
+        let lifetime = opts.warmup + opts.duration + Duration::from_secs(120);
         let cpu = opts.pin.then_some(0);
         let proc = peers::spawn(
             peer,
@@ -140,6 +140,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let total_rate = rate * subjects as f64;
     let sampled = probe::sampled_subjects(&prefix, subjects, total_rate);
     report.set("rate_per_subject", rate);
+    report.set("warmup_s", opts.warmup.as_secs_f64());
     report.set("subjects", subjects as u64);
     report.set("probe_subjects", sampled.len() as u64);
     let probe = Probe::start(&b.nats.url, sampled).await?;
@@ -147,12 +148,14 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let s0 = Snap::take(&b, &fleet.pids());
     let ctl = PubCtl::new(total_rate);
     let js = opts.acked.then(|| b.js.clone());
-    let epoch = now_ns();
+    // The measured window starts after the warm-up: latency counts events
+    // published from then on (`report::measured`), seconds count from it.
+    let epoch = now_ns() + opts.warmup.as_nanos() as u64;
     fleet.send(&format!("epoch {epoch}"))?;
     probe.set_epoch(epoch);
     let task = tokio::spawn(publish::run(b.client.clone(), js, subjects, ctl.clone()));
     let t0 = Instant::now();
-    tokio::time::sleep(opts.duration).await;
+    tokio::time::sleep(opts.warmup + opts.duration).await;
     ctl.stop.store(true, Ordering::Relaxed);
     let rounds = task.await.map_err(|e| e.to_string())?;
     let pub_secs = t0.elapsed().as_secs_f64();

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::report::{Hist, PerSecond};
+use crate::report::{Hist, PerSecond, measured};
 
 /// Messages a second the probe aims to read, at most.
 pub(crate) const PROBE_RATE: f64 = 1000.0;
@@ -81,11 +81,12 @@ impl Probe {
                 tokio::select! {
                     m = all.next() => match m {
                         Some(m) => {
-                            if let Some(t) = payload_t(&m.payload) {
+                            let e = clock.load(Ordering::Relaxed);
+                            let start = (e > 0).then_some(e);
+                            if let Some(t) = payload_t(&m.payload).filter(|&t| measured(t, start)) {
                                 let now = now_ns();
                                 let us = now.saturating_sub(t) / 1000;
                                 hist.record(us);
-                                let e = clock.load(Ordering::Relaxed);
                                 if e > 0 && now >= e {
                                     per_second.record(((now - e) / 1_000_000_000) as usize, us);
                                 }

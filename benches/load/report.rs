@@ -120,6 +120,13 @@ impl Hist {
 /// Seconds a [`PerSecond`] keeps; later samples are not recorded.
 pub(crate) const MAX_SECONDS: usize = 3600;
 
+/// Whether an event published at `published_ns` counts in the latency
+/// figures: with a measured window starting at `start_ns` (after
+/// `--warmup`), only what was published from then on; without one, all.
+pub(crate) fn measured(published_ns: u64, start_ns: Option<u64>) -> bool {
+    start_ns.is_none_or(|s| published_ns >= s)
+}
+
 /// Latency histograms by whole second of receipt since a run's start
 /// (index 0 is the first second), mergeable across processes.
 #[derive(Clone, Default)]

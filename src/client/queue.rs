@@ -15,16 +15,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// Largest chunk handed to the socket at once when coalescing frames.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// A queue keeps at most this many slots of capacity once it drains, so a
-/// burst does not pin memory to an idle connection.
-const IDLE_CAPACITY: usize = 16;
-
 /// Queued frames in order. One frame, all a connection that keeps up ever
 /// holds, is kept inline: queueing and taking it touch the queue's own
 /// memory only (on a fan-out to 10,000 queues a separate buffer is a cache
 /// miss on each side), and such a connection never allocates a buffer.
-/// More frames go into a deque, which is kept (up to [`IDLE_CAPACITY`])
-/// once a burst made one.
+/// More frames go into a deque, given back once drained: a connection that
+/// fell behind once (a burst, a slow round) goes back to the inline frame
+/// instead of paying the deque's miss on every delivery after it.
 #[derive(Debug)]
 enum Frames {
     One(Bytes),
@@ -82,7 +79,7 @@ impl Frames {
 
     /// Gives back the room a burst took, once drained.
     fn trim(&mut self) {
-        if matches!(self, Frames::Many(d) if d.is_empty() && d.capacity() > IDLE_CAPACITY) {
+        if matches!(self, Frames::Many(d) if d.is_empty() && d.capacity() > 0) {
             *self = Frames::default();
         }
     }
@@ -527,6 +524,14 @@ mod tests {
         f.push_back(b(2));
         assert_eq!(f.iter().map(|x| x[0]).collect::<Vec<_>>(), vec![2]);
         assert!(matches!(f, Frames::One(_)));
+        // A small burst too: once drained, one frame at a time is inline
+        // again.
+        f.push_back(b(3));
+        assert!(matches!(&f, Frames::Many(d) if d.capacity() > 0));
+        while f.pop_front().is_some() {}
+        f.trim();
+        f.push_back(b(4));
+        assert!(matches!(f, Frames::One(_)), "the burst's deque is not kept");
     }
 
     #[test]

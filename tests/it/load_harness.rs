@@ -223,3 +223,18 @@ fn svg_axis_tops_are_round() {
     assert_eq!(nice_ceil(200.0), 200.0);
     assert_eq!(nice_ceil(201.0), 500.0);
 }
+
+#[test]
+fn warm_up_events_are_left_out_of_latency_and_without_a_window_none_are() {
+    let start = 1_000_000_000u64;
+    assert!(
+        !report::measured(start - 1, Some(start)),
+        "published in the warm-up"
+    );
+    assert!(report::measured(start, Some(start)));
+    assert!(report::measured(start + 5, Some(start)));
+    assert!(
+        report::measured(0, None),
+        "no measured window: every event counts"
+    );
+}
