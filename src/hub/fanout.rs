@@ -11,70 +11,149 @@ use crate::client::{EndReason, Offer};
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
 
+/// Clients offered a frame between two yields of the dispatcher. The
+/// connections woken then write while what the hub touched of them (the
+/// queue, the task) is still in cache: on a fan-out to 10,000 clients,
+/// waking them all first left each to a cold start of its own.
+pub(super) const OFFER_CHUNK: usize = 64;
+
 /// Live frames held during a catch-up before the hub gives up and makes
 /// every client resume on its own.
 pub(super) const CATCH_UP_HOLD_LIMIT: usize = 1_000_000;
 
+/// Where a fan-out stopped to yield: `items[item]` goes on to its clients
+/// from `client` on (its own bookkeeping is done when `client` > 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Resume {
+    item: usize,
+    client: usize,
+}
+
+impl Resume {
+    const START: Resume = Resume { item: 0, client: 0 };
+}
+
+/// How much one call of [`Dispatcher::deliver_some`] may do.
+#[derive(Clone, Copy)]
+struct Limit {
+    items: usize,
+    offers: usize,
+}
+
 impl<U: Upstream> Dispatcher<U> {
     /// Fans out deliveries (sorted by sequence) to every client of their
-    /// topic. Between chunks the task yields so the connections it woke can
-    /// write: a burst larger than a client queue must not evict a client
-    /// that only lacked a turn on the CPU. (Outside the co-op budget nothing
-    /// else would make this task yield.)
+    /// topic. Every [`DISPATCH_CHUNK`] events and every [`OFFER_CHUNK`]
+    /// clients the task yields so the connections it woke can write: a
+    /// burst larger than a client queue must not evict a client that only
+    /// lacked a turn on the CPU, and a connection writes while it is still
+    /// in cache. (Outside the co-op budget nothing else would make this task
+    /// yield.) Nothing else of the hub runs while it waits, so the topics
+    /// and their clients are as it left them.
     pub(super) async fn deliver(&mut self, items: &[Delivery]) {
-        for (i, chunk) in items.chunks(DISPATCH_CHUNK).enumerate() {
-            if i > 0 {
-                tokio::task::yield_now().await;
-            }
-            self.deliver_now(chunk);
+        let limit = Limit {
+            items: DISPATCH_CHUNK,
+            offers: OFFER_CHUNK,
+        };
+        let mut from = Resume::START;
+        while let Some(next) = self.deliver_some(items, from, limit) {
+            tokio::task::yield_now().await;
+            from = next;
         }
     }
 
     /// Offers deliveries (sorted by sequence) to the clients of their
-    /// topics, or holds them while a catch-up runs.
+    /// topics, or holds them while a catch-up runs, all at once.
     pub(super) fn deliver_now(&mut self, items: &[Delivery]) {
+        let limit = Limit {
+            items: usize::MAX,
+            offers: usize::MAX,
+        };
+        let rest = self.deliver_some(items, Resume::START, limit);
+        debug_assert!(rest.is_none(), "no limit, no pause");
+    }
+
+    /// [`Self::deliver_now`] from `from` on, until `limit`: then where to
+    /// go on from.
+    fn deliver_some(&mut self, items: &[Delivery], from: Resume, limit: Limit) -> Option<Resume> {
+        let items = items.get(from.item..).unwrap_or_default();
+        let rel = |r: Resume| Resume {
+            item: from.item + r.item,
+            ..r
+        };
         // Held or not, the stream has reached these sequences.
         if let Some(last) = items.last() {
             self.note_seen(last.seq);
         }
         if let Some(c) = &mut self.catch_up {
+            // (Only this function starts a catch-up while a fan-out is
+            // paused, and then it holds everything after it: a paused
+            // item is never held half-delivered.)
             c.held.extend_from_slice(items);
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");
                 self.catch_up = None;
                 self.end_streams(self.clients.queues(), EndReason::Resync);
             }
-            return;
+            return None;
         }
+        let mut received = 0u64;
         let mut delivered = 0u64;
+        let mut offers = 0usize;
         let mut evicted = 0usize;
         let mut behind = false;
         let mut deepest = 0;
-        for (i, d) in items.iter().enumerate() {
+        let mut paused = None;
+        'items: for (i, d) in items.iter().enumerate() {
+            if i >= limit.items || offers >= limit.offers {
+                paused = Some(rel(Resume { item: i, client: 0 }));
+                break;
+            }
+            let first_client = if i == 0 { from.client } else { 0 };
             let Some(topic) = self.topics.get_mut(d.topic) else {
+                received += 1;
                 continue;
             };
-            if topic.since.is_none() && d.previous.is_some() {
-                // The stream's position was not known when the subscription
-                // became active (JetStream did not answer): holes are
-                // looked for from this first live event on, not never.
-                topic.since = Some(d.seq.saturating_sub(1));
+            if first_client == 0 {
+                if topic.since.is_none() && d.previous.is_some() {
+                    // The stream's position was not known when the
+                    // subscription became active (JetStream did not
+                    // answer): holes are looked for from this first live
+                    // event on, not never.
+                    topic.since = Some(d.seq.saturating_sub(1));
+                }
+                if topic.skipped(d) {
+                    // An event of this topic was stored but never reached
+                    // it (a leader change between storing and
+                    // republishing): fill the hole from the stream before
+                    // delivering past it.
+                    self.metrics.events_received.inc_by(received);
+                    self.metrics.deliveries.inc_by(delivered);
+                    self.count_evicted(evicted);
+                    self.start_catch_up("hole in the republished sequence");
+                    let rest = self.deliver_some(&items[i..], Resume::START, limit);
+                    return rest.map(|r| {
+                        rel(Resume {
+                            item: i + r.item,
+                            ..r
+                        })
+                    });
+                }
+                received += 1;
+                behind |= d.previous.is_some() && d.seq < topic.last_seq;
+                topic.last_seq = topic.last_seq.max(d.seq);
+                self.window.push(d.topic, d.seq, &d.frame);
             }
-            if topic.skipped(d) {
-                // An event of this topic was stored but never reached it
-                // (a leader change between storing and republishing): fill
-                // the hole from the stream before delivering past it.
-                self.metrics.events_received.inc_by(i as u64);
-                self.metrics.deliveries.inc_by(delivered);
-                self.count_evicted(evicted);
-                self.start_catch_up("hole in the republished sequence");
-                self.deliver_now(&items[i..]);
-                return;
-            }
-            behind |= d.previous.is_some() && d.seq < topic.last_seq;
-            topic.last_seq = topic.last_seq.max(d.seq);
-            self.window.push(d.topic, d.seq, &d.frame);
-            for (_, q) in &topic.clients {
+            let clients = topic.clients.get(first_client..).unwrap_or_default();
+            for (k, (_, q)) in clients.iter().enumerate() {
+                if offers >= limit.offers {
+                    // k > 0: the check above let this item start.
+                    paused = Some(rel(Resume {
+                        item: i,
+                        client: first_client + k,
+                    }));
+                    break 'items;
+                }
+                offers += 1;
                 match q.offer_live(d.seq, &d.frame, d.stored_us, &mut deepest) {
                     Offer::Queued => delivered += 1,
                     Offer::Duplicate | Offer::Closed => {}
@@ -85,7 +164,7 @@ impl<U: Upstream> Dispatcher<U> {
                 }
             }
         }
-        self.metrics.events_received.inc_by(items.len() as u64);
+        self.metrics.events_received.inc_by(received);
         self.metrics.deliveries.inc_by(delivered);
         if deepest > 0 {
             self.metrics.queue_depth.observe(deepest as f64);
@@ -96,6 +175,7 @@ impl<U: Upstream> Dispatcher<U> {
             // right after subscribing, or the stream was recreated.
             self.check_stream("a live sequence went back", false);
         }
+        paused
     }
 
     fn count_evicted(&self, evicted: usize) {

@@ -720,6 +720,64 @@ async fn an_expiry_storm_ends_streams_a_chunk_at_a_time() {
     );
 }
 
+/// One event for many clients of one topic is offered a chunk of clients
+/// at a time, the dispatcher yielding in between so the connections it
+/// woke write (while still in cache) before it wakes more; every client
+/// gets the event once.
+#[tokio::test(start_paused = true)]
+async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
+    let s = start(config());
+    let n = 5 * super::fanout::OFFER_CHUNK;
+    let mut queues = Vec::with_capacity(n);
+    for _ in 0..n {
+        queues.push(s.join(&["events.a"], None).await.queue);
+    }
+    let before: Vec<u64> = queues.iter().map(|q| q.summary().0).collect();
+    let offered = |qs: &[Arc<crate::client::ClientQueue>], before: &[u64]| {
+        qs.iter()
+            .zip(before)
+            .filter(|(q, b)| q.summary().0 > **b)
+            .count()
+    };
+    let observer = {
+        let (queues, before) = (queues.clone(), before.clone());
+        tokio::spawn(async move {
+            let mut steps = Vec::new();
+            for _ in 0..10_000 {
+                tokio::task::yield_now().await;
+                let now = offered(&queues, &before);
+                if now > 0 && steps.last() != Some(&now) {
+                    steps.push(now);
+                }
+                if now == queues.len() {
+                    break;
+                }
+            }
+            steps
+        })
+    };
+    s.fake.publish("events.a");
+    let steps = observer.await.unwrap();
+    assert_eq!(
+        offered(&queues, &before),
+        n,
+        "every client got it: {steps:?}"
+    );
+    assert!(
+        steps.iter().any(|&k| k < n),
+        "other tasks ran while the fan-out was under way: {steps:?}"
+    );
+    // (How many chunks run before another task gets its turn is the
+    // scheduler's business.)
+    assert!(
+        steps.iter().all(|k| k % super::fanout::OFFER_CHUNK == 0),
+        "whole chunks at a time: {steps:?}"
+    );
+    for q in &queues {
+        assert_eq!(received(q).ids, [1], "once, in order");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_client_is_dropped_without_slowing_others() {
     let s = start(HubConfig {
