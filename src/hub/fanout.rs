@@ -42,11 +42,11 @@ struct Limit {
 
 impl<U: Upstream> Dispatcher<U> {
     /// Fans out deliveries (sorted by sequence) to every client of their
-    /// topic. Every [`DISPATCH_CHUNK`] events and every [`OFFER_CHUNK`]
-    /// clients the task yields so the connections it woke can write: a
-    /// burst larger than a client queue must not evict a client that only
-    /// lacked a turn on the CPU, and a connection writes while it is still
-    /// in cache. (Outside the co-op budget nothing else would make this task
+    /// topic. Every [`DISPATCH_CHUNK`] events, and every [`OFFER_CHUNK`]
+    /// clients of a batch that is one event, the task yields so the
+    /// connections it woke can write: a burst larger than a client queue
+    /// must not evict a client that only lacked a turn on the CPU, and a
+    /// connection writes while it is still in cache. (Outside the co-op budget nothing else would make this task
     /// yield.) Nothing else of the hub runs while it waits, so the topics
     /// and their clients are as it left them.
     pub(super) async fn deliver(&mut self, items: &[Delivery]) {
@@ -103,8 +103,15 @@ impl<U: Upstream> Dispatcher<U> {
         let mut behind = false;
         let mut deepest = 0;
         let mut paused = None;
+        // Only a batch of one event is offered a chunk of clients at a
+        // time. When events queue up, every event of the turn is in every
+        // queue before any connection runs, so a connection behind by
+        // several writes them all at once: a turn per chunk of clients
+        // would make that one write per event (measured: saturation fell
+        // from 3.7 M to 0.14 M deliveries/s).
+        let by_chunks = items.len() == 1;
         'items: for (i, d) in items.iter().enumerate() {
-            if i >= limit.items || offers >= limit.offers {
+            if i >= limit.items {
                 paused = Some(rel(Resume { item: i, client: 0 }));
                 break;
             }
@@ -145,8 +152,9 @@ impl<U: Upstream> Dispatcher<U> {
             }
             let clients = topic.clients.get(first_client..).unwrap_or_default();
             for (k, (_, q)) in clients.iter().enumerate() {
-                if offers >= limit.offers {
-                    // k > 0: the check above let this item start.
+                if by_chunks && offers >= limit.offers {
+                    // k > 0 (offers counts this one event's clients), so
+                    // the event's own bookkeeping is done.
                     paused = Some(rel(Resume {
                         item: i,
                         client: first_client + k,

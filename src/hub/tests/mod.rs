@@ -778,6 +778,51 @@ async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
     }
 }
 
+/// Events that queued up reach every client in one turn, before any
+/// connection runs: a connection behind by several writes them at once.
+/// (Offered a chunk of clients at a time, each event would be a write of
+/// its own.)
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_events_reaches_every_client_before_any_writes() {
+    let s = start(config());
+    let n = 3 * super::fanout::OFFER_CHUNK;
+    let mut queues = Vec::with_capacity(n);
+    for _ in 0..n {
+        queues.push(s.join(&["events.a"], None).await.queue);
+    }
+    let before: Vec<u64> = queues.iter().map(|q| q.summary().0).collect();
+    // How many queues hold 1, 2, ... of the batch.
+    let spread = |qs: &[Arc<crate::client::ClientQueue>], before: &[u64]| {
+        let mut by = [0usize; 6];
+        for (q, b) in qs.iter().zip(before) {
+            by[(q.summary().0 - b).min(5) as usize] += 1;
+        }
+        by
+    };
+    let observer = {
+        let (queues, before) = (queues.clone(), before.clone());
+        tokio::spawn(async move {
+            for _ in 0..10_000 {
+                tokio::task::yield_now().await;
+                let by = spread(&queues, &before);
+                if by[0] < queues.len() {
+                    return by;
+                }
+            }
+            spread(&queues, &before)
+        })
+    };
+    for _ in 0..5 {
+        s.fake.publish("events.a");
+    }
+    let first_seen = observer.await.unwrap();
+    assert_eq!(
+        first_seen,
+        [0, 0, 0, 0, 0, n],
+        "the first turn another task saw: every queue held all five"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_client_is_dropped_without_slowing_others() {
     let s = start(HubConfig {
