@@ -46,9 +46,10 @@ impl<U: Upstream> Dispatcher<U> {
     /// clients of a batch that is one event, the task yields so the
     /// connections it woke can write: a burst larger than a client queue
     /// must not evict a client that only lacked a turn on the CPU, and a
-    /// connection writes while it is still in cache. (Outside the co-op budget nothing else would make this task
-    /// yield.) Nothing else of the hub runs while it waits, so the topics
-    /// and their clients are as it left them.
+    /// connection writes while it is still in cache. (Outside the co-op
+    /// budget nothing else would make this task yield.) Nothing else of the
+    /// hub runs while it waits, so the topics and their clients are as it
+    /// left them.
     pub(super) async fn deliver(&mut self, items: &[Delivery]) {
         let limit = Limit {
             items: DISPATCH_CHUNK,
@@ -85,9 +86,10 @@ impl<U: Upstream> Dispatcher<U> {
             self.note_seen(last.seq);
         }
         if let Some(c) = &mut self.catch_up {
-            // (Only this function starts a catch-up while a fan-out is
-            // paused, and then it holds everything after it: a paused
-            // item is never held half-delivered.)
+            // (A fan-out paused in the middle of an event goes on before
+            // anything else of the hub runs, and a catch-up started below
+            // holds from the event it starts at: no event is ever held
+            // half-delivered.)
             c.held.extend_from_slice(items);
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");

@@ -301,6 +301,21 @@ impl Setup {
             .await
             .expect("join")
     }
+
+    /// `n` clients on `pattern`, and how many events each queue has taken
+    /// so far.
+    pub(super) async fn join_many(
+        &self,
+        pattern: &str,
+        n: usize,
+    ) -> (Vec<Arc<ClientQueue>>, Vec<u64>) {
+        let mut queues = Vec::with_capacity(n);
+        for _ in 0..n {
+            queues.push(self.join(&[pattern], None).await.queue);
+        }
+        let taken = queues.iter().map(|q| q.summary().0).collect();
+        (queues, taken)
+    }
 }
 
 /// Lets the dispatcher and the tasks it started run a while, without

@@ -728,11 +728,7 @@ async fn an_expiry_storm_ends_streams_a_chunk_at_a_time() {
 async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
     let s = start(config());
     let n = 5 * super::fanout::OFFER_CHUNK;
-    let mut queues = Vec::with_capacity(n);
-    for _ in 0..n {
-        queues.push(s.join(&["events.a"], None).await.queue);
-    }
-    let before: Vec<u64> = queues.iter().map(|q| q.summary().0).collect();
+    let (queues, before) = s.join_many("events.a", n).await;
     let offered = |qs: &[Arc<crate::client::ClientQueue>], before: &[u64]| {
         qs.iter()
             .zip(before)
@@ -786,11 +782,7 @@ async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
 async fn a_batch_of_events_reaches_every_client_before_any_writes() {
     let s = start(config());
     let n = 3 * super::fanout::OFFER_CHUNK;
-    let mut queues = Vec::with_capacity(n);
-    for _ in 0..n {
-        queues.push(s.join(&["events.a"], None).await.queue);
-    }
-    let before: Vec<u64> = queues.iter().map(|q| q.summary().0).collect();
+    let (queues, before) = s.join_many("events.a", n).await;
     // How many queues hold 1, 2, ... of the batch.
     let spread = |qs: &[Arc<crate::client::ClientQueue>], before: &[u64]| {
         let mut by = [0usize; 6];
