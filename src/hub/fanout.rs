@@ -11,7 +11,7 @@ use crate::client::{EndReason, Offer};
 /// Events fanned out between two yields of the dispatcher.
 const DISPATCH_CHUNK: usize = 64;
 
-/// Clients offered a frame between two yields of the dispatcher. The
+/// Clients offered their frames between two yields of the dispatcher. The
 /// connections woken then write while what the hub touched of them (the
 /// queue, the task) is still in cache: on a fan-out to 10,000 clients,
 /// waking them all first left each to a cold start of its own.
@@ -21,39 +21,64 @@ pub(super) const OFFER_CHUNK: usize = 64;
 /// every client resume on its own.
 pub(super) const CATCH_UP_HOLD_LIMIT: usize = 1_000_000;
 
-/// Where a fan-out stopped to yield: `items[item]` goes on to its clients
-/// from `client` on (its own bookkeeping is done when `client` > 0).
+/// Where a fan-out stopped to yield. A turn is a run of consecutive
+/// deliveries of one topic: `items[item..end]` goes on to its topic's
+/// clients from `client` on (its bookkeeping done when `client` > 0), and
+/// `hole` says a catch-up starts at `end` once it is offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Resume {
     item: usize,
     client: usize,
+    end: usize,
+    hole: bool,
 }
 
 impl Resume {
-    const START: Resume = Resume { item: 0, client: 0 };
+    const START: Resume = Resume::at(0);
+
+    const fn at(item: usize) -> Resume {
+        Resume {
+            item,
+            client: 0,
+            end: 0,
+            hole: false,
+        }
+    }
 }
 
 /// How much one call of [`Dispatcher::deliver_some`] may do.
 #[derive(Clone, Copy)]
 struct Limit {
     items: usize,
-    offers: usize,
+    clients: usize,
+}
+
+/// What one call counted, for the metrics.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    delivered: u64,
+    evicted: usize,
+    behind: bool,
+    deepest: usize,
 }
 
 impl<U: Upstream> Dispatcher<U> {
     /// Fans out deliveries (sorted by sequence) to every client of their
-    /// topic. Every [`DISPATCH_CHUNK`] events, and every [`OFFER_CHUNK`]
-    /// clients of a batch that is one event, the task yields so the
-    /// connections it woke can write: a burst larger than a client queue
-    /// must not evict a client that only lacked a turn on the CPU, and a
-    /// connection writes while it is still in cache. (Outside the co-op
-    /// budget nothing else would make this task yield.) Nothing else of the
-    /// hub runs while it waits, so the topics and their clients are as it
-    /// left them.
+    /// topic, a turn (a run of one topic's deliveries, at most
+    /// [`DISPATCH_CHUNK`]) at a time, client by client: each client takes
+    /// all of a turn's frames at once. Every [`DISPATCH_CHUNK`] deliveries
+    /// and every [`OFFER_CHUNK`] clients the task yields so the connections
+    /// it woke can write: a burst larger than a client queue must not evict
+    /// a client that only lacked a turn on the CPU, a connection behind by
+    /// several events writes them all at once, and it writes while it is
+    /// still in cache. (Outside the co-op budget nothing else would make
+    /// this task yield.) Nothing else of the hub runs while it waits, so
+    /// the topics and their clients are as it left them.
     pub(super) async fn deliver(&mut self, items: &[Delivery]) {
         let limit = Limit {
             items: DISPATCH_CHUNK,
-            offers: OFFER_CHUNK,
+            clients: OFFER_CHUNK,
         };
         let mut from = Resume::START;
         while let Some(next) = self.deliver_some(items, from, limit) {
@@ -67,7 +92,7 @@ impl<U: Upstream> Dispatcher<U> {
     pub(super) fn deliver_now(&mut self, items: &[Delivery]) {
         let limit = Limit {
             items: usize::MAX,
-            offers: usize::MAX,
+            clients: usize::MAX,
         };
         let rest = self.deliver_some(items, Resume::START, limit);
         debug_assert!(rest.is_none(), "no limit, no pause");
@@ -76,21 +101,16 @@ impl<U: Upstream> Dispatcher<U> {
     /// [`Self::deliver_now`] from `from` on, until `limit`: then where to
     /// go on from.
     fn deliver_some(&mut self, items: &[Delivery], from: Resume, limit: Limit) -> Option<Resume> {
-        let items = items.get(from.item..).unwrap_or_default();
-        let rel = |r: Resume| Resume {
-            item: from.item + r.item,
-            ..r
-        };
         // Held or not, the stream has reached these sequences.
         if let Some(last) = items.last() {
             self.note_seen(last.seq);
         }
         if let Some(c) = &mut self.catch_up {
-            // (A fan-out paused in the middle of an event goes on before
-            // anything else of the hub runs, and a catch-up started below
-            // holds from the event it starts at: no event is ever held
-            // half-delivered.)
-            c.held.extend_from_slice(items);
+            // (A turn paused in the middle goes on before anything else of
+            // the hub runs, and a catch-up starts only after its turn:
+            // nothing is ever held half-delivered.)
+            c.held
+                .extend_from_slice(items.get(from.item..).unwrap_or_default());
             if c.held.len() > CATCH_UP_HOLD_LIMIT {
                 tracing::warn!("catch-up too slow; every client resumes on its own");
                 self.catch_up = None;
@@ -98,94 +118,123 @@ impl<U: Upstream> Dispatcher<U> {
             }
             return None;
         }
-        let mut received = 0u64;
-        let mut delivered = 0u64;
-        let mut offers = 0usize;
-        let mut evicted = 0usize;
-        let mut behind = false;
-        let mut deepest = 0;
-        let mut paused = None;
-        // Only a batch of one event is offered a chunk of clients at a
-        // time. When events queue up, every event of the turn is in every
-        // queue before any connection runs, so a connection behind by
-        // several writes them all at once: a turn per chunk of clients
-        // would make that one write per event (measured: saturation fell
-        // from 3.7 M to 0.14 M deliveries/s).
-        let by_chunks = items.len() == 1;
-        'items: for (i, d) in items.iter().enumerate() {
-            if i >= limit.items {
-                paused = Some(rel(Resume { item: i, client: 0 }));
-                break;
+        let mut tally = Tally::default();
+        let mut clients_left = limit.clients;
+        let mut taken = 0;
+        let mut at = from;
+        let paused = loop {
+            if at.item >= items.len() {
+                break None;
             }
-            let first_client = if i == 0 { from.client } else { 0 };
-            let Some(topic) = self.topics.get_mut(d.topic) else {
-                received += 1;
+            if at.client == 0 {
+                if taken >= limit.items || clients_left == 0 {
+                    break Some(Resume::at(at.item));
+                }
+                let room = (limit.items - taken).min(items.len() - at.item);
+                (at.end, at.hole) = self.begin_turn(&items[at.item..at.item + room], &mut tally);
+                at.end += at.item;
+                taken += at.end - at.item;
+            }
+            let turn = &items[at.item..at.end];
+            let Some(topic) = turn.first().and_then(|d| self.topics.get(d.topic)) else {
+                // A hole at the turn's first delivery, or a topic gone.
+                at = self.end_turn(items, at, &mut tally)?;
                 continue;
             };
-            if first_client == 0 {
-                if topic.since.is_none() && d.previous.is_some() {
-                    // The stream's position was not known when the
-                    // subscription became active (JetStream did not
-                    // answer): holes are looked for from this first live
-                    // event on, not never.
-                    topic.since = Some(d.seq.saturating_sub(1));
-                }
-                if topic.skipped(d) {
-                    // An event of this topic was stored but never reached
-                    // it (a leader change between storing and
-                    // republishing): fill the hole from the stream before
-                    // delivering past it.
-                    self.metrics.events_received.inc_by(received);
-                    self.metrics.deliveries.inc_by(delivered);
-                    self.count_evicted(evicted);
-                    self.start_catch_up("hole in the republished sequence");
-                    let rest = self.deliver_some(&items[i..], Resume::START, limit);
-                    return rest.map(|r| {
-                        rel(Resume {
-                            item: i + r.item,
-                            ..r
-                        })
-                    });
-                }
-                received += 1;
-                behind |= d.previous.is_some() && d.seq < topic.last_seq;
-                topic.last_seq = topic.last_seq.max(d.seq);
-                self.window.push(d.topic, d.seq, &d.frame);
-            }
-            let clients = topic.clients.get(first_client..).unwrap_or_default();
-            for (k, (_, q)) in clients.iter().enumerate() {
-                if by_chunks && offers >= limit.offers {
-                    // k > 0 (offers counts this one event's clients), so
-                    // the event's own bookkeeping is done.
-                    paused = Some(rel(Resume {
-                        item: i,
-                        client: first_client + k,
-                    }));
-                    break 'items;
-                }
-                offers += 1;
-                match q.offer_live(d.seq, &d.frame, d.stored_us, &mut deepest) {
-                    Offer::Queued => delivered += 1,
-                    Offer::Duplicate | Offer::Closed => {}
-                    Offer::Full => {
-                        q.close(EndReason::Slow, None);
-                        evicted += 1;
+            let clients = topic.clients.get(at.client..).unwrap_or_default();
+            let n = clients.len().min(clients_left);
+            for (_, q) in &clients[..n] {
+                for d in turn {
+                    match q.offer_live(d.seq, &d.frame, d.stored_us, &mut tally.deepest) {
+                        Offer::Queued => tally.delivered += 1,
+                        Offer::Duplicate | Offer::Closed => {}
+                        Offer::Full => {
+                            q.close(EndReason::Slow, None);
+                            tally.evicted += 1;
+                            break;
+                        }
                     }
                 }
             }
+            clients_left -= n;
+            if n < clients.len() {
+                at.client += n;
+                break Some(at);
+            }
+            at = self.end_turn(items, at, &mut tally)?;
+        };
+        self.count(tally);
+        paused
+    }
+
+    /// The bookkeeping of a turn: the first deliveries of `items`' first
+    /// topic, up to a hole. Returns how many, and whether a hole ends them.
+    fn begin_turn(&mut self, items: &[Delivery], tally: &mut Tally) -> (usize, bool) {
+        let Some(key) = items.first().map(|d| d.topic) else {
+            return (0, false);
+        };
+        let Some(topic) = self.topics.get_mut(key) else {
+            // Gone: nothing to offer these to.
+            let n = items.iter().take_while(|d| d.topic == key).count();
+            tally.received += n as u64;
+            return (n, false);
+        };
+        for (i, d) in items.iter().enumerate() {
+            if d.topic != key {
+                return (i, false);
+            }
+            if topic.since.is_none() && d.previous.is_some() {
+                // The stream's position was not known when the subscription
+                // became active (JetStream did not answer): holes are
+                // looked for from this first live event on, not never.
+                topic.since = Some(d.seq.saturating_sub(1));
+            }
+            if topic.skipped(d) {
+                // An event of this topic was stored but never reached it
+                // (a leader change between storing and republishing): fill
+                // the hole from the stream before delivering past it.
+                return (i, true);
+            }
+            tally.received += 1;
+            tally.behind |= d.previous.is_some() && d.seq < topic.last_seq;
+            topic.last_seq = topic.last_seq.max(d.seq);
+            self.window.push(d.topic, d.seq, &d.frame);
         }
-        self.metrics.events_received.inc_by(received);
-        self.metrics.deliveries.inc_by(delivered);
-        if deepest > 0 {
-            self.metrics.queue_depth.observe(deepest as f64);
+        (items.len(), false)
+    }
+
+    /// After a turn is offered: the next turn, or (a hole) a catch-up that
+    /// holds everything from the hole on.
+    fn end_turn(&mut self, items: &[Delivery], at: Resume, tally: &mut Tally) -> Option<Resume> {
+        if !at.hole {
+            return Some(Resume::at(at.end));
         }
-        self.count_evicted(evicted);
-        if behind {
+        self.count(std::mem::take(tally));
+        self.start_catch_up("hole in the republished sequence");
+        let rest = self.deliver_some(
+            items,
+            Resume::at(at.end),
+            Limit {
+                items: usize::MAX,
+                clients: usize::MAX,
+            },
+        );
+        debug_assert!(rest.is_none(), "a catch-up holds the rest");
+        None
+    }
+
+    fn count(&mut self, t: Tally) {
+        self.metrics.events_received.inc_by(t.received);
+        self.metrics.deliveries.inc_by(t.delivered);
+        if t.deepest > 0 {
+            self.metrics.queue_depth.observe(t.deepest as f64);
+        }
+        self.count_evicted(t.evicted);
+        if t.behind {
             // A live sequence below what its subscription delivered: usual
             // right after subscribing, or the stream was recreated.
             self.check_stream("a live sequence went back", false);
         }
-        paused
     }
 
     fn count_evicted(&self, evicted: usize) {

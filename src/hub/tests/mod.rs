@@ -774,16 +774,17 @@ async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
     }
 }
 
-/// Events that queued up reach every client in one turn, before any
-/// connection runs: a connection behind by several writes them at once.
-/// (Offered a chunk of clients at a time, each event would be a write of
-/// its own.)
+/// Events that queued up reach each client all at once: no connection
+/// ever runs holding part of a batch, so one behind by several writes
+/// them together. (Offered event by event, a chunk of clients at a time,
+/// each event would be a write of its own.) The clients still get them a
+/// chunk at a time.
 #[tokio::test(start_paused = true)]
-async fn a_batch_of_events_reaches_every_client_before_any_writes() {
+async fn a_batch_of_events_reaches_each_client_at_once() {
     let s = start(config());
     let n = 3 * super::fanout::OFFER_CHUNK;
     let (queues, before) = s.join_many("events.a", n).await;
-    // How many queues hold 1, 2, ... of the batch.
+    // How many queues hold 0, 1, ... 5 of the batch.
     let spread = |qs: &[Arc<crate::client::ClientQueue>], before: &[u64]| {
         let mut by = [0usize; 6];
         for (q, b) in qs.iter().zip(before) {
@@ -794,25 +795,40 @@ async fn a_batch_of_events_reaches_every_client_before_any_writes() {
     let observer = {
         let (queues, before) = (queues.clone(), before.clone());
         tokio::spawn(async move {
+            let mut seen = Vec::new();
             for _ in 0..10_000 {
                 tokio::task::yield_now().await;
                 let by = spread(&queues, &before);
-                if by[0] < queues.len() {
-                    return by;
+                if seen.last() != Some(&by) {
+                    seen.push(by);
+                }
+                if by[5] == queues.len() {
+                    break;
                 }
             }
-            spread(&queues, &before)
+            seen
         })
     };
     for _ in 0..5 {
         s.fake.publish("events.a");
     }
-    let first_seen = observer.await.unwrap();
+    let seen = observer.await.unwrap();
     assert_eq!(
-        first_seen,
-        [0, 0, 0, 0, 0, n],
-        "the first turn another task saw: every queue held all five"
+        seen.last().map(|by| by[5]),
+        Some(n),
+        "all got all: {seen:?}"
     );
+    assert!(
+        seen.iter().all(|by| by[1..5].iter().all(|&k| k == 0)),
+        "no queue ever held part of the batch: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|by| by[0] > 0 && by[5] > 0),
+        "a chunk of clients at a time: {seen:?}"
+    );
+    for q in &queues {
+        assert_eq!(received(q).ids, [1, 2, 3, 4, 5], "in order");
+    }
 }
 
 #[tokio::test(start_paused = true)]
