@@ -26,7 +26,7 @@ pub(super) const CATCH_UP_HOLD_LIMIT: usize = 1_000_000;
 /// clients from `client` on (its bookkeeping done when `client` > 0), and
 /// `hole` says a catch-up starts at `end` once it is offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Resume {
+struct Resume {
     item: usize,
     client: usize,
     end: usize,
@@ -51,6 +51,13 @@ impl Resume {
 struct Limit {
     items: usize,
     clients: usize,
+}
+
+impl Limit {
+    const NONE: Limit = Limit {
+        items: usize::MAX,
+        clients: usize::MAX,
+    };
 }
 
 /// What one call counted, for the metrics.
@@ -90,11 +97,7 @@ impl<U: Upstream> Dispatcher<U> {
     /// Offers deliveries (sorted by sequence) to the clients of their
     /// topics, or holds them while a catch-up runs, all at once.
     pub(super) fn deliver_now(&mut self, items: &[Delivery]) {
-        let limit = Limit {
-            items: usize::MAX,
-            clients: usize::MAX,
-        };
-        let rest = self.deliver_some(items, Resume::START, limit);
+        let rest = self.deliver_some(items, Resume::START, Limit::NONE);
         debug_assert!(rest.is_none(), "no limit, no pause");
     }
 
@@ -105,17 +108,11 @@ impl<U: Upstream> Dispatcher<U> {
         if let Some(last) = items.last() {
             self.note_seen(last.seq);
         }
-        if let Some(c) = &mut self.catch_up {
+        if self.catch_up.is_some() {
             // (A turn paused in the middle goes on before anything else of
             // the hub runs, and a catch-up starts only after its turn:
             // nothing is ever held half-delivered.)
-            c.held
-                .extend_from_slice(items.get(from.item..).unwrap_or_default());
-            if c.held.len() > CATCH_UP_HOLD_LIMIT {
-                tracing::warn!("catch-up too slow; every client resumes on its own");
-                self.catch_up = None;
-                self.end_streams(self.clients.queues(), EndReason::Resync);
-            }
+            self.hold(items.get(from.item..).unwrap_or_default());
             return None;
         }
         let mut tally = Tally::default();
@@ -211,16 +208,22 @@ impl<U: Upstream> Dispatcher<U> {
         }
         self.count(std::mem::take(tally));
         self.start_catch_up("hole in the republished sequence");
-        let rest = self.deliver_some(
-            items,
-            Resume::at(at.end),
-            Limit {
-                items: usize::MAX,
-                clients: usize::MAX,
-            },
-        );
-        debug_assert!(rest.is_none(), "a catch-up holds the rest");
+        self.hold(items.get(at.end..).unwrap_or_default());
         None
+    }
+
+    /// Keeps live deliveries for the catch-up under way, or gives up on it
+    /// when too many wait.
+    fn hold(&mut self, items: &[Delivery]) {
+        let Some(c) = &mut self.catch_up else {
+            return;
+        };
+        c.held.extend_from_slice(items);
+        if c.held.len() > CATCH_UP_HOLD_LIMIT {
+            tracing::warn!("catch-up too slow; every client resumes on its own");
+            self.catch_up = None;
+            self.end_streams(self.clients.queues(), EndReason::Resync);
+        }
     }
 
     fn count(&mut self, t: Tally) {

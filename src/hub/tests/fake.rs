@@ -318,6 +318,32 @@ impl Setup {
     }
 }
 
+/// A task like a connection's: it runs whenever the dispatcher lets the
+/// runtime's other tasks run, and notes each new value of `look` until
+/// `done` holds for one (at most 10,000 turns).
+pub(super) fn watch<T, F, D>(look: F, done: D) -> tokio::task::JoinHandle<Vec<T>>
+where
+    T: PartialEq + Send + 'static,
+    F: Fn() -> T + Send + 'static,
+    D: Fn(&T) -> bool + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut seen: Vec<T> = Vec::new();
+        for _ in 0..10_000 {
+            tokio::task::yield_now().await;
+            let now = look();
+            let over = done(&now);
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+            if over {
+                break;
+            }
+        }
+        seen
+    })
+}
+
 /// Lets the dispatcher and the tasks it started run a while, without
 /// moving the paused clock.
 pub(super) async fn settle() {

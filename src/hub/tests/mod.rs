@@ -13,7 +13,9 @@ use tokio::sync::Semaphore;
 use super::{Backfill, Heartbeat, HubConfig};
 use crate::client::Departure;
 use crate::nats::LinkEvent;
-use fake::{Received, config, drain, in_an_hour, receive_ids, received, settle, start, until};
+use fake::{
+    Received, config, drain, in_an_hour, receive_ids, received, settle, start, until, watch,
+};
 
 #[tokio::test(start_paused = true)]
 async fn one_subscription_per_pattern_dropped_with_its_last_client() {
@@ -688,24 +690,10 @@ async fn an_expiry_storm_ends_streams_a_chunk_at_a_time() {
     let ended = |qs: &[Arc<crate::client::ClientQueue>]| {
         qs.iter().filter(|q| q.summary().1.is_some()).count()
     };
-    // A task like a connection's: it runs whenever the dispatcher lets
-    // the runtime's other tasks run, and notes how far the storm got.
+    // How far the storm got, whenever other tasks get a turn.
     let observer = {
         let queues = queues.clone();
-        tokio::spawn(async move {
-            let mut steps = Vec::new();
-            for _ in 0..10_000 {
-                tokio::task::yield_now().await;
-                let now = ended(&queues);
-                if steps.last() != Some(&now) {
-                    steps.push(now);
-                }
-                if now == queues.len() {
-                    break;
-                }
-            }
-            steps
-        })
+        watch(move || ended(&queues), move |&k| k == n)
     };
     tokio::time::advance(Duration::from_secs(31)).await;
     let steps = observer.await.unwrap();
@@ -737,23 +725,16 @@ async fn one_event_for_many_clients_is_offered_a_chunk_at_a_time() {
     };
     let observer = {
         let (queues, before) = (queues.clone(), before.clone());
-        tokio::spawn(async move {
-            let mut steps = Vec::new();
-            for _ in 0..10_000 {
-                tokio::task::yield_now().await;
-                let now = offered(&queues, &before);
-                if now > 0 && steps.last() != Some(&now) {
-                    steps.push(now);
-                }
-                if now == queues.len() {
-                    break;
-                }
-            }
-            steps
-        })
+        watch(move || offered(&queues, &before), move |&k| k == n)
     };
     s.fake.publish("events.a");
-    let steps = observer.await.unwrap();
+    // (Before the event arrived, none had it.)
+    let steps: Vec<usize> = observer
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|&k| k > 0)
+        .collect();
     assert_eq!(
         offered(&queues, &before),
         n,
@@ -794,20 +775,7 @@ async fn a_batch_of_events_reaches_each_client_at_once() {
     };
     let observer = {
         let (queues, before) = (queues.clone(), before.clone());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            for _ in 0..10_000 {
-                tokio::task::yield_now().await;
-                let by = spread(&queues, &before);
-                if seen.last() != Some(&by) {
-                    seen.push(by);
-                }
-                if by[5] == queues.len() {
-                    break;
-                }
-            }
-            seen
-        })
+        watch(move || spread(&queues, &before), move |by| by[5] == n)
     };
     for _ in 0..5 {
         s.fake.publish("events.a");
