@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::report::{Hist, PerSecond, measured};
+use crate::report::{Arrival, Hist, PerSecond, measured};
 use crate::sse_parse::{ConnState, Event};
 
 /// Parameters, from `LOAD_*` environment variables set by the parent.
@@ -34,6 +34,9 @@ pub(crate) struct Params {
     pub(crate) retry: bool,
     pub(crate) concurrency: usize,
     pub(crate) per_addr: usize,
+    /// Every how many clients (by global index) one records when each
+    /// measured event arrived (0: none), for `report::added_latency`.
+    pub(crate) sample_every: usize,
 }
 
 fn env<T: std::str::FromStr>(k: &str, default: T) -> T {
@@ -59,6 +62,7 @@ impl Params {
             retry: env("LOAD_RETRY", 0u8) == 1,
             concurrency: env("LOAD_CONCURRENCY", 0),
             per_addr: env("LOAD_PER_ADDR", 25_000),
+            sample_every: env("LOAD_SAMPLE_EVERY", 0),
         }
     }
 }
@@ -77,6 +81,8 @@ struct Ctx {
     hist_step: RefCell<Hist>,
     /// Latency by second of receipt since `epoch` (unix ns, from the parent).
     per_second: RefCell<PerSecond>,
+    /// The sampled clients' arrivals (`Params::sample_every`).
+    arrivals: RefCell<Vec<Arrival>>,
     epoch: Cell<Option<u64>>,
     received: Cell<u64>,
     ok: Cell<usize>,
@@ -125,6 +131,7 @@ async fn worker() {
         hist_total: RefCell::default(),
         hist_step: RefCell::default(),
         per_second: RefCell::default(),
+        arrivals: RefCell::default(),
         epoch: Cell::new(None),
         received: Cell::new(0),
         ok: Cell::new(0),
@@ -187,6 +194,7 @@ fn final_report(ctx: &Ctx, expect: u64) -> Value {
             .map(|(i, c)| json!([ctx.p.first + i, c.last, c.count])).collect::<Vec<_>>(),
         "max_last_id": max_last, "hist": ctx.hist_total.borrow().to_json(),
         "per_second": ctx.per_second.borrow().to_json(),
+        "arrivals": *ctx.arrivals.borrow(),
         "errors": *ctx.errors.borrow()})
 }
 
@@ -383,6 +391,11 @@ fn on_event(ctx: &Ctx, i: usize, ev: Event, now: u64) {
         if let Some(epoch) = ctx.epoch.get().filter(|e| now >= *e) {
             let sec = ((now - epoch) / 1_000_000_000) as usize;
             ctx.per_second.borrow_mut().record(sec, us);
+        }
+        let global = ctx.p.first + i;
+        if ctx.p.sample_every > 0 && global % ctx.p.sample_every == 0 {
+            let k = if ctx.p.subject_each { global } else { 0 };
+            ctx.arrivals.borrow_mut().push([k as u64, t, now]);
         }
     }
     if ctx.p.expect > 0 && count == ctx.p.expect {

@@ -14,7 +14,7 @@ use crate::peers::{self, Peer};
 use crate::probe::{self, Probe};
 use crate::procs::RELAY_HEARTBEAT_S;
 use crate::publish::{self, PubCtl};
-use crate::report::{PerSecond, Report, r3};
+use crate::report::{PerSecond, Report, added_latency, r3};
 use crate::scenarios::{connect_clients, drain, note_publish, run_report};
 use crate::setup::{Bench, Snap};
 use crate::svg::{Series, line_chart};
@@ -134,9 +134,12 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     } else {
         1
     };
-    let (mut fleet, ok, failed) = connect_clients(opts, &b, stride, &mut report).await?;
-    let subjects = if many { opts.clients } else { 1 };
     let rate = opts.rate.unwrap_or(10.0);
+    // Every client receives `rate` events a second: time about
+    // PROBE_RATE of them (in many-subjects, the probed subjects' clients).
+    let timed = probe::sample_step(rate * opts.clients as f64);
+    let (mut fleet, ok, failed) = connect_clients(opts, &b, stride, timed, &mut report).await?;
+    let subjects = if many { opts.clients } else { 1 };
     let total_rate = rate * subjects as f64;
     let sampled = probe::sampled_subjects(&prefix, subjects, total_rate);
     report.set("rate_per_subject", rate);
@@ -161,16 +164,21 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     let pub_secs = t0.elapsed().as_secs_f64();
     drain(&mut fleet, rounds * ok, Duration::from_secs(5)).await?;
     let s1 = Snap::take(&b, &fleet.pids());
-    let (probe_hist, probe_per_second) = probe.finish().await;
+    let seen = probe.finish().await;
     let totals = fleet.finish(rounds).await?;
     note_publish(&b, &ctl, opts, &mut report).await;
     report.set("expected_per_client", rounds);
     report.set("deliveries", totals.received);
     report.set("deliveries_per_s", r3(totals.received as f64 / pub_secs));
     report.set("latency", totals.hist.summary_ms());
-    report.set("probe_latency", probe_hist.summary_ms());
-    let added = (totals.hist.quantile(0.99) as f64 - probe_hist.quantile(0.99) as f64) / 1000.0;
-    report.set("added_p99_ms", r3(added));
+    report.set("probe_latency", seen.hist.summary_ms());
+    let (added, unpaired) = added_latency(&totals.arrivals, &seen.arrivals);
+    report.set("added_latency", added.summary_ms());
+    report.set("added_p99_ms", r3(added.quantile(0.99) as f64 / 1000.0));
+    report.set("added_unpaired", unpaired);
+    // The figure given before arrivals were paired, for comparison.
+    let apart = (totals.hist.quantile(0.99) as f64 - seen.hist.quantile(0.99) as f64) / 1000.0;
+    report.set("p99_minus_probe_p99_ms", r3(apart));
     report.set("events_lost", totals.lost);
     report.set("events_duplicated_or_extra", totals.excess);
     report.set("gaps", totals.gaps);
@@ -179,7 +187,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     s0.report(&s1, &mut report);
     let p99s = totals.per_second.p99_ms();
     report.set("p99_per_s_ms", json!(p99s));
-    report.set("probe_p99_per_s_ms", json!(probe_per_second.p99_ms()));
+    report.set("probe_p99_per_s_ms", json!(seen.per_second.p99_ms()));
     report.set("relay_rss_end_kib", b.relay_rss_kib());
     b.note_relay_logs(&mut report);
     if let Some(st) = b.peer.as_mut().and_then(|p| p.exited()) {
@@ -193,7 +201,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
         peer,
         report,
         per_second: totals.per_second,
-        probe_per_second,
+        probe_per_second: seen.per_second,
         pass,
     })
 }
@@ -202,7 +210,7 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
 fn print_rows(runs: &[Run]) {
     println!();
     println!(
-        "{:<11} {:>10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>6}",
+        "{:<11} {:>10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6}",
         "server",
         "deliv/s",
         "p50 ms",
@@ -211,6 +219,7 @@ fn print_rows(runs: &[Run]) {
         "max",
         "probe50",
         "probe99",
+        "added50",
         "added99",
         "user us",
         "sys us",
@@ -220,14 +229,14 @@ fn print_rows(runs: &[Run]) {
     for r in runs {
         let g = |k: &str| r.report.get(k).cloned().unwrap_or(Value::Null);
         let f = |v: Value| v.as_f64().unwrap_or(0.0);
-        let (lat, probe) = (g("latency"), g("probe_latency"));
+        let (lat, probe, added) = (g("latency"), g("probe_latency"), g("added_latency"));
         let deliveries = f(g("deliveries")).max(1.0);
         let cpu = |k: &str| {
             let v = f(g(&format!("relay_{k}"))).max(f(g(&format!("server_{k}"))));
             v * 1e6 / deliveries
         };
         println!(
-            "{:<11} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>9.2} | {:>8.2} {:>8.2} {:>8.2} | {:>6}",
+            "{:<11} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} | {:>6}",
             r.peer.name(),
             f(g("deliveries_per_s")),
             f(lat["p50_ms"].clone()),
@@ -236,7 +245,8 @@ fn print_rows(runs: &[Run]) {
             f(lat["max_ms"].clone()),
             f(probe["p50_ms"].clone()),
             f(probe["p99_ms"].clone()),
-            f(g("added_p99_ms")),
+            f(added["p50_ms"].clone()),
+            f(added["p99_ms"].clone()),
             cpu("cpu_user_s"),
             cpu("cpu_sys_s"),
             f(g("harness_cpu_s")),

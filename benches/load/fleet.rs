@@ -27,6 +27,8 @@ pub(crate) struct FleetSpec {
     pub(crate) expect: u64,
     pub(crate) retry: bool,
     pub(crate) concurrency: usize,
+    /// Every how many clients record their arrivals (0: none).
+    pub(crate) sample_every: usize,
 }
 
 impl FleetSpec {
@@ -43,6 +45,7 @@ impl FleetSpec {
             expect: 0,
             retry: false,
             concurrency: 256,
+            sample_every: 0,
         }
     }
 }
@@ -83,6 +86,7 @@ impl Fleet {
                 .env("LOAD_EXPECT", spec.expect.to_string())
                 .env("LOAD_RETRY", if spec.retry { "1" } else { "0" })
                 .env("LOAD_CONCURRENCY", spec.concurrency.to_string())
+                .env("LOAD_SAMPLE_EVERY", spec.sample_every.to_string())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
@@ -212,6 +216,15 @@ impl Fleet {
             t.hist.merge(&crate::report::Hist::from_json(&v["hist"]));
             t.per_second
                 .merge(&crate::report::PerSecond::from_json(&v["per_second"]));
+            t.arrivals.extend(
+                v["arrivals"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| {
+                        serde_json::from_value::<crate::report::Arrival>(a.clone()).ok()
+                    }),
+            );
             for e in v["errors"].as_array().into_iter().flatten() {
                 if t.errors.len() < 5 {
                     t.errors.push(e.as_str().unwrap_or("").to_string());
@@ -242,6 +255,8 @@ pub(crate) struct Totals {
     pub(crate) hist: crate::report::Hist,
     /// Latency by second since the `epoch` command (if one was sent).
     pub(crate) per_second: crate::report::PerSecond,
+    /// The sampled clients' arrivals (`FleetSpec::sample_every`).
+    pub(crate) arrivals: Vec<crate::report::Arrival>,
     pub(crate) errors: Vec<String>,
 }
 

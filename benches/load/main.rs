@@ -80,7 +80,11 @@ options:
                             (a subscriber in the harness on what the server
                             reads: relay.events.bench.<k> for the relay and
                             axum-republished, events.bench.<k> for the others, a sample of ~1000
-                            msg/s), added p99 (end-to-end p99 minus the probe's),
+                            msg/s), added p50/p99 (per message: a timed
+                            client's receipt minus the probe's receipt of the
+                            same message; ~1000 timed msg/s; the old
+                            end-to-end p99 minus the probe's p99 is in the
+                            JSON as p99_minus_probe_p99_ms),
                             server user/sys CPU per delivery, harness CPU, loss
   --svg PATH                fanout, many-subjects: write an SVG chart of the p99
                             of each second (by receive time), one line per server

@@ -2,10 +2,13 @@
 //! receives what the server under test reads (the republished
 //! `relay.events.bench.<k>` for the relay, the plain `events.bench.<k>`
 //! for the peers) and records publish-to-receive latency from the
-//! payload's `"t"`. Subtracted from the clients' figure it leaves what the
-//! server adds. It shares CPU 1 with the clients, so it reads a sample of
-//! the subjects: about [`PROBE_RATE`] messages a second.
+//! payload's `"t"`, and when each message arrived: a sampled client's
+//! receipt of the same message minus the probe's is what the server added
+//! to it (`report::added_latency`). It shares CPU 1 with the clients, so it
+//! reads a sample of the subjects, and a sample of the clients is timed:
+//! about [`PROBE_RATE`] messages a second each.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -31,20 +34,36 @@ pub(crate) fn republish_prefix() -> String {
         .unwrap_or_default()
 }
 
-/// Every `step`-th of `subjects` subjects, with `step` chosen so that
-/// `total_rate` msg/s spread evenly over them gives about [`PROBE_RATE`].
+/// Of things that together see `per_s` messages a second, spread evenly,
+/// every how many to sample for about [`PROBE_RATE`] a second.
+pub(crate) fn sample_step(per_s: f64) -> usize {
+    (per_s / PROBE_RATE).ceil().max(1.0) as usize
+}
+
+/// Every `step`-th of `subjects` subjects ([`sample_step`] of
+/// `total_rate`). With one subject per client and every client timed at
+/// the same step, the timed clients are the probed subjects'.
 pub(crate) fn sampled_subjects(prefix: &str, subjects: usize, total_rate: f64) -> Vec<String> {
-    let step = (total_rate / PROBE_RATE).ceil().max(1.0) as usize;
+    let step = sample_step(total_rate);
     (0..subjects.max(1))
         .step_by(step)
         .map(|k| format!("{prefix}events.bench.{k}"))
         .collect()
 }
 
+/// What a probe saw: latency, by second, and when each measured message
+/// arrived, by (subject index, `"t"`).
+#[derive(Default)]
+pub(crate) struct Seen {
+    pub(crate) hist: Hist,
+    pub(crate) per_second: PerSecond,
+    pub(crate) arrivals: HashMap<(u64, u64), u64>,
+}
+
 /// A running probe; [`Probe::finish`] stops it and returns its histograms.
 pub(crate) struct Probe {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<(Hist, PerSecond)>,
+    task: JoinHandle<Seen>,
     /// The clients' `epoch` (unix ns; 0: not yet), so the probe's seconds
     /// are theirs.
     epoch: Arc<AtomicU64>,
@@ -75,8 +94,7 @@ impl Probe {
         let task = tokio::spawn(async move {
             let _client = client;
             let mut all = futures_util::stream::select_all(subs);
-            let mut hist = Hist::default();
-            let mut per_second = PerSecond::default();
+            let mut seen = Seen::default();
             loop {
                 tokio::select! {
                     m = all.next() => match m {
@@ -86,9 +104,12 @@ impl Probe {
                             if let Some(t) = payload_t(&m.payload).filter(|&t| measured(t, start)) {
                                 let now = now_ns();
                                 let us = now.saturating_sub(t) / 1000;
-                                hist.record(us);
+                                seen.hist.record(us);
                                 if e > 0 && now >= e {
-                                    per_second.record(((now - e) / 1_000_000_000) as usize, us);
+                                    seen.per_second.record(((now - e) / 1_000_000_000) as usize, us);
+                                }
+                                if let Some(k) = subject_index(&m.subject) {
+                                    seen.arrivals.insert((k, t), now);
                                 }
                             }
                         }
@@ -97,7 +118,7 @@ impl Probe {
                     _ = &mut stopped => break,
                 }
             }
-            (hist, per_second)
+            seen
         });
         Ok(Probe { stop, task, epoch })
     }
@@ -107,7 +128,7 @@ impl Probe {
         self.epoch.store(epoch_ns, Ordering::Relaxed);
     }
 
-    pub(crate) async fn finish(self) -> (Hist, PerSecond) {
+    pub(crate) async fn finish(self) -> Seen {
         let _ = self.stop.send(());
         self.task.await.unwrap_or_default()
     }
@@ -118,6 +139,11 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// `k` of `…events.bench.<k>`.
+fn subject_index(subject: &str) -> Option<u64> {
+    subject.rsplit('.').next()?.parse().ok()
 }
 
 /// The publish time `"t":<unix nanos>` of a payload.

@@ -1,7 +1,10 @@
 //! Latency histogram (log-linear, mergeable across processes), the same by
-//! second of a run, and the final report: a human-readable table and one
-//! JSON line. Only serde_json besides std: the integration tests include
-//! this file as it is (tests/it/load_harness.rs).
+//! second of a run, the latency a server adds to each message, and the
+//! final report: a human-readable table and one JSON line. Only serde_json
+//! besides std: the integration tests include this file as it is
+//! (tests/it/load_harness.rs).
+
+use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
@@ -125,6 +128,31 @@ pub(crate) const MAX_SECONDS: usize = 3600;
 /// `--warmup`), only what was published from then on; without one, all.
 pub(crate) fn measured(published_ns: u64, start_ns: Option<u64>) -> bool {
     start_ns.is_none_or(|s| published_ns >= s)
+}
+
+/// When one message reached one receiver: the subject's index `k` (of
+/// `events.bench.<k>`), the message's publish time `"t"` (unix ns, unique
+/// per subject) and the time of receipt (unix ns).
+pub(crate) type Arrival = [u64; 3];
+
+/// The latency a server adds to each message: for every client's arrival
+/// (a sample of the clients, [`Arrival`]), its receipt minus the NATS-path
+/// probe's receipt of the same message (subject, `"t"`), in microseconds,
+/// 0 when the client was first. Both are timed on one clock, so nothing of
+/// the NATS path (a nats-server pause, a burst) is left in it, and its p99
+/// is the p99 of what the server adds, not a difference of two p99s of
+/// different messages. Returns the histogram and the number of client
+/// arrivals whose message the probe did not see.
+pub(crate) fn added_latency(clients: &[Arrival], probe: &HashMap<(u64, u64), u64>) -> (Hist, u64) {
+    let mut hist = Hist::default();
+    let mut unpaired = 0;
+    for &[k, t, at] in clients {
+        match probe.get(&(k, t)) {
+            Some(&seen) => hist.record(at.saturating_sub(seen) / 1000),
+            None => unpaired += 1,
+        }
+    }
+    (hist, unpaired)
 }
 
 /// Latency histograms by whole second of receipt since a run's start

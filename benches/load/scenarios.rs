@@ -31,7 +31,7 @@ pub(crate) fn run_report(opts: &Opts) -> Report {
 pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
     let mut report = run_report(opts);
     let mut b = Bench::start(opts, opts.relays).await?;
-    let (mut fleet, ok, failed) = connect_clients(opts, &b, 1, &mut report).await?;
+    let (mut fleet, ok, failed) = connect_clients(opts, &b, 1, 0, &mut report).await?;
     let s0 = Snap::take(&b, &fleet.pids());
     let mut pass = failed == 0;
     match opts.scenario {
@@ -60,12 +60,14 @@ pub(crate) async fn live(opts: &Opts) -> Result<bool, String> {
 
 /// Opens `--clients` connections to `b`'s port (client i on
 /// events.bench.<i> in many-subjects, else all on events.bench.0; ids
-/// expected `stride` apart) and
+/// expected `stride` apart; every `sample_every`-th recording its
+/// arrivals, 0: none) and
 /// reports the connects and the server's RSS before and after.
 pub(crate) async fn connect_clients(
     opts: &Opts,
     b: &Bench,
     stride: u64,
+    sample_every: usize,
     report: &mut Report,
 ) -> Result<(Fleet, u64, u64), String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -75,6 +77,7 @@ pub(crate) async fn connect_clients(
     spec.subject_each = opts.scenario == Scenario::ManySubjects;
     spec.stride = stride;
     spec.concurrency = opts.connect_concurrency;
+    spec.sample_every = sample_every;
     let mut fleet = Fleet::spawn(&spec).await?;
     report.set("client_processes", fleet.len() as u64);
     let t = Instant::now();

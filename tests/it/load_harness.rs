@@ -2,7 +2,8 @@
 //! here as they are: the bench target has no test harness of its own
 //! (`harness = false`), so `cargo test` would never run tests kept there.
 //! The NATS protocol parser of `peer-epoll`, the per-second latency
-//! histograms merged across client processes, the SVG chart.
+//! histograms merged across client processes, the latency a server adds to
+//! each message, the SVG chart.
 
 #[allow(dead_code)]
 #[path = "../../benches/load/peers/nats_proto.rs"]
@@ -15,7 +16,7 @@ mod report;
 mod svg;
 
 use nats_proto::{MAX_LINE, Op, next_op, payload_n};
-use report::{MAX_SECONDS, PerSecond};
+use report::{MAX_SECONDS, PerSecond, added_latency};
 use svg::{Series, line_chart, nice_ceil};
 
 #[test]
@@ -237,4 +238,35 @@ fn warm_up_events_are_left_out_of_latency_and_without_a_window_none_are() {
         report::measured(0, None),
         "no measured window: every event counts"
     );
+}
+
+/// Each client's receipt is paired with the probe's receipt of the same
+/// message (subject and publish time), never with another subject's or
+/// another message's; a client ahead of the probe added nothing, and a
+/// message the probe missed is counted, not guessed.
+#[test]
+fn added_latency_pairs_each_arrival_with_the_probe_s_of_the_same_message() {
+    let ms = 1_000_000u64;
+    let t = 5_000 * ms;
+    let probe = std::collections::HashMap::from([
+        ((0, t), t + 2 * ms),
+        ((1, t), t + 30 * ms),
+        ((0, t + ms), t + 3 * ms),
+    ]);
+    let clients = [
+        [0, t, t + 5 * ms],       // 3 ms after the probe
+        [1, t, t + 31 * ms],      // 1 ms, though 31 ms end to end
+        [0, t + ms, t + 10 * ms], // 7 ms
+        [1, t, t + 29 * ms],      // ahead of the probe: 0
+        [2, t, t + 4 * ms],       // the probe never saw subject 2
+    ];
+    let (hist, unpaired) = added_latency(&clients, &probe);
+    assert_eq!(unpaired, 1);
+    assert_eq!(hist.count, 4);
+    assert_eq!(hist.max, 7_000, "µs");
+    assert_eq!(hist.quantile(0.25), 0);
+    let median = hist.quantile(0.5);
+    assert!((950..=1_050).contains(&median), "{median} µs");
+    let third = hist.quantile(0.75);
+    assert!((2_900..=3_100).contains(&third), "{third} µs");
 }
