@@ -172,10 +172,14 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     report.set("deliveries_per_s", r3(totals.received as f64 / pub_secs));
     report.set("latency", totals.hist.summary_ms());
     report.set("probe_latency", seen.hist.summary_ms());
-    let (added, unpaired) = added_latency(&totals.arrivals, &seen.arrivals);
-    report.set("added_latency", added.summary_ms());
-    report.set("added_p99_ms", r3(added.quantile(0.99) as f64 / 1000.0));
-    report.set("added_unpaired", unpaired);
+    let added = added_latency(&totals.arrivals, &seen.arrivals, epoch);
+    report.set("added_latency", added.hist.summary_ms());
+    report.set(
+        "added_p99_ms",
+        r3(added.hist.quantile(0.99) as f64 / 1000.0),
+    );
+    report.set("added_p99_per_s_ms", json!(added.per_second.p99_ms()));
+    report.set("added_unpaired", added.unpaired);
     // The figure given before arrivals were paired, for comparison.
     let apart = (totals.hist.quantile(0.99) as f64 - seen.hist.quantile(0.99) as f64) / 1000.0;
     report.set("p99_minus_probe_p99_ms", r3(apart));

@@ -141,18 +141,36 @@ pub(crate) type Arrival = [u64; 3];
 /// 0 when the client was first. Both are timed on one clock, so nothing of
 /// the NATS path (a nats-server pause, a burst) is left in it, and its p99
 /// is the p99 of what the server adds, not a difference of two p99s of
-/// different messages. Returns the histogram and the number of client
-/// arrivals whose message the probe did not see.
-pub(crate) fn added_latency(clients: &[Arrival], probe: &HashMap<(u64, u64), u64>) -> (Hist, u64) {
-    let mut hist = Hist::default();
-    let mut unpaired = 0;
+/// different messages.
+#[derive(Default)]
+pub(crate) struct Added {
+    pub(crate) hist: Hist,
+    /// By second of the client's receipt since `epoch`.
+    pub(crate) per_second: PerSecond,
+    /// Client arrivals whose message the probe did not see.
+    pub(crate) unpaired: u64,
+}
+
+/// Pairs `clients`' arrivals with the probe's, by (subject index, `"t"`).
+pub(crate) fn added_latency(
+    clients: &[Arrival],
+    probe: &HashMap<(u64, u64), u64>,
+    epoch: u64,
+) -> Added {
+    let mut added = Added::default();
     for &[k, t, at] in clients {
-        match probe.get(&(k, t)) {
-            Some(&seen) => hist.record(at.saturating_sub(seen) / 1000),
-            None => unpaired += 1,
+        let Some(&seen) = probe.get(&(k, t)) else {
+            added.unpaired += 1;
+            continue;
+        };
+        let us = at.saturating_sub(seen) / 1000;
+        added.hist.record(us);
+        if at >= epoch {
+            let sec = ((at - epoch) / 1_000_000_000) as usize;
+            added.per_second.record(sec, us);
         }
     }
-    (hist, unpaired)
+    added
 }
 
 /// Latency histograms by whole second of receipt since a run's start

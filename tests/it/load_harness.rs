@@ -242,31 +242,42 @@ fn warm_up_events_are_left_out_of_latency_and_without_a_window_none_are() {
 
 /// Each client's receipt is paired with the probe's receipt of the same
 /// message (subject and publish time), never with another subject's or
-/// another message's; a client ahead of the probe added nothing, and a
-/// message the probe missed is counted, not guessed.
+/// another message's; a client ahead of the probe added nothing, a message
+/// the probe missed is counted, not guessed, and the seconds count from
+/// the epoch by the client's receipt.
 #[test]
 fn added_latency_pairs_each_arrival_with_the_probe_s_of_the_same_message() {
     let ms = 1_000_000u64;
     let t = 5_000 * ms;
+    let later = t + 2_000 * ms;
     let probe = std::collections::HashMap::from([
         ((0, t), t + 2 * ms),
         ((1, t), t + 30 * ms),
         ((0, t + ms), t + 3 * ms),
+        ((0, later), later + ms),
     ]);
     let clients = [
-        [0, t, t + 5 * ms],       // 3 ms after the probe
-        [1, t, t + 31 * ms],      // 1 ms, though 31 ms end to end
-        [0, t + ms, t + 10 * ms], // 7 ms
-        [1, t, t + 29 * ms],      // ahead of the probe: 0
-        [2, t, t + 4 * ms],       // the probe never saw subject 2
+        [0, t, t + 5 * ms],         // 3 ms after the probe, before the epoch
+        [1, t, t + 31 * ms],        // 1 ms, though 31 ms end to end
+        [0, t + ms, t + 10 * ms],   // 7 ms
+        [1, t, t + 29 * ms],        // ahead of the probe: 0
+        [2, t, t + 4 * ms],         // the probe never saw subject 2
+        [0, later, later + 3 * ms], // 2 ms, in the epoch's second second
     ];
-    let (hist, unpaired) = added_latency(&clients, &probe);
-    assert_eq!(unpaired, 1);
-    assert_eq!(hist.count, 4);
+    let added = added_latency(&clients, &probe, t + 6 * ms);
+    assert_eq!(added.unpaired, 1);
+    let hist = &added.hist;
+    assert_eq!(hist.count, 5);
     assert_eq!(hist.max, 7_000, "µs");
-    assert_eq!(hist.quantile(0.25), 0);
-    let median = hist.quantile(0.5);
+    assert_eq!(hist.quantile(0.2), 0);
+    let median = hist.quantile(0.4);
     assert!((950..=1_050).contains(&median), "{median} µs");
-    let third = hist.quantile(0.75);
-    assert!((2_900..=3_100).contains(&third), "{third} µs");
+    let fourth = hist.quantile(0.8);
+    assert!((2_900..=3_100).contains(&fourth), "{fourth} µs");
+    let p99 = added.per_second.p99_ms();
+    assert_eq!(p99.len(), 2, "{p99:?}");
+    let near = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() <= want * 0.07);
+    assert!(near(p99[0], 7.0), "{p99:?}");
+    assert!(near(p99[1], 2.0), "{p99:?}");
+    assert_eq!(counts(&added.per_second), [3, 1]);
 }
