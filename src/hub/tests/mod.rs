@@ -472,6 +472,31 @@ async fn a_hole_on_a_subject_is_filled_before_delivering_past_it() {
     assert_eq!(s.metrics.catchups.get(), 1);
 }
 
+/// Events after a hole in the same batch wait for its catch-up. A client
+/// on two subjects would otherwise take a later event of the other subject
+/// live, then refuse the filled event and the one that revealed the hole
+/// as below its last id.
+#[tokio::test(start_paused = true)]
+async fn events_after_a_hole_in_the_same_batch_wait_for_its_catch_up() {
+    let s = start(config());
+    let both = s.join(&["events.a", "events.b.*"], None).await;
+    s.fake.publish("events.a"); // 1
+    s.fake.publish("events.b.1"); // 2
+    s.fake.store("events.a"); // 3: stored, never republished
+    s.fake.publish("events.a"); // 4: Nats-Last-Sequence 3
+    s.fake.publish("events.b.1"); // 5: after the hole, in the same batch
+    let mut got = Received::default();
+    for _ in 0..10_000 {
+        drain(&both.queue, &mut got);
+        if got.ids.len() >= 5 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(got.ids, [1, 2, 3, 4, 5], "in order, none refused");
+    assert_eq!(s.metrics.catchups.get(), 1);
+}
+
 /// A subscription made while JetStream could not say where the stream
 /// was still finds holes, from its first live event on.
 #[tokio::test(start_paused = true)]
