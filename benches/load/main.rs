@@ -95,7 +95,8 @@ target/release/sse-relay); LOAD_RELAY_LOG sets the relays' RUST_LOG; LOAD_KEEP_L
 
 Prints a table and one JSON line (fanout, many-subjects: also one row and
 one object per server under \"peers\", and the p99 of each second in
-p99_per_s_ms); exits 1 when events were lost (not in saturate), 2 on a
+p99_per_s_ms, the probe's in probe_p99_per_s_ms, the added latency's in
+added_p99_per_s_ms); exits 1 when events were lost (not in saturate), 2 on a
 set-up error, 3 when the watchdog (duration + 120 s, per server) fires.
 ";
 
