@@ -435,13 +435,17 @@ pub(super) fn drain(q: &ClientQueue, into: &mut Received) {
     }
 }
 
-/// Drains `q` into `got` until it holds `n` event ids or more (bounded).
+/// Drains `q` into `got` until it holds `n` event ids or more (bounded);
+/// the failure names the ids it did hold.
 pub(super) async fn receive_ids(q: &ClientQueue, got: &mut Received, n: usize) {
-    until(&format!("{n} events"), || {
+    for _ in 0..10_000 {
         drain(q, got);
-        got.ids.len() >= n
-    })
-    .await;
+        if got.ids.len() >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {n} events (got {:?})", got.ids);
 }
 
 pub(super) fn received(q: &ClientQueue) -> Received {
