@@ -174,10 +174,6 @@ async fn run_one(opts: &Opts, peer: Peer) -> Result<Run, String> {
     report.set("probe_latency", seen.hist.summary_ms());
     let added = added_latency(&totals.arrivals, &seen.arrivals, epoch);
     report.set("added_latency", added.hist.summary_ms());
-    report.set(
-        "added_p99_ms",
-        r3(added.hist.quantile(0.99) as f64 / 1000.0),
-    );
     report.set("added_p99_per_s_ms", json!(added.per_second.p99_ms()));
     report.set("added_unpaired", added.unpaired);
     // The figure given before arrivals were paired, for comparison.
